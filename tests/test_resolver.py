@@ -18,6 +18,7 @@ import dns.rrset
 import pytest
 
 import deliverd.resolver as resolver_module
+from deliverd.lab.common import LabError
 from deliverd.resolver import (
     Addresses,
     DnsTempFailure,
@@ -298,5 +299,5 @@ async def test_cache_is_bounded(scripted_dns: StartDns, monkeypatch: pytest.Monk
 
 
 def test_dnsmasq_that_cannot_start_fails_loudly_with_its_stderr(tmp_path: Path) -> None:
-    with pytest.raises(pytest.fail.Exception, match="bad option"):
+    with pytest.raises(LabError, match="bad option"):
         start_dnsmasq(tmp_path, ["no-such-option=1"])

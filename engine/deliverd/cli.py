@@ -16,6 +16,7 @@ _COMMAND_MODULES = (
     "deliverd.cli_render",  # render, check-config
     "deliverd.cli_run",  # run
     "deliverd.cli_queue",  # queue, send
+    "deliverd.cli_probe",  # probe
 )
 
 

@@ -8,26 +8,26 @@ object printed in a log or traceback never shows one.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from deliverd.units import format_duration, format_size, parse_duration, parse_size
 
 
-class RoutingMode(str, Enum):
+class RoutingMode(StrEnum):
     DIRECT = "direct"
     SMARTHOST = "smarthost"
     DIRECT_THEN_SMARTHOST = "direct_then_smarthost"
 
 
-class TlsPolicy(str, Enum):
+class TlsPolicy(StrEnum):
     STARTTLS = "starttls"
     TLS = "tls"
     OPPORTUNISTIC = "opportunistic"
     NONE = "none"
 
 
-class OnExpiry(str, Enum):
+class OnExpiry(StrEnum):
     BOUNCE = "bounce"
     HOLD = "hold"
 
@@ -158,6 +158,18 @@ class Config:
     limits: LimitsConfig = LimitsConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()
     dns: DnsConfig = DnsConfig()
+
+    def secrets(self) -> tuple[str, ...]:
+        """Every password in this config: the log filter masks them all."""
+        found: list[str | None] = []
+        sh = self.routing.smarthost
+        if sh is not None:
+            found.append(sh.auth.password if sh.auth else None)
+            found.append(sh.pop_before_smtp.password if sh.pop_before_smtp else None)
+        for account in self.accounts:
+            found.append(account.smarthost_auth.password if account.smarthost_auth else None)
+            found.append(account.mail_password)
+        return tuple(sorted({s for s in found if s}))
 
     def account_for(self, sender: str) -> Account | None:
         """The account whose address is the envelope sender (case-insensitive)."""

@@ -8,15 +8,15 @@ with the stage they came from); the pure planner in ``router`` turns those into 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 
-class Route(str, Enum):
+class Route(StrEnum):
     DIRECT = "direct"
     SMARTHOST = "smarthost"
 
 
-class Stage(str, Enum):
+class Stage(StrEnum):
     """Where in an SMTP session a reply or failure happened."""
 
     RESOLVE = "resolve"
@@ -130,7 +130,7 @@ class TransactionResult:
     aborted: bool = False  # abort_on_rcpt_5xx: RSET sent, no DATA
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     DELIVERED = "sent"
     DEFERRED = "deferred"
     BOUNCED = "bounced"

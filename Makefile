@@ -1,0 +1,60 @@
+# Two entry points for a fresh Debian machine: `make demo` and `make test`.
+# Each installs what it needs: Debian packages (as root, or through sudo) and a venv in .venv.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_PACKAGES := dnsmasq-base postfix dovecot-core dovecot-pop3d openssh-server swaks iproute2 python3-venv
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint typecheck pytest system-deps venv clean
+
+demo: system-deps venv
+	$(BIN)/python examples/demo.py
+
+test: system-deps venv lint typecheck pytest
+
+lint: venv
+	$(BIN)/ruff check engine tests bench examples
+
+typecheck: venv
+	$(BIN)/mypy
+
+pytest: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+# Postfix asks a debconf question on install: answer "No configuration" (the tests run their own).
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  echo "postfix postfix/main_mailer_type select No configuration" | $(SUDO) debconf-set-selections; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+
+# An installable tarball of the mailops.deliverd collection, with the role in its roles/:
+# dist/mailops-deliverd-<version>.tar.gz (ansible-galaxy collection install it).
+COLLECTION_BUILD := build/collection
+.PHONY: collection
+collection: venv
+	rm -rf $(COLLECTION_BUILD)
+	mkdir -p $(COLLECTION_BUILD)/roles dist
+	cp -a collection/. $(COLLECTION_BUILD)/
+	cp -a roles/deliverd $(COLLECTION_BUILD)/roles/deliverd
+	$(BIN)/ansible-galaxy collection build --force --output-path dist $(COLLECTION_BUILD)

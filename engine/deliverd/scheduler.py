@@ -1,0 +1,275 @@
+"""The delivery scheduler: takes due messages from the queue, delivers, records, notifies.
+
+Per message: one planner attempt per destination (recipient domain; the whole message for the
+smart host), run concurrently; then, in this order, so a crash at any point repeats work rather
+than losing it: enqueue any DSN, record every recipient's new state, remove the message when all
+its recipients are final.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from datetime import UTC, datetime
+
+from deliverd.config import Config, OnExpiry, RoutingMode
+from deliverd.delivery import run_attempt
+from deliverd.dsn import DsnKind, build_dsn, needs_dsn, requires_smtputf8
+from deliverd.logline import format_attempt, format_event
+from deliverd.outcomes import Envelope, Kind, Outcome
+from deliverd.queue_store import QueuedMessage, QueueStore, RcptState, RecipientUpdate
+from deliverd.resolver import Resolver
+from deliverd.router import Attempt, group_by_domain
+from deliverd.schedule import expired, next_attempt, retry_until
+from deliverd.transport import Transport
+
+log = logging.getLogger("deliverd")
+
+_POLL_CAP = 5.0  # re-read the queue at least this often (operator CLI changes, clock jumps)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        cfg: Config,
+        store: QueueStore,
+        resolver: Resolver,
+        transport: Transport,
+        *,
+        log_format: str = "text",
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.resolver = resolver
+        self.transport = transport
+        self.log_format = log_format
+        self._wake = asyncio.Event()
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._slots = asyncio.Semaphore(cfg.limits.max_sessions * 4)
+        self._stopping = False
+
+    def wake(self, _queue_id: str | None = None) -> None:
+        """New mail or an operator's flush: look at the queue now."""
+        self._wake.set()
+
+    def update(self, cfg: Config, resolver: Resolver) -> None:
+        """A reloaded config applies to every attempt that starts from now on."""
+        self.cfg = cfg
+        self.resolver = resolver
+        self.transport.update_config(cfg)
+        self.wake()
+
+    async def run(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            await self._dispatch_due()
+            timeout = await self._sleep_for()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def stop(self, grace: float) -> None:
+        """Stop taking work; let in-flight deliveries finish for ``grace`` seconds, then cancel.
+
+        A cancelled delivery recorded nothing, so its recipients keep their queued state and
+        are redone on the next start (at-least-once).
+        """
+        self._stopping = True
+        self._wake.set()
+        tasks = list(self._inflight.values())
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def drain(self) -> None:
+        """Wait until nothing is in flight (tests and the demo use it)."""
+        while self._inflight:
+            await asyncio.gather(*list(self._inflight.values()), return_exceptions=True)
+
+    async def _sleep_for(self) -> float:
+        wakeup = await self.store.next_wakeup()
+        if wakeup is None:
+            return _POLL_CAP
+        return max(0.05, min(_POLL_CAP, wakeup - time.time()))
+
+    async def _dispatch_due(self) -> None:
+        due = await self.store.due(time.time(), limit=1000)
+        for message in due:
+            if self._stopping:
+                return
+            if message.queue_id in self._inflight:
+                continue
+            await self._slots.acquire()
+            task = asyncio.create_task(self._deliver_guarded(message))
+            self._inflight[message.queue_id] = task
+
+    async def _deliver_guarded(self, message: QueuedMessage) -> None:
+        try:
+            await self._deliver(message)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A bug must not kill the daemon or lose the message: it stays queued as it was.
+            log.exception(
+                "%s: delivery attempt failed unexpectedly; left in queue", message.queue_id
+            )
+        finally:
+            self._inflight.pop(message.queue_id, None)
+            self._slots.release()
+            self._wake.set()
+
+    async def _deliver(self, message: QueuedMessage) -> None:
+        cfg = self.cfg
+        now = time.time()
+        active = [
+            r.address
+            for r in message.recipients
+            if r.state is RcptState.PENDING
+            or (r.state is RcptState.DEFERRED and r.next_attempt <= now)
+        ]
+        if not active:
+            await self.store.finish(message.queue_id)
+            return
+        data = await self.store.read_data(message.queue_id)
+        envelope = Envelope(
+            message.sender, tuple(active), data, message.smtputf8, message.eightbit
+        )
+        outcomes = await self._attempt_all(cfg, envelope)
+        await self._settle(message, data, outcomes)
+
+    async def _attempt_all(self, cfg: Config, envelope: Envelope) -> list[Outcome]:
+        if cfg.routing.mode is RoutingMode.SMARTHOST:
+            groups = {"": list(envelope.recipients)}
+        else:
+            groups = group_by_domain(envelope.recipients)
+        attempts = [
+            run_attempt(
+                Attempt(domain=domain, recipients=rcpts, routing=cfg.routing, host=cfg.host),
+                cfg=cfg,
+                envelope=envelope,
+                resolver=self.resolver,
+                transport=self.transport,
+            )
+            for domain, rcpts in groups.items()
+        ]
+        results = await asyncio.gather(*attempts)
+        return [outcome for group in results for outcome in group]
+
+    async def _settle(self, message: QueuedMessage, data: bytes, outcomes: list[Outcome]) -> None:
+        cfg, now = self.cfg, time.time()
+        is_expired = expired(arrival=message.arrival, now=now, retry=cfg.retry)
+        attempts = {r.address: r.attempts for r in message.recipients}
+        updates: list[RecipientUpdate] = []
+        failed: list[Outcome] = []
+        delayed: list[Outcome] = []
+        for outcome in outcomes:
+            outcome = self._expire(outcome) if is_expired else outcome
+            self._log(message, outcome, now)
+            state, when = self._next_state(
+                outcome, attempts.get(outcome.recipient, 0), now, message.arrival
+            )
+            if state is RcptState.BOUNCED:
+                failed.append(outcome)
+            elif state is RcptState.DEFERRED:
+                delayed.append(outcome)
+            updates.append(
+                RecipientUpdate(
+                    outcome.recipient, state, when, outcome.status, outcome.diagnostic,
+                    outcome.relay,
+                )
+            )
+        bounce_to_sender = needs_dsn(message.sender, message.is_dsn)
+        if failed and not bounce_to_sender:
+            # Never bounce a bounce: hold it for the operator instead (DESIGN §2).
+            updates = [_held_instead(u) if u.state is RcptState.BOUNCED else u for u in updates]
+            self._event(message.queue_id, "undeliverable notice held for the operator")
+        elif failed:
+            await self._send_dsn(message, data, failed, DsnKind.FAILURE, is_expired)
+        if delayed and cfg.dsn.notify_delayed and not message.delay_notified and bounce_to_sender:
+            await self._send_dsn(message, data, delayed, DsnKind.DELAY, False)
+            await self.store.mark_delay_notified(message.queue_id)
+        await self.store.record(message.queue_id, updates)
+        await self.store.finish(message.queue_id)
+
+    def _expire(self, outcome: Outcome) -> Outcome:
+        if outcome.kind is not Kind.DEFERRED:
+            return outcome
+        kind = Kind.BOUNCED if self.cfg.retry.on_expiry is OnExpiry.BOUNCE else Kind.HELD
+        return Outcome(
+            outcome.recipient, kind, "4.4.7",
+            f"{outcome.diagnostic} (message expired in queue)", outcome.hop, outcome.transcript,
+        )
+
+    def _next_state(
+        self, outcome: Outcome, attempts: int, now: float, arrival: float
+    ) -> tuple[RcptState, float]:
+        if outcome.kind is Kind.DELIVERED:
+            return RcptState.DELIVERED, 0.0
+        if outcome.kind is Kind.BOUNCED:
+            return RcptState.BOUNCED, 0.0
+        if outcome.kind is Kind.HELD:
+            return RcptState.HELD, 0.0
+        return RcptState.DEFERRED, next_attempt(
+            attempts=attempts + 1,
+            now=now,
+            retry=self.cfg.retry,
+            temporary_reply=outcome.diagnostic.startswith("smtp;"),
+            arrival=arrival,
+        )
+
+    async def _send_dsn(
+        self,
+        message: QueuedMessage,
+        data: bytes,
+        outcomes: list[Outcome],
+        kind: DsnKind,
+        is_expiry: bool,
+    ) -> None:
+        cfg = self.cfg
+        until = datetime.fromtimestamp(
+            retry_until(arrival=message.arrival, retry=cfg.retry), UTC
+        )
+        recipients = [message.sender]
+        if is_expiry and cfg.dsn.notify_postmaster:
+            recipients.append(cfg.dsn.postmaster)
+        for to in recipients:
+            report = build_dsn(
+                kind=kind,
+                reporting_mta=cfg.host.name,
+                original_sender=message.sender,
+                queue_id=message.queue_id,
+                arrival=datetime.fromtimestamp(message.arrival, UTC),
+                original=data,
+                outcomes=outcomes,
+                include_transcript=cfg.dsn.include_transcript,
+                retry_until=until,
+                to=to,
+            )
+            dsn_id = await self.store.enqueue(
+                "", [to], report, is_dsn=True, smtputf8=requires_smtputf8(report)
+            )
+            label = "non-delivery" if kind is DsnKind.FAILURE else "delay"
+            self._event(message.queue_id, f"sender {label} notification: {dsn_id}")
+        self.wake()
+
+    def _log(self, message: QueuedMessage, outcome: Outcome, now: float) -> None:
+        line = format_attempt(
+            queue_id=message.queue_id,
+            outcome=outcome,
+            delay=max(0.0, now - message.arrival),
+            fmt=self.log_format,
+        )
+        level = logging.WARNING if outcome.kind in (Kind.BOUNCED, Kind.HELD) else logging.INFO
+        log.log(level, line)
+
+    def _event(self, queue_id: str, text: str) -> None:
+        log.info(format_event(queue_id, text, fmt=self.log_format))
+
+
+def _held_instead(update: RecipientUpdate) -> RecipientUpdate:
+    return RecipientUpdate(
+        update.address, RcptState.HELD, 0.0, update.status, update.diagnostic, update.relay
+    )
