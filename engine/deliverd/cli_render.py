@@ -1,0 +1,118 @@
+"""``deliverd render SPEC -o DIR`` and ``deliverd check-config FILE [--secrets PATH]``.
+
+Problems are reported as ``deliverd validate`` does: errors on stdout, one per line with the
+JSON pointer first, warnings on stderr. Exit codes: 0 done (valid), 1 invalid, 2 a file could
+not be read (or, for render, written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sized
+from pathlib import Path
+
+from deliverd.config import Config, config_from_spec
+from deliverd.configfile import ConfigError, check_config_file, render_problem
+from deliverd.problems import Problem, errors, warnings
+from deliverd.render import write_rendered
+from deliverd.specfile import SpecFileError, load_spec_file
+from deliverd.validation import check_spec
+
+EXIT_OK = 0
+EXIT_INVALID = 1
+EXIT_UNREADABLE = 2
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    render = subparsers.add_parser(
+        "render",
+        help="render a spec into deliverd.toml and secrets.toml",
+        description="Validate a delivery spec and write the engine config (deliverd.toml, "
+        "0644) and its secrets (secrets.toml, 0600) into a directory.",
+    )
+    render.add_argument("spec", type=Path, metavar="SPEC", help="the delivery spec (YAML)")
+    render.add_argument(
+        "-o", "--output", type=Path, required=True, metavar="DIR", help="directory to write to"
+    )
+    render.set_defaults(func=run_render)
+
+    check = subparsers.add_parser(
+        "check-config",
+        help="validate a rendered engine config",
+        description="Validate an engine config file with its secrets file, as the engine "
+        "loads it. Used by Ansible's template validate: step.",
+    )
+    check.add_argument("config", type=Path, metavar="FILE", help="the engine config (TOML)")
+    check.add_argument(
+        "--secrets",
+        type=Path,
+        metavar="PATH",
+        help="the secrets file (default: secrets.toml beside FILE)",
+    )
+    check.set_defaults(func=run_check_config)
+
+
+def run_render(args: argparse.Namespace) -> int:
+    try:
+        spec = load_spec_file(args.spec)
+    except SpecFileError as exc:
+        print(f"deliverd render: {exc}", file=sys.stderr)
+        return EXIT_UNREADABLE
+    normalised, problems = check_spec(spec)
+    _report(problems)
+    if normalised is None:
+        print(f"{args.spec}: invalid ({_count(errors(problems), 'error')})", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        config_path, secrets_path = write_rendered(normalised, args.output)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        print(f"deliverd render: cannot write to {args.output}: {reason}", file=sys.stderr)
+        return EXIT_UNREADABLE
+    print(config_path)
+    print(secrets_path)
+    return EXIT_OK
+
+
+def run_check_config(args: argparse.Namespace) -> int:
+    try:
+        tree, found = check_config_file(args.config, args.secrets)
+    except ConfigError as exc:
+        if exc.unreadable:
+            for problem in exc.problems:
+                print(f"deliverd check-config: {problem.message}", file=sys.stderr)
+            return EXIT_UNREADABLE
+        _report(exc.problems)
+        print(f"{args.config}: invalid ({_count(exc.problems, 'error')})", file=sys.stderr)
+        return EXIT_INVALID
+    _report(found)
+    print(f"{args.config}: valid ({summary(config_from_spec(tree))})")
+    return EXIT_OK
+
+
+def summary(config: Config) -> str:
+    """One line describing a config, with nothing secret in it."""
+    routing = config.routing
+    parts = [f"mode {routing.mode.value}"]
+    smarthost = routing.smarthost
+    if smarthost is not None:
+        auth = ", auth" if smarthost.auth is not None else ""
+        pop = ", pop-before-smtp" if smarthost.pop_before_smtp is not None else ""
+        tls = smarthost.tls.value
+        parts.append(f"smart host {smarthost.host}:{smarthost.port} ({tls}{auth}{pop})")
+    listeners = ", ".join(f"{x.address}:{x.port}" for x in config.listen)
+    parts.append(f"listening on {listeners}")
+    parts.append(f"{len(config.accounts)} account(s)")
+    return "; ".join(parts)
+
+
+def _report(problems: list[Problem]) -> None:
+    for problem in warnings(problems):
+        print(problem.render(), file=sys.stderr)
+    for problem in errors(problems):
+        print(render_problem(problem))
+
+
+def _count(items: Sized, noun: str) -> str:
+    return f"{len(items)} {noun}" + ("" if len(items) == 1 else "s")
