@@ -1,0 +1,112 @@
+# Copyright: deliverd maintainers
+# Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
+"""Controller side of ``mailops.deliverd.spec``: validate and normalise a delivery spec.
+
+The engine's own validator judges the spec (one schema, one set of rules everywhere), so this
+plugin only adapts Ansible values to plain Python and the validator's problems to a task result.
+"""
+
+from __future__ import annotations
+
+from ansible.errors import AnsibleActionFail
+from ansible.module_utils.common.text.converters import to_text
+from ansible.plugins.action import ActionBase
+
+SECRET_KEYS = frozenset(("password", "mail_password"))
+MASK = "********"
+INSTALL_HINT = (
+    "the mailops.deliverd.spec action needs the deliverd Python package on the controller "
+    "(the Python that runs ansible-playbook): install it there, e.g. 'pip install deliverd' or "
+    "'pip install -e .' from a deliverd checkout"
+)
+
+
+def plain(value):
+    """Ansible's (tagged, possibly vaulted) values as plain JSON-like Python values.
+
+    Vaulted strings decrypt here, on the controller, as the validator must see them.
+    """
+    if isinstance(value, dict):
+        return {to_text(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if value is None:
+        return None
+    # bool before int: bool is an int subclass. The casts drop Ansible's tagged subclasses.
+    for kind in (bool, int, float):
+        if isinstance(value, kind):
+            return kind(value)
+    return to_text(value)
+
+
+def secrets_in(value, found=None):
+    """Every string held under a secret key (password, mail_password), at any depth."""
+    found = set() if found is None else found
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key in SECRET_KEYS and isinstance(item, str) and item:
+                found.add(item)
+            else:
+                secrets_in(item, found)
+    elif isinstance(value, list):
+        for item in value:
+            secrets_in(item, found)
+    return found
+
+
+def scrub(text, secrets):
+    """``text`` with every secret masked: a validator message may quote an offending value."""
+    # Longest first, so a secret containing another is masked whole.
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, MASK)
+    return text
+
+
+def problem_dict(problem, secrets):
+    data = problem.as_dict()
+    return {key: scrub(to_text(item), secrets) for key, item in data.items()}
+
+
+def describe(problem):
+    line = "%s: %s" % (problem["pointer"] or "/", problem["message"])
+    return line + (" (hint: %s)" % problem["hint"] if problem["hint"] else "")
+
+
+class ActionModule(ActionBase):
+    TRANSFERS_FILES = False
+    _VALID_ARGS = frozenset(("spec",))
+    _requires_connection = False
+    _supports_check_mode = True
+
+    def run(self, tmp=None, task_vars=None):
+        result = super().run(tmp, task_vars)
+        del tmp  # nothing is transferred to the host
+        _args, params = self.validate_argument_spec(
+            argument_spec={"spec": {"type": "dict", "required": True}},
+        )
+        try:
+            from deliverd.validation import check_spec
+        except ImportError as exc:
+            raise AnsibleActionFail("%s (import error: %s)" % (INSTALL_HINT, exc)) from exc
+
+        spec = plain(params["spec"])
+        secrets = secrets_in(spec)
+        normalised, problems = check_spec(spec)
+        found = [problem_dict(p, secrets) for p in problems]
+        errors = [p for p in found if p["severity"] != "warning"]
+        warnings = [p for p in found if p["severity"] == "warning"]
+
+        result["changed"] = False
+        result["problems"] = found
+        if warnings:
+            result["warnings"] = ["deliverd spec %s" % describe(p) for p in warnings]
+        if errors or normalised is None:
+            result["failed"] = True
+            lines = [describe(p) for p in errors] or ["the validator returned no spec"]
+            result["msg"] = "the delivery spec has %d problem%s:\n%s" % (
+                len(errors), "" if len(errors) == 1 else "s", "\n".join(lines),
+            )
+            return result
+        result["spec"] = normalised
+        result["msg"] = "delivery spec is valid"
+        return result

@@ -1,0 +1,173 @@
+"""The deliverd role on this machine: the molecule scenario, and what a run may print."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+NEEDED_ENGINE_MODULES = (
+    "deliverd.validation", "deliverd.cli_validate", "deliverd.cli_render", "deliverd.cli_queue",
+    "deliverd.daemon", "deliverd.configfile",
+)
+_missing = [m for m in NEEDED_ENGINE_MODULES if importlib.util.find_spec(m) is None]
+if _missing:
+    pytest.skip(f"deliverd engine modules not there yet: {_missing}", allow_module_level=True)
+if not (BIN / "molecule").exists() or not (BIN / "ansible-playbook").exists():
+    pytest.skip("molecule / ansible-playbook not installed in the venv", allow_module_level=True)
+if os.geteuid() != 0:
+    pytest.skip("the role creates a system user: run as root", allow_module_level=True)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["ANSIBLE_CONFIG"] = str(REPO / "ansible.cfg")
+    env["ANSIBLE_NOCOLOR"] = "1"
+    env["ANSIBLE_FORCE_COLOR"] = "0"
+    env["NO_COLOR"] = "1"
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def prefix() -> Iterator[Path]:
+    # Directly under /tmp: molecule's destroy refuses any other prefix.
+    path = Path(tempfile.mkdtemp(prefix="deliverd-role-test-", dir="/tmp"))
+    path.chmod(0o755)  # the engine runs as the deliverd user and must reach its queue below
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _recap_changed(output: str) -> int:
+    found = re.findall(r"localhost\s+: ok=\d+\s+changed=(\d+)", output)
+    assert found, output[-3000:]
+    return int(found[-1])
+
+
+def test_molecule_default_scenario_converges_idempotently_and_verifies(prefix: Path) -> None:
+    shutil.rmtree(prefix)  # the scenario creates and destroys the prefix itself
+    proc = subprocess.run(
+        [str(BIN / "molecule"), "test", "-s", "default"], cwd=REPO, capture_output=True,
+        text=True, timeout=1200, check=False,
+        env=_env(DELIVERD_MOLECULE_PREFIX=str(prefix), DELIVERD_MOLECULE_PORT=str(_free_port())),
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-6000:]
+    for step in ("converge", "idempotence", "check", "verify", "cleanup", "destroy"):
+        assert re.search(rf"{step}\S*: Executed: Successful", re.sub(r"\x1b\[[0-9;]*m", "",
+                                                                       output)), step
+    assert not prefix.exists()
+
+
+SMARTHOST_PASSWORD = "Role-Diff-Smarthost-Pw-41c7e"
+POP_PASSWORD = "Role-Diff-Pop-Pw-0b2d9"
+MAIL_PASSWORD = "Role-Diff-Mail-Pw-77aa1"
+PASSWORDS = (SMARTHOST_PASSWORD, POP_PASSWORD, MAIL_PASSWORD)
+
+
+def _spec(prefix: Path, port: int, suffix: str = "", delay: str = "1m") -> dict[str, object]:
+    return {
+        "version": 1,
+        "host": {"name": "role-test.deliverd.test"},
+        "listen": [{"address": "127.0.0.1", "port": port}],
+        "queue": {"path": f"{prefix}/var/spool/deliverd"},
+        "routing": {
+            "mode": "direct",
+            "smarthost": {
+                "host": "relay.deliverd.test", "port": 587,
+                "auth": {"username": "role", "password": SMARTHOST_PASSWORD + suffix},
+                "pop_before_smtp": {"host": "pop.deliverd.test", "username": "role",
+                                    "password": POP_PASSWORD + suffix},
+            },
+        },
+        "accounts": [{"address": "app@role-test.deliverd.test",
+                      "mail_password": MAIL_PASSWORD + suffix}],
+        "retry": {"temp_error_delay": delay},
+        "dns": {"nameservers": ["127.0.0.1:9"]},
+    }
+
+
+def _play(tmp: Path, prefix: Path, spec: dict[str, object], *options: str,
+          state: str = "present") -> str:
+    variables = {"deliverd_prefix": str(prefix), "deliverd_spec": spec,
+                 "deliverd_state": state, "deliverd_purge_queue": True,
+                 "ansible_python_interpreter": sys.executable}
+    vars_file = tmp / "vars.json"
+    vars_file.write_text(json.dumps(variables), encoding="utf-8")
+    playbook = tmp / "play.yml"
+    playbook.write_text(yaml.safe_dump([{
+        "name": "Apply the role", "hosts": "localhost", "gather_facts": False,
+        "roles": [{"role": "deliverd"}],
+    }]), encoding="utf-8")
+    proc = subprocess.run(
+        [str(BIN / "ansible-playbook"), "-i", "localhost,", "-c", "local",
+         "-e", f"@{vars_file}", *options, str(playbook)],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600, check=False,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-6000:]
+    return output
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_verbose_diff_runs_never_print_a_password_and_check_mode_changes_nothing(
+    tmp_path: Path, prefix: Path
+) -> None:
+    port = _free_port()
+    etc = prefix / "etc" / "deliverd"
+    outputs = []
+    try:
+        outputs.append(_play(tmp_path, prefix, _spec(prefix, port), "-v", "--diff"))
+        # Changed passwords and settings: the diff of every file is shown, except the secrets.
+        changed = _spec(prefix, port, suffix="-2", delay="2m")
+        outputs.append(_play(tmp_path, prefix, changed, "-v", "--diff"))
+        assert "temp_error_delay" in outputs[-1]  # the config diff is there
+        config_before = _digest(etc / "deliverd.toml")
+        secrets_before = _digest(etc / "secrets.toml")
+
+        # A check-mode run after a spec change reports the change and changes nothing.
+        later = _spec(prefix, port, suffix="-3", delay="3m")
+        outputs.append(_play(tmp_path, prefix, later, "-v", "--check", "--diff"))
+        assert _recap_changed(outputs[-1]) > 0
+        assert _digest(etc / "deliverd.toml") == config_before
+        assert _digest(etc / "secrets.toml") == secrets_before
+
+        # Idempotent: the same spec again changes nothing.
+        assert _recap_changed(_play(tmp_path, prefix, changed)) == 0
+        assert (etc / "secrets.toml").stat().st_mode & 0o777 == 0o600
+    finally:
+        outputs.append(_play(tmp_path, prefix, _spec(prefix, port), "-v", "--diff",
+                             state="absent"))
+    for output in outputs:
+        for password in PASSWORDS:
+            assert password not in output
+    assert not etc.exists()
+    assert not (prefix / "var" / "spool" / "deliverd").exists()

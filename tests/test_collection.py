@@ -1,0 +1,201 @@
+"""The mailops.deliverd collection from a checkout: docs, the spec action plugin, lint."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+PASSWORD = "Spec-Test-Secret-5e1c9"
+
+pytestmark = pytest.mark.slow
+
+NEEDED_ENGINE_MODULES = ("deliverd.validation",)
+
+
+def _missing_engine_modules() -> list[str]:
+    return [m for m in NEEDED_ENGINE_MODULES if importlib.util.find_spec(m) is None]
+
+
+requires_engine = pytest.mark.skipif(
+    bool(_missing_engine_modules()),
+    reason=f"deliverd engine modules not there yet: {_missing_engine_modules()}",
+)
+
+
+def _tool(name: str) -> str:
+    path = BIN / name
+    if not path.exists():
+        pytest.skip(f"{name} is not installed in the venv")
+    return str(path)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["ANSIBLE_CONFIG"] = str(REPO / "ansible.cfg")
+    env["ANSIBLE_NOCOLOR"] = "1"
+    env["ANSIBLE_FORCE_COLOR"] = "0"
+    return env
+
+
+def _run(argv: list[str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def _run_spec_action(tmp_path: Path, spec: object) -> tuple[subprocess.CompletedProcess[str],
+                                                             dict[str, object]]:
+    """Run mailops.deliverd.spec on localhost; its registered result is written to a file."""
+    out = tmp_path / "result.json"
+    playbook = [{
+        "name": "Validate a spec",
+        "hosts": "localhost",
+        "gather_facts": False,
+        "tasks": [
+            {"name": "Validate", "mailops.deliverd.spec": {"spec": spec},
+             "register": "checked", "ignore_errors": True},
+            {"name": "Save the result", "ansible.builtin.copy": {
+                "content": "{{ checked | to_json }}", "dest": str(out), "mode": "0600"}},
+        ],
+    }]
+    pb = tmp_path / "validate.yml"
+    pb.write_text(yaml.safe_dump(playbook), encoding="utf-8")
+    proc = _run([_tool("ansible-playbook"), "-i", "localhost,", "-c", "local",
+                 "-e", f"ansible_python_interpreter={sys.executable}", str(pb)])
+    assert out.exists(), proc.stdout + proc.stderr
+    return proc, json.loads(out.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("name", ["spec", "probe", "queue"])
+def test_ansible_doc_documents_each_plugin_with_check_mode_attributes(name: str) -> None:
+    proc = _run([_tool("ansible-doc"), "--json", f"mailops.deliverd.{name}"])
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)[f"mailops.deliverd.{name}"]
+    assert doc["doc"]["attributes"]["check_mode"]["support"] == "full"
+    assert "diff_mode" in doc["doc"]["attributes"]
+    assert doc["examples"].strip()
+    assert doc["return"]
+
+
+@requires_engine
+def test_spec_action_returns_the_normalised_spec(tmp_path: Path) -> None:
+    proc, result = _run_spec_action(tmp_path, {"version": 1, "host": {"name": "a.example"}})
+    assert not result.get("failed"), proc.stdout
+    spec = result["spec"]
+    assert isinstance(spec, dict)
+    # Schema defaults are filled in by the engine's normaliser.
+    assert spec["routing"]["mode"] == "direct"
+    assert spec["listen"] == [{"address": "127.0.0.1", "port": 2525, "allow_networks": []}]
+    assert result["changed"] is False
+
+
+@requires_engine
+def test_spec_action_lists_every_problem_pointer_of_a_bad_spec(tmp_path: Path) -> None:
+    from deliverd.validation import validate_spec
+
+    bad = {
+        "version": 1,
+        "host": {"name": "a.example"},
+        "listen": [{"address": "127.0.0.1", "port": 70000}],
+        "routing": {"mode": "sideways",
+                    "smarthost": {"host": "relay.example",
+                                  "auth": {"username": "u", "password": PASSWORD}}},
+        "retry": {"interval": "soon"},
+        "bogus": True,
+    }
+    expected = [p.pointer for p in validate_spec(bad) if p.severity.value == "error"]
+    assert len(expected) >= 4
+    proc, result = _run_spec_action(tmp_path, bad)
+    assert result["failed"] is True
+    msg = str(result["msg"])
+    for pointer in ("/listen/0/port", "/routing/mode", "/retry/interval", *expected):
+        assert pointer in msg, f"{pointer} missing from: {msg}"
+    pointers = {p["pointer"] for p in result["problems"]}  # type: ignore[union-attr]
+    assert set(expected) <= pointers
+    assert PASSWORD not in proc.stdout + proc.stderr
+
+
+@requires_engine
+def test_spec_action_masks_a_password_quoted_by_a_validator_message(tmp_path: Path) -> None:
+    # A password of the wrong type gets quoted by jsonschema-style messages; it must not leak.
+    bad = {"version": 1, "host": {"name": "a.example"},
+           "routing": {"mode": "smarthost",
+                       "smarthost": {"host": "relay.example",
+                                     "auth": {"username": PASSWORD, "password": PASSWORD * 300}}}}
+    proc, result = _run_spec_action(tmp_path, bad)
+    assert result["failed"] is True
+    assert PASSWORD not in json.dumps(result)
+    assert PASSWORD not in proc.stdout + proc.stderr
+
+
+def test_spec_action_explains_how_to_install_deliverd_when_it_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A controller Python without deliverd: the venv has it installed, so a sitecustomize on
+    # PYTHONPATH blocks its import in ansible-playbook.
+    block = tmp_path / "block"
+    block.mkdir()
+    (block / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'deliverd' or name.startswith('deliverd.'):\n"
+        "            raise ImportError('blocked for the test')\n"
+        "sys.meta_path.insert(0, _Block())\n",
+        encoding="utf-8",
+    )
+    monkeypatch.setenv("PYTHONPATH", f"{block}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    _proc, result = _run_spec_action(tmp_path, {"version": 1, "host": {"name": "a.example"}})
+    assert result["failed"] is True
+    assert "install" in str(result["msg"]) and "controller" in str(result["msg"])
+
+
+def test_queue_module_decides_changes_from_the_listing() -> None:
+    from ansible_collections.mailops.deliverd.plugins.modules import queue
+
+    held = {"queue_id": "A", "held": True}
+    free = {"queue_id": "B", "held": False}
+    table = [
+        ("flush", None, [], False),
+        ("flush", None, [free], True),
+        ("hold", free, [free], True),
+        ("hold", held, [held], False),
+        ("release", held, [held], True),
+        ("release", free, [free], False),
+        ("delete", free, [free], True),
+        ("delete", None, [], False),
+    ]
+    for state, entry, entries, expected in table:
+        assert queue.would_change(state, entry, entries) is expected, (state, entry)
+    assert queue.entries_of([free]) == [free]
+    assert queue.entries_of({"messages": [held]}) == [held]
+
+
+def test_probe_module_reports_every_failed_step() -> None:
+    from ansible_collections.mailops.deliverd.plugins.modules import probe
+
+    ok, _steps, msg = probe.summarise({"ok": False, "steps": [
+        {"name": "connect", "ok": True, "detail": "220 hi"},
+        {"name": "starttls", "ok": False, "detail": "certificate verify failed"},
+        {"name": "auth", "ok": False, "detail": "535 5.7.8 rejected"},
+    ]})
+    assert ok is False
+    assert "starttls: certificate verify failed" in msg and "auth: 535 5.7.8 rejected" in msg
+    assert probe.summarise({"ok": True, "steps": [{"name": "connect", "ok": True}]})[0] is True
+
+
+def test_ansible_lint_passes_with_the_production_profile() -> None:
+    if shutil.which("git") is None:
+        pytest.skip("ansible-lint needs git")
+    proc = _run([_tool("ansible-lint"), "--offline"], timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
