@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fixtures.dns",
     "tests.fixtures.smtp_sink",
     "tests.fixtures.engine",
+    "tests.fixtures.mailservers",
 ]

@@ -218,8 +218,10 @@ def test_flush_release_and_send_signal_the_running_daemon(
     flushed = deliverd("queue", "-c", str(config), "flush")
     assert flushed.returncode == EXIT_OK and "daemon signalled" in flushed.stdout
     assert fake_daemon.stdout.readline() == "SIGUSR1\n"
-    deliverd("queue", "-c", str(config), "hold", qid)
+    held = deliverd("queue", "-c", str(config), "hold", qid)
+    assert held.returncode == EXIT_OK, held.stdout + held.stderr
     released = deliverd("queue", "-c", str(config), "release", qid, "--json")
+    assert released.returncode == EXIT_OK, released.stdout + released.stderr
     assert json.loads(released.stdout)["daemon_signalled"] is True
     assert fake_daemon.stdout.readline() == "SIGUSR1\n"
     assert fake_daemon.poll() is None
