@@ -415,3 +415,39 @@ def test_sink_reply_is_in_log_line(start: Callable[..., Engine], smtp_sink: Call
     record = engine.wait_status("bob@nomx.test", "sent")
     assert S250_QUEUED.split(" ", 1)[1] in record["reply"]
     assert record["route"] == "direct"
+
+
+# --- 8BITMIME and SMTPUTF8 ---------------------------------------------------------------------
+
+def test_8bit_message_is_passed_on_with_body_8bitmime(start: Callable[..., Engine],
+                                                      smtp_sink: Callable[..., Sink],
+                                                      mx_port: int) -> None:
+    host = smtp_sink("127.0.0.14", mx_port)
+    engine = start()
+    engine.submit(SENDER, ["bob@nomx.test"], body="Grüße aus Köln\n",
+                  mail_options=("BODY=8BITMIME",))
+    engine.wait_status("bob@nomx.test", "sent")
+    assert "BODY=8BITMIME" in host.messages[0].mail_options
+    assert "Grüße".encode() in host.messages[0].data
+
+
+def test_smtputf8_message_goes_to_a_hop_that_offers_it(start: Callable[..., Engine],
+                                                       smtp_sink: Callable[..., Sink],
+                                                       mx_port: int) -> None:
+    host = smtp_sink("127.0.0.14", mx_port)
+    engine = start()
+    engine.submit("jörg@sender.test", ["bob@nomx.test"], mail_options=("SMTPUTF8",))
+    engine.wait_status("bob@nomx.test", "sent")
+    assert host.messages[0].mail_from == "jörg@sender.test"
+    assert "SMTPUTF8" in host.messages[0].mail_options
+
+
+def test_smtputf8_message_to_a_hop_without_it_bounces_5_6_7(start: Callable[..., Engine],
+                                                            smtp_sink: Callable[..., Sink],
+                                                            mx_port: int) -> None:
+    host = smtp_sink("127.0.0.14", mx_port, smtputf8=False)
+    engine = start()
+    engine.submit(SENDER, ["björn@nomx.test"], mail_options=("SMTPUTF8",))
+    record = engine.wait_status("björn@nomx.test", "bounced")
+    assert record["dsn"] == "5.6.7"
+    assert not host.messages
