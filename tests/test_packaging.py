@@ -1,0 +1,62 @@
+"""The wheel carries the one schema and the role's templates as package data, and an installed
+(non-editable) deliverd validates and renders with them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
+                    "--wheel-dir", str(out), str(REPO)], check=True, timeout=300)
+    (built,) = out.glob("deliverd-*.whl")
+    return built
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_schema_and_templates_byte_for_byte(wheel: Path) -> None:
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        shipped = {
+            "deliverd/_data/delivery-spec.schema.json": REPO / "schemas/delivery-spec.schema.json",
+            "deliverd/_data/templates/deliverd.toml.j2":
+                REPO / "roles/deliverd/templates/deliverd.toml.j2",
+            "deliverd/_data/templates/secrets.toml.j2":
+                REPO / "roles/deliverd/templates/secrets.toml.j2",
+        }
+        for name, source in shipped.items():
+            assert name in names
+            assert zf.read(name) == source.read_bytes()
+        assert "deliverd/py.typed" in names
+
+
+@pytest.mark.slow
+def test_installed_wheel_validates_and_renders_outside_the_checkout(wheel: Path,
+                                                                    tmp_path: Path) -> None:
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True, system_site_packages=False).create(env_dir)
+    python = env_dir / "bin" / "python"
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", str(wheel)], check=True,
+                   timeout=600)
+    spec = REPO / "examples" / "smarthost.yml"
+    checked = subprocess.run([str(env_dir / "bin" / "deliverd"), "validate", str(spec)],
+                             capture_output=True, text=True, cwd=tmp_path, check=False)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    rendered = subprocess.run([str(env_dir / "bin" / "deliverd"), "render", str(spec), "-o",
+                               str(tmp_path / "out")], capture_output=True, text=True,
+                              cwd=tmp_path, check=False)
+    assert rendered.returncode == 0, rendered.stdout + rendered.stderr
+    where = subprocess.run([str(python), "-c", "import deliverd.resources as r; "
+                            "print(r.schema_path()); print(r.templates_dir())"],
+                           capture_output=True, text=True, cwd=tmp_path, check=True)
+    assert str(REPO) not in where.stdout  # from the wheel's _data, not this checkout
