@@ -16,7 +16,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +83,7 @@ class Dovecot:
         users: Mapping[str, str] | None = None,
         tls_cert: tuple[bytes, bytes] | None = None,
         plaintext_auth: bool = True,
+        auth_mechanisms: Sequence[str] = ("plain", "login"),
     ) -> None:
         """``tls_cert`` is (certificate chain PEM, private key PEM); with it the plain port
         offers STLS and ``pop3s_port`` (required then) speaks implicit TLS. ``plaintext_auth``
@@ -96,6 +97,7 @@ class Dovecot:
         self.users = dict(users if users is not None else {"user": "password"})
         self.tls_cert = tls_cert
         self.plaintext_auth = plaintext_auth
+        self.auth_mechanisms = tuple(auth_mechanisms)
         self.config_path = self.workdir / "dovecot.conf"
         self.base_dir = self.workdir / "run"
         self.log_path = self.workdir / "dovecot.log"
@@ -141,7 +143,7 @@ class Dovecot:
             f"listen = {self.listen}\n"
             + self._ssl_settings()
             + f"disable_plaintext_auth = {'no' if self.plaintext_auth else 'yes'}\n"
-            "auth_mechanisms = plain login\n"
+            f"auth_mechanisms = {' '.join(self.auth_mechanisms)}\n"
             "auth_verbose = yes\n"
             # Successful SASL logins (Postfix asks Dovecot) appear only in debug lines; Postfix
             # itself names the user only once a MAIL transaction starts. Passwords stay out:
