@@ -58,3 +58,13 @@ collection: venv
 	cp -a collection/. $(COLLECTION_BUILD)/
 	cp -a roles/deliverd $(COLLECTION_BUILD)/roles/deliverd
 	$(BIN)/ansible-galaxy collection build --force --output-path dist $(COLLECTION_BUILD)
+
+# Benchmarks (docs/performance.md): deliverd against Postfix on loopback, then the queue at
+# scale. The bench extra brings matplotlib (plot) and py-spy (profiling); fast brings uvloop.
+BENCH_ARGS ?=
+QUEUE_SCALE_ARGS ?=
+.PHONY: bench
+bench: system-deps venv
+	$(BIN)/pip install --quiet -e '.[bench,fast]'
+	$(BIN)/python bench/relay $(BENCH_ARGS)
+	$(BIN)/python bench/queue-scale $(QUEUE_SCALE_ARGS)

@@ -444,3 +444,69 @@ def test_kill_9_never_loses_an_acknowledged_message(tmp_path: Path) -> None:
             assert not missing, f"lost {len(missing)} acknowledged messages"
             for qid in seen[-3:]:
                 assert len(db.read_data(qid)) == 2000
+
+
+# -- the scheduler's batched operations ------------------------------------------------------------
+
+async def test_settle_records_and_removes_a_finished_message_in_one_commit(
+    store: QueueStore,
+) -> None:
+    qid = await store.enqueue("a@x.test", ["b@y.test"], BODY)
+    before = store.commits
+    removed = await store.settle(qid, [RecipientUpdate("b@y.test", RcptState.DELIVERED)])
+    assert removed is True
+    assert await store.get(qid) is None
+    assert store.commits == before + 1
+
+
+async def test_settle_keeps_a_message_with_an_open_recipient(store: QueueStore) -> None:
+    qid = await store.enqueue("a@x.test", ["b@y.test", "c@y.test"], BODY)
+    removed = await store.settle(qid, [
+        RecipientUpdate("b@y.test", RcptState.DELIVERED),
+        RecipientUpdate("c@y.test", RcptState.DEFERRED, next_attempt=time.time() + 60,
+                        status="4.4.1", diagnostic="x-deliverd; connection refused"),
+    ])
+    assert removed is False
+    message = await store.get(qid)
+    assert message is not None
+    states = {r.address: r.state for r in message.recipients}
+    assert states == {"b@y.test": RcptState.DELIVERED, "c@y.test": RcptState.DEFERRED}
+
+
+async def test_due_with_data_skips_excluded_ids_and_returns_bodies(store: QueueStore) -> None:
+    first = await store.enqueue("a@x.test", ["b@y.test"], BODY)
+    second = await store.enqueue("a@x.test", ["c@y.test"], BODY + b"second\r\n")
+    due = await store.due_with_data(time.time(), limit=10, exclude=frozenset({first}))
+    assert [(m.queue_id, data) for m, data in due] == [(second, BODY + b"second\r\n")]
+    assert [m.queue_id for m in await store.due(time.time(), exclude=frozenset({second}))] == [
+        first
+    ]
+
+
+def test_read_many_returns_the_bodies_of_existing_ids_only(tmp_path: Path) -> None:
+    with QueueDB.open(tmp_path / "queue") as db:
+        ids = [db.enqueue("a@x.test", [f"r{n}@y.test"], BODY + str(n).encode()) for n in range(3)]
+        found = db.read_many([*ids, "NOSUCHID00000"])
+    assert found == {qid: BODY + str(n).encode() for n, qid in enumerate(ids)}
+
+
+def test_settled_lists_only_messages_whose_recipients_are_all_final(tmp_path: Path) -> None:
+    with QueueDB.open(tmp_path / "queue") as db:
+        done = db.enqueue("a@x.test", ["b@y.test", "c@y.test"], BODY)
+        open_one = db.enqueue("a@x.test", ["d@y.test", "e@y.test"], BODY)
+        db.record(done, [RecipientUpdate("b@y.test", RcptState.DELIVERED),
+                         RecipientUpdate("c@y.test", RcptState.BOUNCED)])
+        db.record(open_one, [RecipientUpdate("d@y.test", RcptState.DELIVERED)])
+        assert db.settled() == [done]
+
+
+async def test_store_open_removes_messages_left_settled_by_a_crash(tmp_path: Path) -> None:
+    with QueueDB.open(tmp_path / "queue") as db:
+        qid = db.enqueue("a@x.test", ["b@y.test"], BODY)
+        db.record(qid, [RecipientUpdate("b@y.test", RcptState.DELIVERED)])  # no finish: a crash
+    store = await QueueStore.open(tmp_path / "queue")
+    try:
+        assert await store.get(qid) is None
+        assert await store.list_messages() == []
+    finally:
+        await store.close()

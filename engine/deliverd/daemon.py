@@ -16,6 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
+from deliverd import eventloop
 from deliverd.config import Config
 from deliverd.configfile import ConfigError, load_config
 from deliverd.listener import start_listeners
@@ -163,4 +164,4 @@ def run(
     daemon = Daemon(config_path, secrets_path, cfg, log_format, log_level)
     daemon.stop_grace = stop_grace
     daemon._configure_logging(cfg)
-    return asyncio.run(daemon.serve())
+    return eventloop.run(daemon.serve())

@@ -17,7 +17,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -460,6 +460,16 @@ class QueueDB:
 
         return self._write(op)
 
+    def settle(self, queue_id: str, updates: Sequence[RecipientUpdate]) -> bool:
+        """``record`` then ``finish`` in one operation: an attempt's outcome and the removal
+        of a completed message commit together (no crash window between them, one write job
+        instead of two). True if the message was removed."""
+        if not self._in_batch:
+            with self.batch():
+                return self.settle(queue_id, updates)
+        self.record(queue_id, updates)
+        return self.finish(queue_id)
+
     def flush(self, now: float | None = None) -> int:
         """Make every deferred recipient due now; the number of recipients changed."""
         at = time.time() if now is None else now
@@ -531,11 +541,28 @@ class QueueDB:
         data: bytes = row[0]
         return data
 
-    def due(self, now: float | None = None, limit: int = 1000) -> list[QueuedMessage]:
+    def read_many(self, queue_ids: Sequence[str]) -> dict[str, bytes]:
+        """Bodies of the queued messages among ``queue_ids`` (one read for a whole dispatch)."""
+
+        def op(c: sqlite3.Connection) -> dict[str, bytes]:
+            found: dict[str, bytes] = {}
+            for start in range(0, len(queue_ids), _ID_CHUNK):
+                chunk = list(queue_ids[start:start + _ID_CHUNK])
+                marks = ",".join("?" * len(chunk))
+                sql = f"SELECT queue_id, data FROM bodies WHERE queue_id IN ({marks})"  # noqa: S608
+                found.update(c.execute(sql, chunk))
+            return found
+
+        return self._read(op)
+
+    def due(
+        self, now: float | None = None, limit: int = 1000, *, exclude: Collection[str] = ()
+    ) -> list[QueuedMessage]:
         """Messages not held with a recipient pending, or deferred and due by ``now``.
 
         Never-tried messages come first (oldest first), then deferred ones by due time. Both
-        walks stop as soon as ``limit`` messages are found.
+        walks stop as soon as ``limit`` messages are found. Ids in ``exclude`` (the scheduler's
+        in-flight messages) are skipped during the walk, before any row of theirs is fetched.
         """
         at = time.time() if now is None else now
 
@@ -552,8 +579,34 @@ class QueueDB:
                 for (qid,) in c.execute(sql, params):
                     if len(ids) >= limit:
                         break
-                    ids[qid] = None
+                    if qid not in exclude:
+                        ids[qid] = None
             return [m for m in _fetch(c, list(ids)) if not m.held]
+
+        return self._read(op)
+
+    def settled(self) -> list[str]:
+        """Ids of messages whose recipients are all delivered or bounced.
+
+        Walks the state index from the final states only (finished messages are normally
+        removed at once, so these rows are few): never a read of the whole queue, which at a
+        million queued messages would make every start-up slow and large.
+        """
+        final = (RcptState.DELIVERED.value, RcptState.BOUNCED.value)
+
+        def op(c: sqlite3.Connection) -> list[str]:
+            candidates = [
+                qid for (qid,) in c.execute(
+                    "SELECT DISTINCT queue_id FROM recipients WHERE state IN (?, ?)", final
+                )
+            ]
+            return [
+                qid for qid in candidates
+                if c.execute(
+                    "SELECT 1 FROM recipients WHERE queue_id = ? AND state NOT IN (?, ?)"
+                    " LIMIT 1", (qid, *final),
+                ).fetchone() is None
+            ]
 
         return self._read(op)
 

@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +126,23 @@ class _Writer(threading.Thread):
             job.loop.call_soon_threadsafe(_settle, job.future, result)
 
 
+def _remove_settled(db: QueueDB) -> int:
+    """Remove messages whose recipients are all delivered or bounced; how many.
+
+    The scheduler records an attempt and removes the finished message in two writes; a crash
+    between them leaves a message that ``due()`` never returns again, so it would sit in the
+    queue forever. Start-up is the one moment nothing else is delivering: finish them here.
+    """
+    settled = db.settled()
+    if settled:
+        with db.batch():
+            for queue_id in settled:
+                db.finish(queue_id)
+        log.info("removed %d finished messages left behind by an interrupted run",
+                 len(settled))
+    return len(settled)
+
+
 class QueueStore:
     """The async queue the daemon uses; see ``deliverd.queue_db.QueueDB`` for semantics."""
 
@@ -152,6 +169,12 @@ class QueueStore:
             read_db = await asyncio.to_thread(QueueDB.open, path)
         except BaseException:
             write_db.close()
+            raise
+        try:
+            await asyncio.to_thread(_remove_settled, write_db)
+        except BaseException:
+            write_db.close()
+            read_db.close()
             raise
         writer = _Writer(write_db)
         writer.start()
@@ -214,6 +237,11 @@ class QueueStore:
     async def mark_delay_notified(self, queue_id: str) -> None:
         await self._write(lambda db: db.mark_delay_notified(queue_id))
 
+    async def settle(self, queue_id: str, updates: Sequence[RecipientUpdate]) -> bool:
+        """``record`` and ``finish`` as one write: True if the message was removed."""
+        ups = tuple(updates)
+        return await self._write(lambda db: db.settle(queue_id, ups))
+
     async def finish(self, queue_id: str) -> bool:
         """Remove the message if every recipient is final (delivered/bounced)."""
         return await self._write(lambda db: db.finish(queue_id))
@@ -235,9 +263,25 @@ class QueueStore:
 
     # -- reads --------------------------------------------------------------------------------
 
-    async def due(self, now: float, limit: int = 1000) -> list[QueuedMessage]:
-        """Not-held messages with a recipient pending, or deferred with next_attempt <= now."""
-        return await self._read(lambda db: db.due(now, limit))
+    async def due(
+        self, now: float, limit: int = 1000, *, exclude: Collection[str] = ()
+    ) -> list[QueuedMessage]:
+        """Not-held messages with a recipient pending, or deferred with next_attempt <= now;
+        ids in ``exclude`` are skipped."""
+        return await self._read(lambda db: db.due(now, limit, exclude=exclude))
+
+    async def due_with_data(
+        self, now: float, limit: int, *, exclude: Collection[str] = ()
+    ) -> list[tuple[QueuedMessage, bytes]]:
+        """``due`` and the bodies of what it found, in one trip to the reader thread (the
+        scheduler's dispatch: one read per batch of messages instead of one per message)."""
+
+        def op(db: QueueDB) -> list[tuple[QueuedMessage, bytes]]:
+            messages = db.due(now, limit, exclude=exclude)
+            bodies = db.read_many([m.queue_id for m in messages])
+            return [(m, bodies[m.queue_id]) for m in messages if m.queue_id in bodies]
+
+        return await self._read(op)
 
     async def next_wakeup(self) -> float | None:
         """Earliest next_attempt among deferred recipients."""

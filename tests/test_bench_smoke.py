@@ -1,0 +1,47 @@
+"""The benchmarks still run end to end (tiny workloads; no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def run_bench(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(BENCH / name), *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=240, check=False)
+
+
+@pytest.mark.skipif(shutil.which("smtp-source") is None and not Path("/usr/sbin/smtp-source")
+                    .exists(), reason="Postfix's smtp-source is not installed")
+def test_relay_bench_delivers_everything_and_prints_the_ratio_line(tmp_path: Path) -> None:
+    done = run_bench("relay", "--messages", "300", "--sessions", "4", "--rounds", "1",
+                     "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("ratio deliverd/postfix: ")
+    float(last.rsplit(" ", 1)[1])
+    (result,) = (tmp_path / "out").glob("relay-*.json")
+    data = json.loads(result.read_text())
+    assert {r["mta"] for r in data["runs"]} == {"deliverd", "postfix"}
+    assert all(r["delivered"] == 300 and r["lost"] == 0 for r in data["runs"])
+    assert (tmp_path / "out" / data["plot"]).read_bytes().startswith(b"\x89PNG")
+
+
+def test_queue_scale_bench_writes_its_json(tmp_path: Path) -> None:
+    done = run_bench("queue-scale", "--messages", "2000", "--out", str(tmp_path / "out"),
+                     cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (result,) = (tmp_path / "out").glob("queue-scale-*.json")
+    (entry,) = json.loads(result.read_text())["results"]
+    assert entry["messages"] == 2000
+    assert entry["ready_s"] > 0 and entry["rss_mb"] > 0
