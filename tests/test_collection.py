@@ -76,7 +76,7 @@ def _run_spec_action(tmp_path: Path, spec: object) -> tuple[subprocess.Completed
     return proc, json.loads(out.read_text(encoding="utf-8"))
 
 
-@pytest.mark.parametrize("name", ["spec", "probe", "queue"])
+@pytest.mark.parametrize("name", ["spec", "probe", "queue_info", "queue"])
 def test_ansible_doc_documents_each_plugin_with_check_mode_attributes(name: str) -> None:
     proc = _run([_tool("ansible-doc"), "--json", f"mailops.deliverd.{name}"])
     assert proc.returncode == 0, proc.stderr
@@ -161,24 +161,119 @@ def test_spec_action_explains_how_to_install_deliverd_when_it_is_missing(
 
 
 def test_queue_module_decides_changes_from_the_listing() -> None:
-    from ansible_collections.mailops.deliverd.plugins.modules import queue
+    from ansible_collections.mailops.deliverd.plugins.module_utils import deliverd_queue as dq
 
-    held = {"queue_id": "A", "held": True}
-    free = {"queue_id": "B", "held": False}
+    now = 1_000_000.0
+    waiting = {"address": "a@x.test", "state": "deferred", "next_attempt": now + 60}
+    due = {"address": "b@x.test", "state": "deferred", "next_attempt": now - 1}
+    sent = {"address": "c@x.test", "state": "sent", "next_attempt": now + 60}
+    held = {"queue_id": "A", "held": True, "recipients": [waiting]}
+    free = {"queue_id": "B", "held": False, "recipients": [waiting]}
+    idle = {"queue_id": "C", "held": False, "recipients": [due, sent]}
     table = [
-        ("flush", None, [], False),
-        ("flush", None, [free], True),
-        ("hold", free, [free], True),
-        ("hold", held, [held], False),
-        ("release", held, [held], True),
-        ("release", free, [free], False),
-        ("delete", free, [free], True),
-        ("delete", None, [], False),
+        ("flushed", None, [], False),
+        ("flushed", None, [free], True),
+        # flush makes due only deferred recipients still waiting, of messages not held
+        ("flushed", None, [held], False),
+        ("flushed", None, [idle], False),
+        ("held", free, [free], True),
+        ("held", held, [held], False),
+        ("held", None, [], False),
+        ("released", held, [held], True),
+        ("released", free, [free], False),
+        ("released", None, [], False),
+        ("absent", free, [free], True),
+        ("absent", None, [], False),
     ]
     for state, entry, entries, expected in table:
-        assert queue.would_change(state, entry, entries) is expected, (state, entry)
-    assert queue.entries_of([free]) == [free]
-    assert queue.entries_of({"messages": [held]}) == [held]
+        assert dq.would_change(state, entry, entries, now) is expected, (state, entry, entries)
+    assert dq.entries_of([free]) == [free]
+    assert dq.entries_of({"messages": [held]}) == [held]
+    assert dq.listing([held, free]) == {"entries": [held, free], "count": 2, "ids": ["A", "B"]}
+    assert dq.find_entry([held, free], "B") is free
+    assert set(dq.STATE_ACTIONS) == {"flushed", "held", "released", "absent"}
+
+
+def test_queue_module_rejects_json_that_is_not_a_queue_listing() -> None:
+    from ansible_collections.mailops.deliverd.plugins.module_utils import deliverd_queue as dq
+
+    with pytest.raises(dq.DeliverdCliError, match="unexpected JSON"):
+        dq.entries_of({"flushed": 3})
+    with pytest.raises(dq.DeliverdCliError, match="unexpected JSON"):
+        dq.entries_of("Mail queue is empty")
+
+
+def _queue_with_one_message(tmp_path: Path) -> tuple[Path, str]:
+    """A rendered engine config whose queue holds one message; (config, queue id)."""
+    deliverd = _tool("deliverd")
+    spec = tmp_path / "spec.yml"
+    spec.write_text(yaml.safe_dump({"version": 1, "host": {"name": "a.example"},
+                                    "queue": {"path": str(tmp_path / "spool")}}),
+                    encoding="utf-8")
+    rendered = _run([deliverd, "render", str(spec), "-o", str(tmp_path / "etc")])
+    assert rendered.returncode == 0, rendered.stdout + rendered.stderr
+    config = tmp_path / "etc" / "deliverd.toml"
+    sent = _run([deliverd, "send", "-c", str(config), "--from", "app@a.example",
+                 "--to", "someone@b.example", "--json"])
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    return config, str(json.loads(sent.stdout)["queue_id"])
+
+
+def test_queue_modules_hold_release_and_delete_a_real_queued_message(tmp_path: Path) -> None:
+    config, queue_id = _queue_with_one_message(tmp_path)
+    where = {"executable": _tool("deliverd"), "config": str(config)}
+    steps: list[tuple[str, str, dict[str, object], bool]] = [
+        # (registered name, module, arguments, check mode)
+        ("listed", "queue_info", {}, False),
+        ("hold_checked", "queue", {"state": "held", "id": queue_id}, True),
+        ("after_check", "queue_info", {}, False),
+        ("held", "queue", {"state": "held", "id": queue_id}, False),
+        ("held_again", "queue", {"state": "held", "id": queue_id}, False),
+        ("after_hold", "queue_info", {}, False),
+        ("released", "queue", {"state": "released", "id": queue_id}, False),
+        # Never attempted, so nothing is deferred: a flush has nothing to make due.
+        ("flushed", "queue", {"state": "flushed"}, False),
+        ("deleted", "queue", {"state": "absent", "id": queue_id}, False),
+        ("deleted_again", "queue", {"state": "absent", "id": queue_id}, False),
+        ("after_delete", "queue_info", {}, False),
+    ]
+    out = tmp_path / "results.json"
+    tasks: list[dict[str, object]] = [
+        {"name": name, f"mailops.deliverd.{module}": {**where, **args},
+         "check_mode": check, "register": name}
+        for name, module, args, check in steps
+    ]
+    saved = "{{ {" + ", ".join(f"'{n}': {n}" for n, *_ in steps) + "} | to_json }}"
+    tasks.append({"name": "Save the results", "ansible.builtin.copy": {
+        "content": saved, "dest": str(out), "mode": "0600"}})
+    pb = tmp_path / "queue.yml"
+    pb.write_text(yaml.safe_dump([{"name": "Operate the queue", "hosts": "localhost",
+                                   "gather_facts": False, "tasks": tasks}]), encoding="utf-8")
+    proc = _run([_tool("ansible-playbook"), "-i", "localhost,", "-c", "local",
+                 "-e", f"ansible_python_interpreter={sys.executable}", str(pb)])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    r = json.loads(out.read_text(encoding="utf-8"))
+
+    assert r["listed"]["ids"] == [queue_id] and r["listed"]["changed"] is False
+    assert r["hold_checked"]["changed"] is True
+    assert r["after_check"]["entries"][0]["held"] is False
+    assert (r["held"]["changed"], r["held_again"]["changed"]) == (True, False)
+    assert r["after_hold"]["entries"][0]["held"] is True
+    assert r["released"]["changed"] is True
+    assert r["flushed"]["changed"] is False
+    assert (r["deleted"]["changed"], r["deleted_again"]["changed"]) == (True, False)
+    assert queue_id in r["deleted_again"]["msg"]
+    assert r["after_delete"]["count"] == 0
+
+
+def test_queue_module_requires_an_id_for_a_message_state(tmp_path: Path) -> None:
+    config, _queue_id = _queue_with_one_message(tmp_path)
+    proc = _run([_tool("ansible"), "localhost", "-i", "localhost,", "-c", "local",
+                 "-e", f"ansible_python_interpreter={sys.executable}",
+                 "-m", "mailops.deliverd.queue",
+                 "-a", f"state=held executable={_tool('deliverd')} config={config}"])
+    assert proc.returncode != 0
+    assert "state is held but all of the following are missing: id" in proc.stdout
 
 
 def test_probe_module_reports_every_failed_step() -> None:

@@ -71,7 +71,7 @@ class DeliverdCli:
     def run(self, args, ok_codes=(0,)):
         """(rc, stdout, stderr) of ``deliverd ARGS -c CONFIG``; raise unless rc in ok_codes."""
         self.check_installed()
-        argv = [self.executable] + list(args)
+        argv = [self.executable, *args]
         rc, out, err = self.module.run_command(argv, check_rc=False, environ_update={"LC_ALL": "C"})
         if rc not in ok_codes:
             raise DeliverdCliError(

@@ -33,14 +33,18 @@ options:
       - Path of the engine config to probe; its secrets are read from C(secrets.toml) beside it.
       - Default C(<prefix>/etc/deliverd/deliverd.toml).
     type: path
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
 attributes:
   check_mode:
     support: full
     details: The probe changes nothing and sends no mail, so it also runs in check mode.
   diff_mode:
     support: none
+  platform:
+    platforms: posix
 author:
-  - deliverd maintainers
+  - deliverd maintainers (!UNKNOWN)
 """
 
 EXAMPLES = r"""

@@ -7,24 +7,33 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 ---
 module: queue
-short_description: List and manage the deliverd mail queue
+short_description: Flush the deliverd mail queue, or hold, release or delete a message
 version_added: 0.1.0
 description:
-  - Lists the messages in a deliverd engine's queue, or flushes the queue (retry every deferred
-    message now), holds, releases or deletes one message by queue id.
-  - Runs C(deliverd queue -c CONFIG ... --json) on the managed host.
+  - Flushes a deliverd engine's queue (every deferred recipient is retried now), or holds,
+    releases or deletes one message by queue id.
+  - Runs C(deliverd queue -c CONFIG ACTION --json) on the managed host, after listing the queue
+    to decide whether anything changes.
+  - To list the queue, use M(mailops.deliverd.queue_info).
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
 options:
   state:
     description:
-      - V(list) returns the queue and never changes anything.
-      - V(flush) asks the running engine to retry every queued message now.
-      - V(hold), V(release), V(delete) act on the message O(id).
+      - V(flushed) makes every deferred recipient of every message that is not held due now,
+        and wakes the running engine. It changes nothing when no recipient is waiting.
+      - V(held) holds the message O(id) until it is released.
+      - V(released) releases the held message O(id); it is due at once.
+      - V(absent) deletes the message O(id) without sending a delivery status notification.
+      - For V(released) and V(absent), a message no longer in the queue (delivered or deleted)
+        is already in the state asked for. A message not in the queue cannot be held; the
+        result then says so in RV(msg), without failing, since it was most likely delivered.
     type: str
-    choices: [list, flush, hold, release, delete]
-    default: list
+    choices: [flushed, held, released, absent]
+    required: true
   id:
     description:
-      - Queue id of the message, required for V(hold), V(release) and V(delete).
+      - Queue id of the message, required for V(held), V(released) and V(absent).
     type: str
   prefix:
     description:
@@ -48,32 +57,37 @@ attributes:
     details: In check mode the queue is listed and the result says what would change.
   diff_mode:
     support: none
+  platform:
+    platforms: posix
 notes:
   - Deleting a message discards it without a DSN; it is the operator's decision.
+seealso:
+  - module: mailops.deliverd.queue_info
 author:
-  - deliverd maintainers
+  - deliverd maintainers (!UNKNOWN)
 """
 
 EXAMPLES = r"""
-- name: List the queue
-  mailops.deliverd.queue:
-    prefix: /
-  register: deliverd_queue
-
 - name: Retry every deferred message now
   mailops.deliverd.queue:
-    state: flush
+    state: flushed
 
 - name: Hold a message for inspection
   mailops.deliverd.queue:
-    state: hold
+    state: held
+    id: 0ABCDEFGH1234
+
+- name: Delete it without a DSN
+  mailops.deliverd.queue:
+    state: absent
     id: 0ABCDEFGH1234
 """
 
 RETURN = r"""
 entries:
-  description: The messages in the queue (before the action), as C(deliverd queue list --json)
-    prints them.
+  description:
+    - The messages in the queue before the action, as M(mailops.deliverd.queue_info) returns
+      them.
   returned: always
   type: list
   elements: dict
@@ -86,83 +100,63 @@ ids:
   returned: always
   type: list
   elements: str
+msg:
+  description: Why nothing changed, when the message O(id) is not in the queue.
+  returned: when the message is not in the queue
+  type: str
 """
+
+import time
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.mailops.deliverd.plugins.module_utils.deliverd_cli import (
     COMMON_ARGUMENT_SPEC,
-    DeliverdCliError,
     execute,
 )
-
-ACTIONS_WITH_ID = ("hold", "release", "delete")
-
-
-def entries_of(data):
-    """The message list from ``queue list --json`` (a list, or an object wrapping one)."""
-    if isinstance(data, dict):
-        for key in ("messages", "entries", "queue"):
-            if isinstance(data.get(key), list):
-                return data[key]
-        raise DeliverdCliError("unexpected JSON from 'deliverd queue list': %r" % sorted(data))
-    if isinstance(data, list):
-        return data
-    raise DeliverdCliError("unexpected JSON from 'deliverd queue list'")
-
-
-def entry_id(entry):
-    return str(entry.get("queue_id", entry.get("id", "")))
-
-
-def would_change(state, entry, entries):
-    """Whether ``state`` changes anything, judged from the queue listing alone (pure)."""
-    if state == "flush":
-        return bool(entries)
-    if entry is None:
-        return False
-    held = bool(entry.get("held"))
-    if state == "hold":
-        return not held
-    if state == "release":
-        return held
-    return True  # delete
+from ansible_collections.mailops.deliverd.plugins.module_utils.deliverd_queue import (
+    STATE_ACTIONS,
+    STATES_WITH_ID,
+    apply_state,
+    find_entry,
+    list_queue,
+    listing,
+    would_change,
+)
 
 
 def run(cli, params, check_mode):
-    _rc, data = cli.run_json(["queue", "-c", cli.config, "list", "--json"])
-    entries = entries_of(data)
-    ids = [entry_id(e) for e in entries]
-    result = {"changed": False, "entries": entries, "count": len(entries), "ids": ids}
+    entries = list_queue(cli)
+    result = listing(entries)
     state = params["state"]
-    if state == "list":
-        return result
     entry = None
-    if state in ACTIONS_WITH_ID:
-        entry = next((e for e in entries if entry_id(e) == params["id"]), None)
+    if state in STATES_WITH_ID:
+        entry = find_entry(entries, params["id"])
         if entry is None:
-            # Gone already (delivered or deleted): nothing to do, which is not an error for
-            # release/delete, but a hold that cannot happen is worth saying.
+            result["changed"] = False
             result["msg"] = "no message %s in the queue" % params["id"]
             return result
-    result["changed"] = would_change(state, entry, entries)
-    if result["changed"] and not check_mode:
-        argv = ["queue", "-c", cli.config, state]
-        if state in ACTIONS_WITH_ID:
-            argv.append(params["id"])
-        cli.run(argv)
+    result["changed"] = would_change(state, entry, entries, time.time())
+    if not result["changed"] or check_mode:
+        return result
+    applied = apply_state(cli, state, params["id"])
+    if applied is None:
+        result["changed"] = False
+        result["msg"] = "no message %s in the queue" % params["id"]
+    else:
+        result["changed"] = applied
     return result
 
 
 def main():
     argument_spec = dict(COMMON_ARGUMENT_SPEC)
     argument_spec.update(
-        state={"type": "str", "default": "list", "choices": ["list", "flush", *ACTIONS_WITH_ID]},
+        state={"type": "str", "required": True, "choices": list(STATE_ACTIONS)},
         id={"type": "str"},
     )
     module = AnsibleModule(
         argument_spec=argument_spec,
         supports_check_mode=True,
-        required_if=[("state", name, ("id",)) for name in ACTIONS_WITH_ID],
+        required_if=[("state", name, ("id",)) for name in STATES_WITH_ID],
     )
     execute(module, lambda cli: run(cli, module.params, module.check_mode))
 

@@ -15,6 +15,10 @@ description:
   - Fails listing every problem at once, each with its JSON pointer, message and hint.
   - Runs on the controller only (an action plugin); the C(deliverd) Python package must be
     importable by the Python that runs Ansible.
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
+  - ansible.builtin.action_common_attributes.conn
+  - ansible.builtin.action_common_attributes.flow
 options:
   spec:
     description:
@@ -31,6 +35,8 @@ attributes:
     support: full
   async:
     support: none
+  bypass_host_loop:
+    support: none
   become:
     support: none
   connection:
@@ -40,6 +46,7 @@ attributes:
     details: It always runs on the controller.
   platform:
     platforms: all
+    details: It runs on the controller; the managed host is not contacted.
 notes:
   - >-
     The result holds the normalised spec, passwords included. When the spec has secrets, use
@@ -47,7 +54,7 @@ notes:
     Messages, warnings and problems never contain a password: any secret a validator message
     quotes is masked.
 author:
-  - deliverd maintainers
+  - deliverd maintainers (!UNKNOWN)
 """
 
 EXAMPLES = r"""
@@ -96,7 +103,11 @@ from ansible.module_utils.basic import AnsibleModule
 
 def main():
     # Only reached when the action plugin is bypassed: the validation needs the controller.
-    module = AnsibleModule(argument_spec={"spec": {"type": "dict", "required": True}})
+    # supports_check_mode matches the documented check_mode support of the action plugin.
+    module = AnsibleModule(
+        argument_spec={"spec": {"type": "dict", "required": True}},
+        supports_check_mode=True,
+    )
     module.fail_json(msg="mailops.deliverd.spec runs on the controller through its action plugin")
 
 
