@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from deliverd.normalise import normalise
 from deliverd.outcomes import Stage
 from deliverd.pop3 import PopBeforeSmtp
 from deliverd.validation import validate_spec
+from tests.fixtures.dns import DnsServer
 from tests.fixtures.mailservers import DovecotFactory
 
 pytestmark = pytest.mark.integration
@@ -24,12 +26,13 @@ USER, PASSWORD = "popuser", "pop-Secret-9"
 
 def pop_config(
     server: Dovecot, tls: str, *, password: str = PASSWORD, ca_file: str | None = None,
-    valid_for: str = "5m", **smarthost: Any,
+    valid_for: str = "5m", pop_host: str = "127.0.0.1", nameserver: str | None = None,
+    **smarthost: Any,
 ) -> Config:
     port = server.pop3s_port if tls == "tls" else server.pop3_port
     sh: dict[str, Any] = {
         "host": "relay.test",
-        "pop_before_smtp": {"host": "127.0.0.1", "port": port, "tls": tls,
+        "pop_before_smtp": {"host": pop_host, "port": port, "tls": tls,
                             "username": USER, "password": password, "valid_for": valid_for},
         **smarthost,
     }
@@ -41,6 +44,8 @@ def pop_config(
         "routing": {"mode": "smarthost", "smarthost": sh},
         "timeouts": {"connect": "3s", "command": "3s"},
     }
+    if nameserver is not None:
+        spec["dns"] = {"nameservers": [nameserver]}
     errors = [p for p in validate_spec(spec) if p.severity.value == "error"]
     assert not errors, errors
     return config_from_spec(normalise(spec))
@@ -199,3 +204,32 @@ async def test_changed_pop_settings_on_reload_force_a_new_login(
     pop.update_config(pop_config(server, "tls", ca_file=ca_file))  # now POP3S
     assert await pop.ensure() is None
     assert await wait_logins(server, 2) == 2
+
+
+async def test_pop_host_name_is_resolved_with_the_engines_nameservers(
+    dovecot_server: DovecotFactory, ca_file: str,
+    dns_server_factory: Callable[[Sequence[str]], DnsServer],
+) -> None:
+    dns = dns_server_factory(["host-record=relay.test,127.0.0.1"])
+    server = dovecot_server(tls=True)
+    cfg = pop_config(server, "starttls", ca_file=ca_file, pop_host="relay.test",
+                     nameserver=dns.nameserver)
+
+    assert await PopBeforeSmtp(cfg).ensure() is None  # TLS verified for relay.test
+
+    assert await wait_logins(server, 1) == 1
+
+
+async def test_unresolvable_pop_host_is_a_temporary_pop_failure(
+    dovecot_server: DovecotFactory, dns_server_factory: Callable[[Sequence[str]], DnsServer],
+) -> None:
+    dns = dns_server_factory([])
+    server = dovecot_server(tls=False)
+    cfg = pop_config(server, "none", allow_plaintext_auth=True, pop_host="nowhere.test",
+                     nameserver=dns.nameserver)
+
+    failure = await PopBeforeSmtp(cfg).ensure()
+
+    assert failure is not None and failure.stage is Stage.POP and failure.temporary
+    assert "nowhere.test" in failure.error
+    assert PASSWORD not in failure.error

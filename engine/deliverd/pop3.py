@@ -8,6 +8,9 @@ the smart host's ``verify_tls``/``ca_file``. Every failure is translated once, i
 ``_failure``, into a temporary ``SessionFailure`` at ``Stage.POP``: a POP problem defers mail,
 never bounces it.
 
+The POP3 server's name is looked up with the engine's own resolver (``dns.nameservers``), like
+every other host deliverd connects to; TLS still verifies the configured name.
+
 ``PopBeforeSmtp`` remembers when the last login succeeded and logs in again only when it is
 older than ``valid_for``; a lock makes concurrent deliveries share one login.
 """
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 from deliverd.config import Config, TlsPolicy
 from deliverd.config import PopBeforeSmtp as PopSettings
 from deliverd.outcomes import SessionFailure, Stage
+from deliverd.resolver import Addresses, Resolver
 from deliverd.smtp_errors import clip
 from deliverd.tls_policy import client_context
 
@@ -101,11 +105,12 @@ async def pop3_login(
     timeouts: PopTimeouts,
     tls: PopTls,
     allow_plaintext_auth: bool,
+    resolver: Resolver,
 ) -> SessionFailure | None:
     """Log in to the POP3 server of ``settings``; None on success, else the failure."""
     where = f"{settings.host}:{settings.port}"
     try:
-        await _login(settings, timeouts, tls, allow_plaintext_auth)
+        await _login(settings, timeouts, tls, allow_plaintext_auth, resolver)
     except (PopError, OSError, EOFError, TimeoutError, ssl.SSLError, UnicodeError) as exc:
         failure = _failure(exc, where, settings.password)
         log.warning("pop-before-smtp login as %s at %s failed: %s",
@@ -115,8 +120,36 @@ async def pop3_login(
     return None
 
 
+async def _addresses(host: str, resolver: Resolver) -> tuple[str, ...]:
+    result = await resolver.addresses(host)
+    if isinstance(result, Addresses):
+        return result.addresses
+    raise PopError(f"cannot resolve the POP3 server {host}: {type(result).__name__}")
+
+
+async def _open(
+    settings: PopSettings, addresses: tuple[str, ...], timeouts: PopTimeouts,
+    context: ssl.SSLContext | None,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to the first address that answers (implicit TLS verifies the configured name)."""
+    error: OSError | TimeoutError = OSError(f"no address for {settings.host}")
+    for address in addresses:
+        try:
+            return await asyncio.wait_for(
+                asyncio.open_connection(
+                    address, settings.port, limit=MAX_LINE * 2, ssl=context,
+                    server_hostname=settings.host if context is not None else None,
+                ),
+                timeouts.connect,
+            )
+        except (OSError, TimeoutError) as exc:
+            error = exc
+    raise error
+
+
 async def _login(
-    settings: PopSettings, timeouts: PopTimeouts, tls: PopTls, allow_plaintext_auth: bool
+    settings: PopSettings, timeouts: PopTimeouts, tls: PopTls, allow_plaintext_auth: bool,
+    resolver: Resolver,
 ) -> None:
     if settings.tls is TlsPolicy.NONE and not allow_plaintext_auth:
         raise PopError("tls: none would send the password in clear text; "
@@ -125,14 +158,8 @@ async def _login(
         raise PopError(f"unsupported POP3 tls policy {settings.tls.value}")
     implicit = settings.tls is TlsPolicy.TLS
     context = tls.context() if settings.tls is not TlsPolicy.NONE else None
-    reader, writer = await asyncio.wait_for(
-        asyncio.open_connection(
-            settings.host, settings.port, limit=MAX_LINE * 2,
-            ssl=context if implicit else None,
-            server_hostname=settings.host if implicit else None,
-        ),
-        timeouts.connect,
-    )
+    addresses = await _addresses(settings.host, resolver)
+    reader, writer = await _open(settings, addresses, timeouts, context if implicit else None)
     session = _Session(reader, writer, timeouts.command)
     try:
         await session.reply("greeting")
@@ -180,8 +207,16 @@ def _failure(exc: BaseException, where: str, password: str) -> SessionFailure:
 class PopBeforeSmtp:
     """Keeps a POP-before-SMTP authorisation fresh for the smart host sessions of one engine."""
 
-    def __init__(self, cfg: Config, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        resolver: Resolver | None = None,
+    ) -> None:
         self._clock = clock
+        self._given_resolver = resolver
+        self._resolver = resolver or _resolver_for(cfg)
         self._lock = asyncio.Lock()
         self._cfg = cfg
         self._valid_until: float | None = None
@@ -197,6 +232,7 @@ class PopBeforeSmtp:
         """Take a reloaded config; changed POP settings make the next ``ensure`` log in."""
         old, new = _settings(self._cfg), _settings(cfg)
         self._cfg = cfg
+        self._resolver = self._given_resolver or _resolver_for(cfg)
         if old != new:
             self._valid_until = None
 
@@ -227,6 +263,7 @@ class PopBeforeSmtp:
                                      float(self._cfg.timeouts.command)),
                 tls=PopTls(smarthost.verify_tls, smarthost.ca_file),
                 allow_plaintext_auth=smarthost.allow_plaintext_auth,
+                resolver=self._resolver,
             )
             self._attempts += 1
             self._last_failure = failure
@@ -239,6 +276,10 @@ class PopBeforeSmtp:
 
     def _fresh(self, now: float | None) -> bool:
         return self._valid_until is not None and self._now(now) < self._valid_until
+
+
+def _resolver_for(cfg: Config) -> Resolver:
+    return Resolver(cfg.dns.nameservers, timeout=float(cfg.timeouts.dns))
 
 
 def _settings(cfg: Config) -> PopSettings | None:
