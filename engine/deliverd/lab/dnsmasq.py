@@ -61,7 +61,6 @@ LAB_ZONE: tuple[str, ...] = (
 )
 
 _BASE_CONFIG = (
-    f"listen-address={LOOPBACK}",
     "bind-interfaces",
     "no-resolv",
     "no-hosts",
@@ -92,39 +91,45 @@ class DnsServer:
                 self.process.wait(timeout=5)
 
 
-def _free_udp_and_tcp_port() -> int:
-    """A port free for both TCP and UDP on loopback (dnsmasq needs both)."""
+def _free_udp_and_tcp_port(address: str = LOOPBACK) -> int:
+    """A port free for both TCP and UDP on ``address`` (dnsmasq needs both)."""
     for _ in range(50):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind((LOOPBACK, 0))
+            tcp.bind((address, 0))
             port = int(tcp.getsockname()[1])
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
                 try:
-                    udp.bind((LOOPBACK, port))
+                    udp.bind((address, port))
                 except OSError:
                     continue
                 return port
-    raise RuntimeError("no port free for both TCP and UDP on loopback")
+    raise RuntimeError(f"no port free for both TCP and UDP on {address}")
 
 
-def _answers(port: int) -> bool:
+def _answers(address: str, port: int) -> bool:
     query = dns.message.make_query("probe.test.", "A")
     try:
-        response = dns.query.udp(query, LOOPBACK, port=port, timeout=0.2)
+        response = dns.query.udp(query, address, port=port, timeout=0.2)
     except (dns.exception.DNSException, OSError):
         return False
     return response.rcode() in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN)
 
 
-def start_dnsmasq(directory: Path, lines: Sequence[str]) -> DnsServer:
+def start_dnsmasq(
+    directory: Path, lines: Sequence[str], *, listen: str = LOOPBACK, port: int | None = None
+) -> DnsServer:
+    """Start dnsmasq serving ``lines`` on ``listen`` (an address assigned to an interface: the
+    network namespace lab passes its bridge-side address), on ``port`` or a free one."""
     binary = shutil.which("dnsmasq") or shutil.which("dnsmasq", path="/usr/sbin:/sbin")
     if binary is None:
         raise DnsmasqMissing("dnsmasq is not installed (Debian package dnsmasq-base)")
     failures: list[str] = []
+    fixed = port
     for attempt in range(3):  # another process may take the port between probe and bind
-        port = _free_udp_and_tcp_port()
+        port = fixed if fixed is not None else _free_udp_and_tcp_port(listen)
         conf = directory / f"dnsmasq-{port}.conf"
-        conf.write_text("\n".join((f"port={port}", *_BASE_CONFIG, *lines)) + "\n")
+        settings = (f"port={port}", f"listen-address={listen}", *_BASE_CONFIG, *lines)
+        conf.write_text("\n".join(settings) + "\n")
         stderr_path = directory / f"dnsmasq-{port}.stderr"
         with stderr_path.open("wb") as stderr:
             process = subprocess.Popen(
@@ -132,10 +137,10 @@ def start_dnsmasq(directory: Path, lines: Sequence[str]) -> DnsServer:
                  f"--pid-file={directory / f'dnsmasq-{port}.pid'}"],
                 stdout=subprocess.DEVNULL, stderr=stderr,
             )
-        server = DnsServer(LOOPBACK, port, process, stderr_path)
+        server = DnsServer(listen, port, process, stderr_path)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and process.poll() is None:
-            if _answers(port):
+            if _answers(listen, port):
                 return server
             time.sleep(0.05)
         server.stop()

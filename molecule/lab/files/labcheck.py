@@ -1,0 +1,123 @@
+"""The verify step's evidence readers: which route a message took, read from the servers' files.
+
+    labcheck.py received --sinks DIR --sink NAME --message-id ID [--timeout S]
+        wait until sink NAME recorded the message, and check that no other sink did
+    labcheck.py sasl --maillog FILE --message-id ID --user USER
+        Postfix accepted that message from a client authenticated as USER
+    labcheck.py pop-before-sasl --dovecot-log FILE --pop-user P --sasl-user U
+        every SMTP AUTH of U (Dovecot answers Postfix's SASL requests) came after a POP3 login
+        of P since the previous one, and there was at least one
+
+Exit 0 and a JSON line on success; exit 1 and the reason on stderr otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+class CheckFailed(Exception):
+    pass
+
+
+def _records(sink_dir: Path) -> list[dict[str, Any]]:
+    path = sink_dir / "messages.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def received(sinks: Path, sink: str, message_id: str, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [r for r in _records(sinks / sink) if r["message_id"] == message_id]
+        if found:
+            break
+        if time.monotonic() > deadline:
+            elsewhere = [d.name for d in sinks.iterdir() if d.is_dir()
+                         and any(r["message_id"] == message_id for r in _records(d))]
+            raise CheckFailed(f"{message_id} did not reach sink {sink} within {timeout:.0f}s"
+                              f" (found in: {elsewhere or 'no sink'})")
+        time.sleep(0.5)
+    others = [d.name for d in sinks.iterdir() if d.is_dir() and d.name != sink
+              and any(r["message_id"] == message_id for r in _records(d))]
+    if others:
+        raise CheckFailed(f"{message_id} reached {sink} but also {others}")
+    return found[0]
+
+
+def sasl_user(maillog: Path, message_id: str, user: str) -> dict[str, Any]:
+    text = maillog.read_text(errors="replace")
+    queued = re.search(rf"\b([0-9A-F]+): message-id={re.escape(message_id)}", text)
+    if queued is None:
+        raise CheckFailed(f"{maillog} has no message-id={message_id}")
+    queue_id = queued.group(1)
+    client = re.search(rf"\b{queue_id}: client=([^,\n]+), sasl_method=([A-Z0-9-]+), "
+                       rf"sasl_username=([^\s,]+)", text)
+    if client is None:
+        raise CheckFailed(f"{maillog}: message {queue_id} came without SASL authentication")
+    if client.group(3) != user:
+        raise CheckFailed(f"{maillog}: message {queue_id} authenticated as {client.group(3)},"
+                          f" not {user}")
+    return {"queue_id": queue_id, "client": client.group(1), "sasl_username": user}
+
+
+def pop_before_sasl(dovecot_log: Path, pop_user: str, sasl_user: str) -> dict[str, Any]:
+    pop = re.compile(rf"pop3-login: (?:Info: )?Login: user=<{re.escape(pop_user)}>")
+    auth = re.compile(rf"client passdb out: OK\t\d+\tuser={re.escape(sasl_user)}(?:\t|$)")
+    pops = auths = 0
+    pop_since_auth = False
+    for number, line in enumerate(dovecot_log.read_text(errors="replace").splitlines(), 1):
+        if pop.search(line):
+            pops += 1
+            pop_since_auth = True
+        elif auth.search(line):
+            auths += 1
+            if not pop_since_auth:
+                raise CheckFailed(f"{dovecot_log}:{number}: SMTP AUTH of {sasl_user} without a"
+                                  f" POP3 login of {pop_user} before it")
+            pop_since_auth = False
+    if auths == 0:
+        raise CheckFailed(f"{dovecot_log}: no SMTP AUTH of {sasl_user} at all")
+    return {"pop_logins": pops, "smtp_auths": auths}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="lab evidence checks")
+    sub = parser.add_subparsers(dest="check", required=True)
+    r = sub.add_parser("received")
+    r.add_argument("--sinks", type=Path, required=True)
+    r.add_argument("--sink", required=True)
+    r.add_argument("--message-id", required=True)
+    r.add_argument("--timeout", type=float, default=60.0)
+    s = sub.add_parser("sasl")
+    s.add_argument("--maillog", type=Path, required=True)
+    s.add_argument("--message-id", required=True)
+    s.add_argument("--user", required=True)
+    p = sub.add_parser("pop-before-sasl")
+    p.add_argument("--dovecot-log", type=Path, required=True)
+    p.add_argument("--pop-user", required=True)
+    p.add_argument("--sasl-user", required=True)
+    args = parser.parse_args()
+    try:
+        if args.check == "received":
+            result = received(args.sinks, args.sink, args.message_id, args.timeout)
+        elif args.check == "sasl":
+            result = sasl_user(args.maillog, args.message_id, args.user)
+        else:
+            result = pop_before_sasl(args.dovecot_log, args.pop_user, args.sasl_user)
+    except (CheckFailed, OSError) as exc:
+        print(f"labcheck {args.check}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
