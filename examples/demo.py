@@ -6,6 +6,9 @@
 3. Renders a direct-mode spec with the role's templates and runs `deliverd run` on it.
 4. Submits three messages over SMTP and shows what happened to each: the log lines, the queue,
    and the RFC 3464 bounce that came back to the sender.
+5. As root: deploys a two-host demo fleet on this machine with the Ansible role
+   (playbooks/deploy.yml; hosts relay-a from examples/direct.yml, relay-b in smart host mode),
+   sends a message through each, shows the route each took, and removes the fleet again.
 Nothing leaves 127.0.0.0/8; everything is stopped at the end.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import email
 import json
+import os
 import signal
 import smtplib
 import socket
@@ -39,7 +43,9 @@ HOSTS = {
     "accept": "127.0.0.42",  # example.net: accepts everything
     "defer": "127.0.0.43",  # busy.example: 451 to every recipient
     "refuse": "127.0.0.44",  # gone.example: 550 no such user
+    "relay": "127.0.0.45",  # the fleet's smart host (accepts everything)
 }
+FLEET = {"relay-a": "127.0.0.51", "relay-b": "127.0.0.52"}
 ZONE = [
     "mx-host=demo.test,mx.demo.test,10", f"host-record=mx.demo.test,{HOSTS['sender']}",
     "mx-host=example.net,mx.example.net,10", f"host-record=mx.example.net,{HOSTS['accept']}",
@@ -88,6 +94,7 @@ def lab(workdir: Path) -> Iterator[tuple[DnsServer, int, dict[str, Sink]]]:
                         rcpt={"carol@busy.example": "451 4.2.1 mailbox busy, try later"}),
         "refuse": Script(hostname="mx.gone.example",
                          rcpt={"dave@gone.example": "550 5.1.1 dave@gone.example: no such user"}),
+        "relay": Script(hostname="smarthost.demo.test"),
     }
     sinks = {name: Sink(HOSTS[name], port, script, None).start()
              for name, script in scripts.items()}
@@ -187,8 +194,85 @@ def main() -> int:
             finally:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(30)
-    title("Done: delivered, deferred and bounced, each by the rules of DESIGN §2.")
+            deploy_fleet(workdir, dns, mx_port, sinks)
+    title("Done: delivered, deferred and bounced by the rules of DESIGN §2, and a fleet "
+          "deployed from its spec.")
     return 0
+
+
+def fleet_inventory(workdir: Path, dns: DnsServer, mx_port: int) -> dict[str, Any]:
+    """relay-a runs examples/direct.yml, relay-b relays through the lab's smart host; both get
+    the lab's overrides (own listener, queue, prefix; the lab DNS and MX port)."""
+    direct = load_spec_file(EXAMPLES / "direct.yml")
+    assert isinstance(direct, dict)
+    hosts: dict[str, Any] = {}
+    for name, address in FLEET.items():
+        spec = dict(direct) if name == "relay-a" else {"version": 1}
+        prefix = workdir / "fleet" / name
+        spec.update({
+            "host": {"name": f"{name}.demo.test", "addresses": [address]},
+            "listen": [{"address": address, "port": 2525,
+                        "allow_networks": [f"{address}/32"]}],
+            "queue": {"path": str(prefix / "var" / "spool" / "deliverd")},
+            "dns": {"nameservers": [dns.nameserver]},
+        })
+        routing = dict(spec.get("routing", {}))
+        routing["direct"] = {**routing.get("direct", {}), "port": mx_port}
+        if name == "relay-b":
+            routing.update({"mode": "smarthost", "smarthost": {
+                "host": HOSTS["relay"], "port": mx_port, "tls": "none"}})
+        spec["routing"] = routing
+        hosts[name] = {"ansible_connection": "local",
+                       "ansible_python_interpreter": sys.executable,
+                       "deliverd_prefix": str(prefix), "deliverd_spec": spec}
+    return {"deliverd": {"hosts": hosts}}
+
+
+def ansible(workdir: Path, inventory: Path, *extra: str) -> None:
+    repo = EXAMPLES.parent
+    env = {**os.environ, "ANSIBLE_CONFIG": str(repo / "ansible.cfg"),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(inventory),
+         str(repo / "playbooks" / "deploy.yml"), *extra],
+        cwd=repo, env=env, capture_output=True, text=True, check=False)
+    recap = result.stdout[result.stdout.rfind("PLAY RECAP"):].strip()
+    print("  " + recap.replace("\n", "\n  "))
+    if result.returncode != 0:
+        (workdir / "ansible.log").write_text(result.stdout + result.stderr)
+        raise SystemExit(f"demo: ansible-playbook failed; see {workdir / 'ansible.log'}")
+
+
+def deploy_fleet(workdir: Path, dns: DnsServer, mx_port: int, sinks: dict[str, Sink]) -> None:
+    title("5. A demo fleet deployed with Ansible")
+    if os.geteuid() != 0:
+        print("  skipped: deploying with the role needs root (it creates the deliverd user)")
+        return
+    workdir.chmod(0o755)  # the engines run as the deliverd user and must reach their prefix
+    inventory = workdir / "fleet.json"
+    inventory.write_text(json.dumps(fleet_inventory(workdir, dns, mx_port), indent=2))
+    print("  ansible-playbook playbooks/deploy.yml (relay-a: examples/direct.yml, relay-b: "
+          "smart host mode)")
+    ansible(workdir, inventory)
+    try:
+        for name, address in FLEET.items():
+            rcpt = f"{name}@example.net"
+            with smtplib.SMTP(address, 2525, timeout=10) as smtp:
+                smtp.sendmail(SENDER, [rcpt], f"Subject: via {name}\r\n\r\nHello.\r\n")
+            print(f"  submitted {SENDER} -> {rcpt} through {name}'s engine ({address}:2525)")
+        wait(lambda: len(sinks["accept"].messages) >= 2 and sinks["relay"].messages, 30,
+             "the fleet's deliveries")
+        for name in FLEET:
+            log = workdir / "fleet" / name / "var" / "log" / "deliverd" / "deliverd.log"
+            for line in log.read_text().splitlines():
+                if "status=sent" in line and f"{name}@example.net" in line:
+                    print(f"  {name}: {line.split(': ', 1)[-1].removeprefix('INFO ')}")
+        print(f"  the smart host sink received: "
+              f"{[m.rcpt_tos for m in sinks['relay'].messages]}")
+    finally:
+        print("  removing the fleet (deliverd_state: absent)")
+        ansible(workdir, inventory, "-e", "deliverd_state=absent", "-e",
+                "deliverd_purge_queue=true")
 
 
 def _listening(port: int) -> bool:
