@@ -3,6 +3,7 @@ against a running engine (smart host mode to a local sink, so no DNS is involved
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from collections.abc import Callable
@@ -146,3 +147,14 @@ def test_send_command_enqueues_into_the_running_engine(engine_factory: Callable[
     assert result.returncode == 0, result.stderr
     engine.wait_status("bob@example.net", "sent")
     assert sink.messages[0].mail_from == SENDER
+
+
+def test_metrics_file_counts_attempts_and_survives_a_stop(engine_factory: Callable[..., Engine],
+                                                          smtp_sink: Callable[..., Sink]) -> None:
+    sink = smtp_sink()
+    engine = engine_factory(relay_spec(sink.port))
+    engine.submit(SENDER, ["bob@example.net", "carol@example.net"])
+    engine.wait_status("carol@example.net", "sent")
+    assert engine.stop() == 0
+    written = json.loads((engine.workdir / "queue" / "metrics.json").read_text())
+    assert written["counters"]["attempts.sent"] == 2

@@ -7,6 +7,7 @@ test_pop_before_smtp.py; here scripted doubles prove every branch of the rules.
 from __future__ import annotations
 
 import email
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -202,6 +203,13 @@ def test_wrong_password_defers_and_never_bounces(start: Callable[..., Engine],
     assert "535" in record["reply"]
     assert not relay.messages and not sender_mx.messages
     assert PASSWORD not in engine.log_text()
+    # loudly (an error naming the smart host) and counted (metrics.json)
+    errors = [r for r in engine.log_records() if r.get("level") == "error"]
+    assert any("smart host AUTH failed" in r["message"] for r in errors), errors
+    engine.stop()
+    metrics = json.loads((engine.workdir / "queue" / "metrics.json").read_text())
+    assert metrics["counters"]["smarthost.auth_failures"] >= 1
+    assert metrics["counters"]["attempts.deferred"] >= 1
 
 
 def test_plaintext_auth_only_when_allowed(start: Callable[..., Engine],

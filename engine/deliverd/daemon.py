@@ -21,6 +21,7 @@ from deliverd.config import Config
 from deliverd.configfile import ConfigError, load_config
 from deliverd.listener import start_listeners
 from deliverd.logline import configure_logging, format_event
+from deliverd.metrics import Metrics
 from deliverd.queue_store import QueueStore
 from deliverd.resolver import Resolver
 from deliverd.scheduler import Scheduler
@@ -29,6 +30,7 @@ from deliverd.transport import Transport
 log = logging.getLogger("deliverd")
 
 STOP_GRACE = 20.0
+METRICS_EVERY = 10.0
 PID_NAME = "deliverd.pid"
 
 
@@ -51,6 +53,7 @@ class Daemon:
         self.log_format = log_format
         self.log_level = log_level
         self.stop_grace = STOP_GRACE
+        self.metrics = Metrics()
         self._stop = asyncio.Event()
         self._servers: list[asyncio.base_events.Server] = []
         self.store: QueueStore | None = None
@@ -61,7 +64,8 @@ class Daemon:
         pid_file = Path(self.cfg.queue.path) / PID_NAME
         transport = Transport(self.cfg)
         self.scheduler = Scheduler(
-            self.cfg, self.store, make_resolver(self.cfg), transport, log_format=self.log_format
+            self.cfg, self.store, make_resolver(self.cfg), transport, log_format=self.log_format,
+            metrics=self.metrics,
         )
         try:
             self._servers = await start_listeners(self.cfg, self.store, self.scheduler.wake)
@@ -74,7 +78,9 @@ class Daemon:
         where = ", ".join(f"{x.address}:{x.port}" for x in self.cfg.listen)
         self._event(f"ready: listening on {where}, mode={self.cfg.routing.mode.value}")
         runner = asyncio.create_task(self.scheduler.run())
+        reporter = asyncio.create_task(self._write_metrics_every(METRICS_EVERY))
         await self._stop.wait()
+        reporter.cancel()
         self._event("stopping: closing listeners, finishing in-flight deliveries")
         await self._close_servers()
         await self.scheduler.stop(self.stop_grace)
@@ -82,11 +88,23 @@ class Daemon:
         with contextlib.suppress(asyncio.CancelledError):
             await runner
         await transport.close()
+        self._write_metrics()
         await self.store.close()
         with contextlib.suppress(FileNotFoundError):
             pid_file.unlink()
         self._event("stopped")
         return 0
+
+    async def _write_metrics_every(self, seconds: float) -> None:
+        while True:
+            self._write_metrics()
+            await asyncio.sleep(seconds)
+
+    def _write_metrics(self) -> None:
+        try:
+            self.metrics.write(self.cfg.queue.path)
+        except OSError as exc:  # a full disk must not stop delivery
+            log.warning("cannot write metrics: %s", exc)
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()

@@ -147,6 +147,7 @@ class Outcome:
     diagnostic: str  # e.g. "smtp; 550 5.1.1 no such user" or "dns; NXDOMAIN for example.test"
     hop: Hop | None = None
     transcript: tuple[str, ...] = ()
+    stage: Stage | None = None  # where a session failure happened, when one did
 
     @property
     def relay(self) -> str:

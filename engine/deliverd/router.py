@@ -144,19 +144,22 @@ class _Failure:
     diagnostic: str
     hop: Hop | None = None
     transcript: tuple[str, ...] = ()
+    stage: Stage | None = None
 
     @property
     def temporary(self) -> bool:
         return self.status.startswith("4")
 
 
-def _reply_failure(reply: Reply, result: TransactionResult) -> _Failure:
-    return _Failure(status_for(reply), f"smtp; {reply}", result.hop, result.transcript)
+def _reply_failure(
+    reply: Reply, result: TransactionResult, stage: Stage | None = None
+) -> _Failure:
+    return _Failure(status_for(reply), f"smtp; {reply}", result.hop, result.transcript, stage)
 
 
 def _session_failure(failure: SessionFailure, result: TransactionResult) -> _Failure:
     if failure.reply is not None and not failure.reply.is_positive:
-        return _reply_failure(failure.reply, result)
+        return _reply_failure(failure.reply, result, failure.stage)
     status = failure.status
     if failure.temporary != status.startswith("4"):
         status = ("4" if failure.temporary else "5") + status[1:]
@@ -165,7 +168,8 @@ def _session_failure(failure: SessionFailure, result: TransactionResult) -> _Fai
         where = f"connect to {relay}"
     else:
         where = f"conversation with {relay} failed at {failure.stage.value}"
-    return _Failure(status, f"x-deliverd; {where}: {failure.error}", result.hop, result.transcript)
+    return _Failure(status, f"x-deliverd; {where}: {failure.error}", result.hop, result.transcript,
+                    failure.stage)
 
 
 # --- per-route bookkeeping ----------------------------------------------------------------
@@ -515,12 +519,12 @@ def _recipient_verdict(recipient: str, result: TransactionResult) -> _Verdict:
 
 def _outcome(recipient: str, kind: Kind, failure: _Failure) -> Outcome:
     return Outcome(recipient, kind, failure.status, failure.diagnostic, failure.hop,
-                   failure.transcript)
+                   failure.transcript, failure.stage)
 
 
 def _deferral(failure: _Failure) -> _Failure:
     return _Failure(as_temporary(failure.status), failure.diagnostic, failure.hop,
-                    failure.transcript)
+                    failure.transcript, failure.stage)
 
 
 def _canonical(address: str) -> str:

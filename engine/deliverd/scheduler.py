@@ -19,7 +19,8 @@ from deliverd.config import Config, OnExpiry, RoutingMode
 from deliverd.delivery import run_attempt
 from deliverd.dsn import DsnKind, build_dsn, needs_dsn, requires_smtputf8
 from deliverd.logline import format_attempt, format_event
-from deliverd.outcomes import Envelope, Kind, Outcome
+from deliverd.metrics import Metrics
+from deliverd.outcomes import Envelope, Kind, Outcome, Route, Stage
 from deliverd.queue_store import QueuedMessage, QueueStore, RcptState, RecipientUpdate
 from deliverd.resolver import Resolver
 from deliverd.router import Attempt, group_by_domain
@@ -27,6 +28,9 @@ from deliverd.schedule import expired, next_attempt, retry_until
 from deliverd.transport import Transport
 
 log = logging.getLogger("deliverd")
+
+# Smart host failures that defer mail instead of bouncing it and that only an operator fixes.
+_OPERATOR_FAILURES = {Stage.AUTH: "auth", Stage.STARTTLS: "tls", Stage.POP: "pop"}
 
 _POLL_CAP = 5.0  # re-read the queue at least this often (operator CLI changes, clock jumps)
 # While deliveries are in flight their completions wake the loop anyway; a short fixed cap then
@@ -43,8 +47,10 @@ class Scheduler:
         transport: Transport,
         *,
         log_format: str = "text",
+        metrics: Metrics | None = None,
     ) -> None:
         self.cfg = cfg
+        self.metrics = metrics or Metrics()
         self.store = store
         self.resolver = resolver
         self.transport = transport
@@ -225,6 +231,7 @@ class Scheduler:
         return Outcome(
             outcome.recipient, kind, "4.4.7",
             f"{outcome.diagnostic} (message expired in queue)", outcome.hop, outcome.transcript,
+            outcome.stage,
         )
 
     def _next_state(
@@ -276,6 +283,7 @@ class Scheduler:
                 "", [to], report, is_dsn=True, smtputf8=requires_smtputf8(report)
             )
             label = "non-delivery" if kind is DsnKind.FAILURE else "delay"
+            self.metrics.count(f"dsn.{kind.value}")
             self._event(message.queue_id, f"sender {label} notification: {dsn_id}")
         self.wake()
 
@@ -288,6 +296,21 @@ class Scheduler:
         )
         level = logging.WARNING if outcome.kind in (Kind.BOUNCED, Kind.HELD) else logging.INFO
         log.log(level, line)
+        self.metrics.count(f"attempts.{outcome.kind.value}")
+        self._operator_failure(message.queue_id, outcome)
+
+    def _operator_failure(self, queue_id: str, outcome: Outcome) -> None:
+        """Say loudly, and count, what deferred mail at the smart host and needs an operator."""
+        what = _OPERATOR_FAILURES.get(outcome.stage) if outcome.stage else None
+        if what is None or outcome.route is not Route.SMARTHOST:
+            return
+        self.metrics.count(f"smarthost.{what}_failures")
+        log.error(format_event(
+            queue_id,
+            f"smart host {what.upper()} failed at {outcome.relay}: mail is deferred, not bounced;"
+            f" check the smart host settings ({outcome.diagnostic})",
+            fmt=self.log_format,
+        ))
 
     def _event(self, queue_id: str, text: str) -> None:
         log.info(format_event(queue_id, text, fmt=self.log_format))
