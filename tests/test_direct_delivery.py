@@ -451,3 +451,18 @@ def test_smtputf8_message_to_a_hop_without_it_bounces_5_6_7(start: Callable[...,
     record = engine.wait_status("björn@nomx.test", "bounced")
     assert record["dsn"] == "5.6.7"
     assert not host.messages
+
+
+def test_expiry_dsn_is_copied_to_the_postmaster_when_asked(start: Callable[..., Engine],
+                                                           smtp_sink: Callable[..., Sink],
+                                                           sender_mx: Sink, mx_port: int) -> None:
+    smtp_sink("127.0.0.14", mx_port, greeting="421 4.3.2 busy")
+    engine = start({"retry": {"expire_after": "3s"},
+                    "dsn": {"notify_delayed": False, "notify_postmaster": True,
+                            "postmaster": "postmaster@sender.test"}})
+    engine.submit(SENDER, ["bob@nomx.test"])
+    engine.wait_status("bob@nomx.test", "bounced", timeout=30)
+    assert sender_mx.wait_for(2, timeout=20)
+    assert sorted(m.rcpt_tos for m in sender_mx.messages) == [
+        (SENDER,), ("postmaster@sender.test",)]
+    assert all(m.mail_from in ("", "<>") for m in sender_mx.messages)
