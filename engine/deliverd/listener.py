@@ -123,6 +123,18 @@ def protocol_name(esmtp: bool, smtputf8: bool) -> str:
     return "ESMTP" if esmtp else "SMTP"
 
 
+# SQLite's write-ahead log grows to about 1000 pages (4 MiB) between checkpoints before it is
+# reused; recording deliveries and removing messages writes to it, so that much must stay free.
+WAL_HEADROOM = 8 * 1024 * 1024
+
+
+def min_free_bytes(max_message_size: int) -> int:
+    """Free space the listener leaves on the queue's filesystem: 1.5 x the largest message it
+    accepts (as Postfix's smtpd does) plus room for the queue's write-ahead log, so deliveries
+    can always be recorded and bounces queued."""
+    return max_message_size * 3 // 2 + WAL_HEADROOM
+
+
 def envelope_sender(mail_from: str) -> str:
     """aiosmtpd keeps ``<>`` for the null reverse-path; the queue stores it as ''."""
     return "" if mail_from == "<>" else mail_from
@@ -152,13 +164,34 @@ class _SubmissionHandler:
         allow_networks: tuple[IPNetwork, ...],
         trust_loopback: bool,
         max_hops: int,
+        min_free: int,
     ) -> None:
         self.store = store
+        self.min_free = min_free
         self.on_enqueued = on_enqueued
         self.hostname = hostname
         self.allow_networks = allow_networks
         self.trust_loopback = trust_loopback
         self.max_hops = max_hops
+
+    def _short_of_space(self, size: int) -> bool:
+        """Refuse before the disk is full: the queue keeps room to record deliveries and to
+        queue bounces, which a full disk would make impossible (see ``min_free_bytes``)."""
+        try:
+            return self.store.free_bytes() - size < self.min_free
+        except OSError:
+            return True
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str,
+        mail_options: list[str],
+    ) -> str:
+        if self._short_of_space(0):
+            log.error("refusing mail: less than %d bytes free for the queue", self.min_free)
+            return REPLY_NO_STORAGE
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Ok"
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str,
@@ -183,6 +216,10 @@ class _SubmissionHandler:
         eightbit = "BODY=8BITMIME" in envelope.mail_options or has_8bit(content)
         hops = count_received(content)
         hold_reason = loop_hold_reason(hops, self.max_hops)
+        if self._short_of_space(len(content)):
+            log.error("refusing mail: client=[%s] from=<%s>: queue filesystem short of space",
+                      peer_ip, sender)
+            return REPLY_NO_STORAGE
         queue_id = new_queue_id()
         trace = received_header(
             helo=session.host_name, peer_ip=peer_ip, by_host=self.hostname, queue_id=queue_id,
@@ -230,6 +267,7 @@ def _handler_for(
         allow_networks=parse_networks(listener.allow_networks),
         trust_loopback=trust_loopback,
         max_hops=cfg.limits.max_hops,
+        min_free=min_free_bytes(cfg.limits.max_message_size),
     )
 
 

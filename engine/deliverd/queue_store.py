@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 import time
@@ -155,6 +156,11 @@ class QueueStore:
     @property
     def path(self) -> Path:
         return self._reader.path
+
+    def free_bytes(self) -> int:
+        """Space left for unprivileged writers on the queue's filesystem."""
+        st = os.statvfs(self.path)
+        return st.f_bavail * st.f_frsize
 
     @property
     def commits(self) -> int:

@@ -21,7 +21,13 @@ from deliverd.dsn import DsnKind, build_dsn, needs_dsn, requires_smtputf8
 from deliverd.logline import format_attempt, format_event
 from deliverd.metrics import Metrics
 from deliverd.outcomes import Envelope, Kind, Outcome, Route, Stage
-from deliverd.queue_store import QueuedMessage, QueueStore, RcptState, RecipientUpdate
+from deliverd.queue_store import (
+    QueuedMessage,
+    QueueFullError,
+    QueueStore,
+    RcptState,
+    RecipientUpdate,
+)
 from deliverd.resolver import Resolver
 from deliverd.router import Attempt, group_by_domain
 from deliverd.schedule import expired, next_attempt, retry_until
@@ -31,6 +37,10 @@ log = logging.getLogger("deliverd")
 
 # Smart host failures that defer mail instead of bouncing it and that only an operator fixes.
 _OPERATOR_FAILURES = {Stage.AUTH: "auth", Stage.STARTTLS: "tls", Stage.POP: "pop"}
+
+# A message whose outcome could not be written (the queue's disk is full) waits this long before
+# it is tried again, instead of being re-delivered in a tight loop.
+_STORAGE_COOLDOWN = 30.0
 
 _POLL_CAP = 5.0  # re-read the queue at least this often (operator CLI changes, clock jumps)
 # While deliveries are in flight their completions wake the loop anyway; a short fixed cap then
@@ -57,6 +67,7 @@ class Scheduler:
         self.log_format = log_format
         self._wake = asyncio.Event()
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._cooling: dict[str, float] = {}  # queue id -> monotonic time it may run again
         self._capacity = cfg.limits.max_sessions * 4
         self._slots = asyncio.Semaphore(self._capacity)
         self._stopping = False
@@ -123,8 +134,10 @@ class Scheduler:
         free = self._capacity - len(self._inflight)
         if free <= 0:
             return
+        now = time.monotonic()
+        self._cooling = {qid: until for qid, until in self._cooling.items() if until > now}
         due = await self.store.due_with_data(
-            time.time(), limit=free, exclude=frozenset(self._inflight)
+            time.time(), limit=free, exclude=frozenset(self._inflight) | self._cooling.keys()
         )
         for message, data in due:
             if self._stopping:
@@ -140,6 +153,12 @@ class Scheduler:
             await self._deliver(message, data)
         except asyncio.CancelledError:
             raise
+        except QueueFullError as exc:
+            # The attempt happened but its outcome is not on disk: it will be repeated (at least
+            # once), after a pause that gives the operator time to free space.
+            self._cooling[message.queue_id] = time.monotonic() + _STORAGE_COOLDOWN
+            log.error("%s: cannot record the delivery attempt (%s); retrying in %.0fs",
+                      message.queue_id, exc, _STORAGE_COOLDOWN)
         except Exception:
             # A bug must not kill the daemon or lose the message: it stays queued as it was.
             log.exception(
