@@ -255,6 +255,9 @@ async def test_client_inside_allowed_networks_may_relay(
 class _FullStore:
     """A store whose disk is full: the boundary under test is the SMTP reply."""
 
+    def free_bytes(self) -> int:
+        return 1 << 40  # the space check passes; the write itself fails
+
     async def enqueue(self, *args: object, **kwargs: object) -> str:
         raise QueueFullError("queue storage failure: SQLITE_FULL")
 
