@@ -17,9 +17,11 @@ import pytest
 from deliverd.config import Config, DsnConfig, HostConfig, LimitsConfig, Listener
 from deliverd.listener import (
     REPLY_RELAY_DENIED,
+    WAL_HEADROOM,
     count_received,
     has_8bit,
     loop_hold_reason,
+    min_free_bytes,
     parse_networks,
     received_header,
     relay_allowed,
@@ -389,3 +391,26 @@ async def test_listener_binds_every_configured_address(store: QueueStore) -> Non
         for server in servers:
             server.close()
             await server.wait_closed()
+
+
+class _ShortStore:
+    """A store on a filesystem with almost no free space left."""
+
+    def free_bytes(self) -> int:
+        return 4096
+
+    async def enqueue(self, *args: object, **kwargs: object) -> str:
+        raise AssertionError("nothing may be written when space is short")
+
+
+async def test_short_of_space_refuses_at_mail_with_452(start: StartFn) -> None:
+    lst = await start(with_store=_ShortStore())
+    smtp = await lst.client()
+    with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
+        await smtp.mail("app@example.test")
+    assert (refused.value.code, refused.value.message) == (452, "4.3.1 Insufficient system storage")
+    assert lst.enqueued == []
+
+
+def test_min_free_keeps_room_for_one_and_a_half_messages_and_the_wal() -> None:
+    assert min_free_bytes(50 * 1024 * 1024) == 75 * 1024 * 1024 + WAL_HEADROOM
