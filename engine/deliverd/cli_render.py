@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sized
 from pathlib import Path
 
 from deliverd.config import Config, config_from_spec
 from deliverd.configfile import ConfigError, check_config_file, render_problem
-from deliverd.problems import Problem, errors, warnings
+from deliverd.problems import errors, plural, report
 from deliverd.render import write_rendered
 from deliverd.specfile import SpecFileError, load_spec_file
 from deliverd.validation import check_spec
@@ -60,9 +59,9 @@ def run_render(args: argparse.Namespace) -> int:
         print(f"deliverd render: {exc}", file=sys.stderr)
         return EXIT_UNREADABLE
     normalised, problems = check_spec(spec)
-    _report(problems)
+    report(problems, render_problem)
     if normalised is None:
-        print(f"{args.spec}: invalid ({_count(errors(problems), 'error')})", file=sys.stderr)
+        print(f"{args.spec}: invalid ({plural(len(errors(problems)), 'error')})", file=sys.stderr)
         return EXIT_INVALID
     try:
         config_path, secrets_path = write_rendered(normalised, args.output)
@@ -83,10 +82,10 @@ def run_check_config(args: argparse.Namespace) -> int:
             for problem in exc.problems:
                 print(f"deliverd check-config: {problem.message}", file=sys.stderr)
             return EXIT_UNREADABLE
-        _report(exc.problems)
-        print(f"{args.config}: invalid ({_count(exc.problems, 'error')})", file=sys.stderr)
+        report(exc.problems, render_problem)
+        print(f"{args.config}: invalid ({plural(len(exc.problems), 'error')})", file=sys.stderr)
         return EXIT_INVALID
-    _report(found)
+    report(found, render_problem)
     print(f"{args.config}: valid ({summary(config_from_spec(tree))})")
     return EXIT_OK
 
@@ -107,12 +106,3 @@ def summary(config: Config) -> str:
     return "; ".join(parts)
 
 
-def _report(problems: list[Problem]) -> None:
-    for problem in warnings(problems):
-        print(problem.render(), file=sys.stderr)
-    for problem in errors(problems):
-        print(render_problem(problem))
-
-
-def _count(items: Sized, noun: str) -> str:
-    return f"{len(items)} {noun}" + ("" if len(items) == 1 else "s")

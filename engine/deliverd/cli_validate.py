@@ -8,7 +8,7 @@ import sys
 
 import yaml
 
-from deliverd.problems import Problem, errors, warnings
+from deliverd.problems import errors, plural, report, warnings
 from deliverd.specfile import SpecFileError, load_spec_file
 from deliverd.validation import check_spec, redact_secrets
 
@@ -55,10 +55,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([p.as_dict() for p in problems], indent=2))
         return EXIT_VALID if normalised is not None else EXIT_INVALID
-    _report(problems)
+    report(problems)
     if normalised is None:
         count = len(errors(problems))
-        print(f"{args.spec}: invalid ({_plural(count, 'error')})", file=sys.stderr)
+        print(f"{args.spec}: invalid ({plural(count, 'error')})", file=sys.stderr)
         return EXIT_INVALID
     if args.normalised:
         shown = normalised if args.show_secrets else redact_secrets(normalised)
@@ -66,19 +66,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         mode = normalised["routing"]["mode"]
         count = len(warnings(problems))
-        print(f"{args.spec}: valid (mode={mode}, {_plural(count, 'warning')})")
+        print(f"{args.spec}: valid (mode={mode}, {plural(count, 'warning')})")
     return EXIT_VALID
 
 
-def _report(problems: list[Problem]) -> None:
-    for problem in warnings(problems):
-        print(problem.render(), file=sys.stderr)
-    for problem in errors(problems):
-        print(problem.render())
-
-
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def _to_yaml(spec: object) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -45,3 +47,15 @@ def warnings(problems: list[Problem]) -> list[Problem]:
 def pointer(*parts: str | int) -> str:
     """RFC 6901 JSON pointer from path parts."""
     return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+def report(problems: Sequence[Problem], line: Callable[[Problem], str] = Problem.render) -> None:
+    """The commands' format: warnings on stderr, errors on stdout, one per line."""
+    for problem in warnings(list(problems)):
+        print(problem.render(), file=sys.stderr)
+    for problem in errors(list(problems)):
+        print(line(problem))
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
