@@ -17,17 +17,6 @@ description:
   - The config may be one that is not deployed yet (for example rendered into a temporary
     directory), so a change can be proven to work from each host before any host changes.
 options:
-  prefix:
-    description:
-      - The C(deliverd_prefix) the engine was installed under; the defaults of O(executable)
-        and O(config) are taken under it.
-    type: path
-    default: /
-  executable:
-    description:
-      - Path of the C(deliverd) command.
-      - Default C(<prefix>/opt/deliverd/venv/bin/deliverd).
-    type: path
   config:
     description:
       - Path of the engine config to probe; its secrets are read from C(secrets.toml) beside it.
@@ -35,6 +24,7 @@ options:
     type: path
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
+  - mailops.deliverd.engine
 attributes:
   check_mode:
     support: full

@@ -17,6 +17,7 @@ description:
   - To list the queue, use M(mailops.deliverd.queue_info).
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
+  - mailops.deliverd.engine
 options:
   state:
     description:
@@ -35,22 +36,6 @@ options:
     description:
       - Queue id of the message, required for V(held), V(released) and V(absent).
     type: str
-  prefix:
-    description:
-      - The C(deliverd_prefix) the engine was installed under; the defaults of O(executable)
-        and O(config) are taken under it.
-    type: path
-    default: /
-  executable:
-    description:
-      - Path of the C(deliverd) command.
-      - Default C(<prefix>/opt/deliverd/venv/bin/deliverd).
-    type: path
-  config:
-    description:
-      - Path of the engine config.
-      - Default C(<prefix>/etc/deliverd/deliverd.toml).
-    type: path
 attributes:
   check_mode:
     support: full

@@ -15,23 +15,7 @@ description:
   - To flush the queue or hold, release or delete a message, use M(mailops.deliverd.queue).
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
-options:
-  prefix:
-    description:
-      - The C(deliverd_prefix) the engine was installed under; the defaults of O(executable)
-        and O(config) are taken under it.
-    type: path
-    default: /
-  executable:
-    description:
-      - Path of the C(deliverd) command.
-      - Default C(<prefix>/opt/deliverd/venv/bin/deliverd).
-    type: path
-  config:
-    description:
-      - Path of the engine config.
-      - Default C(<prefix>/etc/deliverd/deliverd.toml).
-    type: path
+  - mailops.deliverd.engine
 attributes:
   check_mode:
     support: full
