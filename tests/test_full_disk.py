@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,20 +33,25 @@ def tiny_tmpfs(where: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
+def queue_on(disk: Path) -> dict[str, Any]:
+    """The queue on ``disk``; the smart host unreachable at first (port 9: nothing listens), so
+    mail stays queued until a test points the engine at its sink."""
+    return {
+        "queue": {"path": str(disk / "queue")},
+        "routing": {"mode": "smarthost",
+                    "smarthost": {"host": "127.0.0.1", "port": 9, "tls": "none"}},
+        "dsn": {"notify_delayed": False},
+        # The listener keeps 1.5 x this (plus WAL room) free for recording deliveries.
+        "limits": {"max_message_size": "256KB"},
+    }
+
+
 def test_full_disk_refuses_with_452_and_delivers_every_acknowledged_message(
         engine_factory: Callable[..., Engine], smtp_sink: Callable[..., Sink],
         tmp_path: Path) -> None:
     sink = smtp_sink()
     with tiny_tmpfs(tmp_path / "disk", "16m") as disk:
-        # The smart host is unreachable at first (port 9: nothing listens), so the queue fills.
-        engine = engine_factory({
-            "queue": {"path": str(disk / "queue")},
-            "routing": {"mode": "smarthost",
-                        "smarthost": {"host": "127.0.0.1", "port": 9, "tls": "none"}},
-            "dsn": {"notify_delayed": False},
-            # The listener keeps 1.5 x this free for recording deliveries and queueing bounces.
-            "limits": {"max_message_size": "256KB"},
-        })
+        engine = engine_factory(queue_on(disk))
         body = ("x" * 998 + "\r\n") * 60
         acknowledged: list[str] = []
         refusals: list[tuple[int, bytes]] = []
@@ -94,13 +100,7 @@ def test_disk_filled_by_someone_else_pauses_retries_instead_of_redelivering_in_a
         tmp_path: Path) -> None:
     sink = smtp_sink()
     with tiny_tmpfs(tmp_path / "disk", "16m") as disk:
-        engine = engine_factory({
-            "queue": {"path": str(disk / "queue")},
-            "routing": {"mode": "smarthost",
-                        "smarthost": {"host": "127.0.0.1", "port": 9, "tls": "none"}},
-            "dsn": {"notify_delayed": False},
-            "limits": {"max_message_size": "256KB"},
-        })
+        engine = engine_factory(queue_on(disk))
         rcpts = [f"r{n}@example.net" for n in range(3)]
         for rcpt in rcpts:
             engine.submit("a@example.test", [rcpt])

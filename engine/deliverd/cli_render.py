@@ -11,16 +11,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from deliverd.cli_validate import EXIT_INVALID, EXIT_UNREADABLE, EXIT_VALID, read_and_check
 from deliverd.config import Config, config_from_spec
 from deliverd.configfile import ConfigError, check_config_file, render_problem
 from deliverd.problems import errors, plural, report
 from deliverd.render import write_rendered
-from deliverd.specfile import SpecFileError, load_spec_file
-from deliverd.validation import check_spec
-
-EXIT_OK = 0
-EXIT_INVALID = 1
-EXIT_UNREADABLE = 2
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -53,12 +48,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run_render(args: argparse.Namespace) -> int:
-    try:
-        spec = load_spec_file(args.spec)
-    except SpecFileError as exc:
-        print(f"deliverd render: {exc}", file=sys.stderr)
+    checked = read_and_check(args.spec, "render")
+    if checked is None:
         return EXIT_UNREADABLE
-    normalised, problems = check_spec(spec)
+    normalised, problems = checked
     report(problems, render_problem)
     if normalised is None:
         print(f"{args.spec}: invalid ({plural(len(errors(problems)), 'error')})", file=sys.stderr)
@@ -71,7 +64,7 @@ def run_render(args: argparse.Namespace) -> int:
         return EXIT_UNREADABLE
     print(config_path)
     print(secrets_path)
-    return EXIT_OK
+    return EXIT_VALID
 
 
 def run_check_config(args: argparse.Namespace) -> int:
@@ -87,7 +80,7 @@ def run_check_config(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     report(found, render_problem)
     print(f"{args.config}: valid ({summary(config_from_spec(tree))})")
-    return EXIT_OK
+    return EXIT_VALID
 
 
 def summary(config: Config) -> str:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 import yaml
 
-from deliverd.problems import errors, plural, report, warnings
+from deliverd.problems import Problem, errors, plural, report, warnings
 from deliverd.specfile import SpecFileError, load_spec_file
 from deliverd.validation import check_spec, redact_secrets
 
@@ -45,13 +46,22 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def read_and_check(path: str, command: str) -> tuple[dict[str, Any] | None, list[Problem]] | None:
+    """The spec file at ``path`` checked (normalised spec or None, problems); None when the
+    file cannot be read, after saying why on stderr."""
     try:
-        spec = load_spec_file(args.spec)
+        spec = load_spec_file(path)
     except SpecFileError as exc:
-        print(f"deliverd validate: {exc}", file=sys.stderr)
+        print(f"deliverd {command}: {exc}", file=sys.stderr)
+        return None
+    return check_spec(spec)
+
+
+def run(args: argparse.Namespace) -> int:
+    checked = read_and_check(args.spec, "validate")
+    if checked is None:
         return EXIT_UNREADABLE
-    normalised, problems = check_spec(spec)
+    normalised, problems = checked
     if args.json:
         print(json.dumps([p.as_dict() for p in problems], indent=2))
         return EXIT_VALID if normalised is not None else EXIT_INVALID

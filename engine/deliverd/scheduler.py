@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from deliverd.config import Config, OnExpiry, RoutingMode
 from deliverd.delivery import run_attempt
 from deliverd.dsn import DsnKind, build_dsn, needs_dsn, requires_smtputf8
-from deliverd.logline import format_attempt, format_event
+from deliverd.logline import dsn_sent, format_attempt, format_event
 from deliverd.metrics import Metrics
 from deliverd.outcomes import Envelope, Kind, Outcome, Route, Stage
 from deliverd.queue_store import (
@@ -113,11 +113,6 @@ class Scheduler:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-
-    async def drain(self) -> None:
-        """Wait until nothing is in flight (tests and the demo use it)."""
-        while self._inflight:
-            await asyncio.gather(*list(self._inflight.values()), return_exceptions=True)
 
     async def _sleep_for(self) -> float:
         if self._inflight:
@@ -301,9 +296,9 @@ class Scheduler:
             dsn_id = await self.store.enqueue(
                 "", [to], report, is_dsn=True, smtputf8=requires_smtputf8(report)
             )
-            label = "non-delivery" if kind is DsnKind.FAILURE else "delay"
             self.metrics.count(f"dsn.{kind.value}")
-            self._event(message.queue_id, f"sender {label} notification: {dsn_id}")
+            log.info(dsn_sent(message.queue_id, dsn_id, delay_notice=kind is DsnKind.DELAY,
+                              fmt=self.log_format))
         self.wake()
 
     def _log(self, message: QueuedMessage, outcome: Outcome, now: float) -> None:
