@@ -26,9 +26,9 @@ from typing import Any
 
 from _proctree import status_kb
 
-from deliverd.normalise import normalise
-from deliverd.queue_db import DB_NAME, QueueDB, RcptState, new_queue_id
-from deliverd.render import write_rendered
+from deliverd.queue.database import DB_NAME, QueueDB, RcptState, new_queue_id
+from deliverd.spec.normalise import normalise
+from deliverd.spec.render import write_rendered
 
 LOOPBACK = "127.0.0.1"
 CHUNK = 50_000

@@ -40,11 +40,11 @@ from _chart import plot_ratios
 from _proctree import RssSampler, cpu_seconds, descendants, status_kb
 from _stats import median, percentile, ratio, sent_delays, table
 
-from deliverd.lab.common import wait_for_port
-from deliverd.lab.postfix import PostfixRelay
-from deliverd.normalise import normalise
-from deliverd.queue_db import QueueDB
-from deliverd.render import write_rendered
+from deliverd.queue.database import QueueDB
+from deliverd.spec.normalise import normalise
+from deliverd.spec.render import write_rendered
+from deliverd_lab.common import wait_for_port
+from deliverd_lab.postfix import PostfixRelay
 
 LOOPBACK = "127.0.0.1"
 SENDER = "bench@source.test"

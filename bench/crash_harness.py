@@ -41,9 +41,9 @@ from aiosmtpd.smtp import SMTP as SinkSMTP
 from aiosmtpd.smtp import Envelope as SinkEnvelope
 from aiosmtpd.smtp import Session as SinkSession
 
-from deliverd.normalise import normalise
-from deliverd.queue_db import QueueDB, QueueMissingError
-from deliverd.render import write_rendered
+from deliverd.queue.database import QueueDB, QueueMissingError
+from deliverd.spec.normalise import normalise
+from deliverd.spec.render import write_rendered
 
 LOOPBACK = "127.0.0.1"
 TOKEN_DOMAIN = "crash.bench"

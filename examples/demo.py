@@ -29,12 +29,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from deliverd.lab.dnsmasq import DnsServer, start_dnsmasq
-from deliverd.lab.sink import Script, Sink, free_port
-from deliverd.normalise import normalise
-from deliverd.render import write_rendered
-from deliverd.specfile import load_spec_file
-from deliverd.validation import check_spec
+from deliverd.spec.normalise import normalise
+from deliverd.spec.render import write_rendered
+from deliverd.spec.specfile import load_spec_file
+from deliverd.spec.validation import check_spec
+from deliverd_lab.dnsmasq import DnsServer, start_dnsmasq
+from deliverd_lab.sink import Script, Sink, free_port
 
 EXAMPLES = Path(__file__).resolve().parent
 SENDER = "alice@demo.test"

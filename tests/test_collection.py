@@ -19,7 +19,7 @@ PASSWORD = "Spec-Test-Secret-5e1c9"
 
 pytestmark = pytest.mark.slow
 
-NEEDED_ENGINE_MODULES = ("deliverd.validation",)
+NEEDED_ENGINE_MODULES = ("deliverd.spec.validation",)
 
 
 def _missing_engine_modules() -> list[str]:
@@ -101,7 +101,7 @@ def test_spec_action_returns_the_normalised_spec(tmp_path: Path) -> None:
 
 @requires_engine
 def test_spec_action_lists_every_problem_pointer_of_a_bad_spec(tmp_path: Path) -> None:
-    from deliverd.validation import validate_spec
+    from deliverd.spec.validation import validate_spec
 
     bad = {
         "version": 1,

@@ -17,13 +17,13 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from deliverd.config import config_to_spec
-from deliverd.configfile import ConfigError, load_config, load_config_tree
-from deliverd.normalise import normalise
-from deliverd.problems import errors
-from deliverd.render import write_rendered
-from deliverd.units import parse_duration
-from deliverd.validation import validate_spec
+from deliverd.config.loader import ConfigError, load_config, load_config_tree
+from deliverd.config.model import config_to_spec
+from deliverd.core.units import parse_duration
+from deliverd.spec.normalise import normalise
+from deliverd.spec.problems import errors
+from deliverd.spec.render import write_rendered
+from deliverd.spec.validation import validate_spec
 
 PASSWORD_PREFIX = "pw-"
 

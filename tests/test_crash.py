@@ -23,8 +23,8 @@ from bench.crash_harness import (
     tally,
 )
 
-from deliverd.queue_db import QueueDB, RcptState, RecipientUpdate
-from deliverd.queue_store import QueueStore
+from deliverd.queue.database import QueueDB, RcptState, RecipientUpdate
+from deliverd.queue.store import QueueStore
 
 # --- the harness run: kill -9 during submission and during delivery ----------------------------
 

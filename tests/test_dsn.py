@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deliverd.dsn import (
+from deliverd.core.outcomes import Hop, Kind, Outcome, Route
+from deliverd.reports.dsn import (
     DsnKind,
     build_dsn,
     fold_field,
@@ -21,7 +22,6 @@ from deliverd.dsn import (
     requires_smtputf8,
     scrub_transcript,
 )
-from deliverd.outcomes import Hop, Kind, Outcome, Route
 
 MTA = "relay.example.test"
 SENDER = "alice@example.test"

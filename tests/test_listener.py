@@ -14,8 +14,9 @@ from typing import Any
 import aiosmtplib
 import pytest
 
-from deliverd.config import Config, DsnConfig, HostConfig, LimitsConfig, Listener
-from deliverd.listener import (
+from deliverd.config.model import Config, DsnConfig, HostConfig, LimitsConfig, Listener
+from deliverd.queue.store import QueueFullError, QueueStore
+from deliverd.submission.listener import (
     REPLY_RELAY_DENIED,
     WAL_HEADROOM,
     count_received,
@@ -27,7 +28,6 @@ from deliverd.listener import (
     relay_allowed,
     start_listeners,
 )
-from deliverd.queue_store import QueueFullError, QueueStore
 
 pytestmark = pytest.mark.integration
 

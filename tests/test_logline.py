@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from deliverd.logline import (
+from deliverd.core.outcomes import Hop, Kind, Outcome, Route
+from deliverd.ops.logline import (
     REPLY_MAX,
     configure_logging,
     dsn_sent,
@@ -22,7 +23,6 @@ from deliverd.logline import (
     format_event,
     redact,
 )
-from deliverd.outcomes import Hop, Kind, Outcome, Route
 
 QID = "3F2A9C1B7D4E"
 MX = Hop("mx1.example.test", "127.0.0.11", 2525, Route.DIRECT)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from deliverd.lab.common import LabError
-from deliverd.lab.netns import (
+from deliverd_lab.common import LabError
+from deliverd_lab.netns import (
     BRIDGE_ADDRESS,
     inventory_text,
     netns_available,

@@ -56,7 +56,7 @@ def test_installed_wheel_validates_and_renders_outside_the_checkout(wheel: Path,
                                str(tmp_path / "out")], capture_output=True, text=True,
                               cwd=tmp_path, check=False)
     assert rendered.returncode == 0, rendered.stdout + rendered.stderr
-    where = subprocess.run([str(python), "-c", "import deliverd.resources as r; "
+    where = subprocess.run([str(python), "-c", "import deliverd.spec.resources as r; "
                             "print(r.schema_path()); print(r.templates_dir())"],
                            capture_output=True, text=True, cwd=tmp_path, check=True)
     assert str(REPO) not in where.stdout  # from the wheel's _data, not this checkout

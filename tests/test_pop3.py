@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from deliverd.config import Config, config_from_spec
-from deliverd.lab import Dovecot
-from deliverd.normalise import normalise
-from deliverd.outcomes import Stage
-from deliverd.pop3 import PopBeforeSmtp
-from deliverd.validation import validate_spec
+from deliverd.config.model import Config, config_from_spec
+from deliverd.core.outcomes import Stage
+from deliverd.smtp.pop3 import PopBeforeSmtp
+from deliverd.spec.normalise import normalise
+from deliverd.spec.validation import validate_spec
+from deliverd_lab import Dovecot
 from tests.fixtures.dns import DnsServer
 from tests.fixtures.mailservers import DovecotFactory
 

@@ -15,7 +15,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from deliverd.lab import Dovecot
+from deliverd_lab import Dovecot
 from tests.fixtures.engine import Engine
 from tests.fixtures.mailservers import DovecotFactory
 from tests.fixtures.smtp_sink import free_port

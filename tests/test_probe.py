@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from deliverd.normalise import normalise
-from deliverd.render import write_rendered
+from deliverd.spec.normalise import normalise
+from deliverd.spec.render import write_rendered
 from tests.fixtures.dns import DnsServer
 from tests.fixtures.mailservers import SMARTHOST_USERS, SmarthostLab
 from tests.fixtures.smtp_sink import SinkFactory

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from deliverd.normalise import normalise
-from deliverd.queue_db import QueueDB, RcptState, RecipientUpdate
-from deliverd.render import write_rendered
+from deliverd.queue.database import QueueDB, RcptState, RecipientUpdate
+from deliverd.spec.normalise import normalise
+from deliverd.spec.render import write_rendered
 
 EXIT_OK, EXIT_UNKNOWN_ID, EXIT_CONFIG = 0, 1, 2
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from deliverd.queue_db import DB_NAME, is_queue_id, new_queue_id
-from deliverd.queue_store import (
+from deliverd.queue.database import DB_NAME, is_queue_id, new_queue_id
+from deliverd.queue.store import (
     QueueDB,
     QueueFullError,
     QueueStore,
@@ -402,7 +402,7 @@ async def test_real_full_disk_fails_enqueue_cleanly_and_keeps_acknowledged_mail(
 _ENQUEUER = textwrap.dedent(
     """
     import asyncio, os, sys
-    from deliverd.queue_store import QueueStore
+    from deliverd.queue.store import QueueStore
 
     async def worker(store, n):
         while True:

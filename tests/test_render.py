@@ -13,14 +13,14 @@ from typing import Any
 
 import pytest
 
-from deliverd import render
-from deliverd.config import config_to_spec
-from deliverd.configfile import load_config
-from deliverd.problems import errors
-from deliverd.render import render_config, write_rendered
-from deliverd.resources import templates_dir
-from deliverd.specfile import load_spec_file
-from deliverd.validation import check_spec
+from deliverd.config.loader import load_config
+from deliverd.config.model import config_to_spec
+from deliverd.spec import render
+from deliverd.spec.problems import errors
+from deliverd.spec.render import render_config, write_rendered
+from deliverd.spec.resources import templates_dir
+from deliverd.spec.specfile import load_spec_file
+from deliverd.spec.validation import check_spec
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 EXAMPLES = ["direct", "smarthost", "fallback"]

@@ -17,9 +17,8 @@ import dns.rcode
 import dns.rrset
 import pytest
 
-import deliverd.resolver as resolver_module
-from deliverd.lab.common import LabError
-from deliverd.resolver import (
+import deliverd.dns.resolver as resolver_module
+from deliverd.dns.resolver import (
     Addresses,
     DnsTempFailure,
     MxHosts,
@@ -31,6 +30,7 @@ from deliverd.resolver import (
     ascii_domain,
     parse_nameserver,
 )
+from deliverd_lab.common import LabError
 from tests.fixtures.dns import LAB_ZONE, DnsServer, start_dnsmasq
 
 pytestmark = pytest.mark.integration

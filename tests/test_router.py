@@ -14,21 +14,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deliverd.config import DirectConfig, HostConfig, RoutingConfig, RoutingMode, SmarthostConfig
-from deliverd.outcomes import Hop, Kind, Outcome, Reply, Route, SessionFailure, Stage
-from deliverd.outcomes import TransactionResult as Result
-from deliverd.resolver import (
-    Addresses,
-    AddressResult,
-    DnsTempFailure,
-    MxHosts,
-    MxResult,
-    NoAddresses,
-    NoMx,
-    NullMx,
-    NxDomain,
+from deliverd.config.model import (
+    DirectConfig,
+    HostConfig,
+    RoutingConfig,
+    RoutingMode,
+    SmarthostConfig,
 )
-from deliverd.router import (
+from deliverd.core.outcomes import Hop, Kind, Outcome, Reply, Route, SessionFailure, Stage
+from deliverd.core.outcomes import TransactionResult as Result
+from deliverd.delivery.router import (
     Attempt,
     Finished,
     ResolveAddresses,
@@ -38,6 +33,17 @@ from deliverd.router import (
     group_by_domain,
     order_mx,
     status_for,
+)
+from deliverd.dns.resolver import (
+    Addresses,
+    AddressResult,
+    DnsTempFailure,
+    MxHosts,
+    MxResult,
+    NoAddresses,
+    NoMx,
+    NullMx,
+    NxDomain,
 )
 
 # Named replies (aiosmtpd testing/statuscodes.py style).

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from deliverd.config import RetryConfig
-from deliverd.schedule import backoff, expired, next_attempt, retry_until
+from deliverd.config.model import RetryConfig
+from deliverd.delivery.backoff import backoff, expired, next_attempt, retry_until
 
 M, H, D = 60, 3600, 86400
 DEFAULT = RetryConfig()

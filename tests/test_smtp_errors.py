@@ -17,10 +17,16 @@ from aiosmtplib.errors import (
 from hypothesis import given
 from hypothesis import strategies as st
 
-from deliverd.config import Config, DsnConfig, HostConfig, RoutingConfig, SmarthostConfig, TlsPolicy
-from deliverd.outcomes import Envelope, Reply, Route, Stage
-from deliverd.session_pool import FailureCache
-from deliverd.smtp_errors import (
+from deliverd.config.model import (
+    Config,
+    DsnConfig,
+    HostConfig,
+    RoutingConfig,
+    SmarthostConfig,
+    TlsPolicy,
+)
+from deliverd.core.outcomes import Envelope, Reply, Route, Stage
+from deliverd.smtp.errors import (
     SessionError,
     clip,
     enhanced_status,
@@ -30,7 +36,7 @@ from deliverd.smtp_errors import (
     parse_enhanced,
     reply_from,
 )
-from deliverd.smtp_policy import (
+from deliverd.smtp.policy import (
     choose_mechanism,
     is_loop_banner,
     mail_parameters,
@@ -41,7 +47,8 @@ from deliverd.smtp_policy import (
     wire_body,
     wire_size,
 )
-from deliverd.tls_policy import DIRECT_PLAN, StartTls, TlsMode, TlsPlan, plan_for, starttls_decision
+from deliverd.smtp.pool import FailureCache
+from deliverd.smtp.tls import DIRECT_PLAN, StartTls, TlsMode, TlsPlan, plan_for, starttls_decision
 
 VALID_STATUS = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 

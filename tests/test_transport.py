@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from deliverd.config import Config, Credentials, config_from_spec
-from deliverd.normalise import normalise
-from deliverd.outcomes import Envelope, Hop, Route, Stage
-from deliverd.transport import CACHED_CONNECT_ERROR, Transport
+from deliverd.config.model import Config, Credentials, config_from_spec
+from deliverd.core.outcomes import Envelope, Hop, Route, Stage
+from deliverd.smtp.transport import CACHED_CONNECT_ERROR, Transport
+from deliverd.spec.normalise import normalise
 from tests.fixtures.smtp_sink import (
     S421_CLOSING,
     S451_LATER,

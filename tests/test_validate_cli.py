@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deliverd.specfile import SpecFileError, load_spec_file
+from deliverd.spec.specfile import SpecFileError, load_spec_file
 
 PASSWORD = "Vault-Only-Pw-93"
 

@@ -8,9 +8,15 @@ from typing import Any
 
 import pytest
 
-from deliverd.problems import Severity, errors, warnings
-from deliverd.specfile import load_spec_file
-from deliverd.validation import REDACTED, check_spec, collect_secrets, redact_secrets, validate_spec
+from deliverd.spec.problems import Severity, errors, warnings
+from deliverd.spec.specfile import load_spec_file
+from deliverd.spec.validation import (
+    REDACTED,
+    check_spec,
+    collect_secrets,
+    redact_secrets,
+    validate_spec,
+)
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -8,8 +8,8 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deliverd.problems import Problem, Severity
-from deliverd.validation import MIN_GUARDED_SECRET, validate_spec
+from deliverd.spec.problems import Problem, Severity
+from deliverd.spec.validation import MIN_GUARDED_SECRET, validate_spec
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -1,5 +1,5 @@
 from __future__ import annotations
 
-from deliverd.cli import main
+from deliverd.cli.main import main
 
 raise SystemExit(main())

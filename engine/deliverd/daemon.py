@@ -16,16 +16,16 @@ import signal
 import sys
 from pathlib import Path
 
-from deliverd import eventloop
-from deliverd.config import Config
-from deliverd.configfile import ConfigError, load_config
-from deliverd.listener import start_listeners
-from deliverd.logline import configure_logging, format_event
-from deliverd.metrics import Metrics
-from deliverd.queue_store import QueueStore
-from deliverd.resolver import Resolver
-from deliverd.scheduler import Scheduler
-from deliverd.transport import Transport
+from deliverd.config.loader import ConfigError, load_config
+from deliverd.config.model import Config
+from deliverd.delivery.scheduler import Scheduler
+from deliverd.dns.resolver import Resolver
+from deliverd.ops import eventloop
+from deliverd.ops.logline import configure_logging, format_event
+from deliverd.ops.metrics import Metrics
+from deliverd.queue.store import QueueStore
+from deliverd.smtp.transport import Transport
+from deliverd.submission.listener import start_listeners
 
 log = logging.getLogger("deliverd")
 

@@ -85,7 +85,7 @@ class ActionModule(ActionBase):
             argument_spec={"spec": {"type": "dict", "required": True}},
         )
         try:
-            from deliverd.validation import check_spec
+            from deliverd.spec.validation import check_spec
         except ImportError as exc:
             raise AnsibleActionFail("%s (import error: %s)" % (INSTALL_HINT, exc)) from exc
 

@@ -28,9 +28,9 @@ from typing import Any
 
 import trustme
 
-from deliverd.lab import Dovecot, LabError, PostfixRelay, wait_for_port
-from deliverd.lab.common import pid_alive, read_pid, terminate
-from deliverd.lab.dnsmasq import start_dnsmasq
+from deliverd_lab import Dovecot, LabError, PostfixRelay, wait_for_port
+from deliverd_lab.common import pid_alive, read_pid, terminate
+from deliverd_lab.dnsmasq import start_dnsmasq
 
 HERE = Path(__file__).resolve().parent
 

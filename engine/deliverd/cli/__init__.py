@@ -1,0 +1,1 @@
+"""The deliverd command: one module per command group; main builds the argument parser."""

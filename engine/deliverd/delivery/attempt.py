@@ -1,0 +1,49 @@
+"""Drive one planner ``Attempt`` with real I/O: the short await loop around the pure router.
+
+The planner decides (which lookup, which hop, what each reply means); this module only performs
+what it is told: DNS through the resolver, SMTP through the transport.
+"""
+
+from __future__ import annotations
+
+from deliverd.config.model import Config
+from deliverd.core.outcomes import Envelope, Outcome, Route
+from deliverd.delivery.credentials import credentials_for
+from deliverd.delivery.router import Attempt, Finished, ResolveAddresses, ResolveMx, Transact
+from deliverd.dns.resolver import Resolver
+from deliverd.smtp.transport import Transport
+
+
+async def run_attempt(
+    attempt: Attempt,
+    *,
+    cfg: Config,
+    envelope: Envelope,
+    resolver: Resolver,
+    transport: Transport,
+) -> tuple[Outcome, ...]:
+    """Run ``attempt`` to its end; returns exactly one outcome per recipient."""
+    while True:
+        action = attempt.next_action()
+        if isinstance(action, Finished):
+            return action.outcomes
+        if isinstance(action, ResolveMx):
+            attempt.on_mx(action.domain, await resolver.mx(action.domain))
+        elif isinstance(action, ResolveAddresses):
+            attempt.on_addresses(action.host, await resolver.addresses(action.host))
+        elif isinstance(action, Transact):
+            subset = Envelope(
+                sender=envelope.sender,
+                recipients=tuple(action.recipients),
+                data=envelope.data,
+                smtputf8=envelope.smtputf8,
+                eightbit=envelope.eightbit,
+            )
+            creds = (
+                credentials_for(envelope.sender, cfg)
+                if action.hop.route is Route.SMARTHOST
+                else None
+            )
+            attempt.on_transaction(await transport.transact(action.hop, subset, credentials=creds))
+        else:  # pragma: no cover - the planner only emits the four actions above
+            raise TypeError(f"unknown planner action {action!r}")

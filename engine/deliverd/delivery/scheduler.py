@@ -1,0 +1,336 @@
+"""The delivery scheduler: takes due messages from the queue, delivers, records, notifies.
+
+Per message: one planner attempt per destination (recipient domain; the whole message for the
+smart host), run concurrently; then, in this order, so a crash at any point repeats work rather
+than losing it: enqueue any DSN, record every recipient's new state, remove the message when all
+its recipients are final.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from datetime import UTC, datetime
+
+from deliverd.config.model import Config, OnExpiry, RoutingMode
+from deliverd.core.outcomes import Envelope, Kind, Outcome, Route, Stage
+from deliverd.delivery.attempt import run_attempt
+from deliverd.delivery.backoff import expired, next_attempt, retry_until
+from deliverd.delivery.router import Attempt, group_by_domain
+from deliverd.dns.resolver import Resolver
+from deliverd.ops.logline import dsn_sent, format_attempt, format_event
+from deliverd.ops.metrics import Metrics
+from deliverd.queue.store import (
+    QueuedMessage,
+    QueueFullError,
+    QueueStore,
+    RcptState,
+    RecipientUpdate,
+)
+from deliverd.reports.dsn import DsnKind, build_dsn, needs_dsn, requires_smtputf8
+from deliverd.smtp.transport import Transport
+
+log = logging.getLogger("deliverd")
+
+# Smart host failures that defer mail instead of bouncing it and that only an operator fixes.
+_OPERATOR_FAILURES = {Stage.AUTH: "auth", Stage.STARTTLS: "tls", Stage.POP: "pop"}
+
+# A message whose outcome could not be written (the queue's disk is full) waits this long before
+# it is tried again, instead of being re-delivered in a tight loop.
+_STORAGE_COOLDOWN = 30.0
+
+_POLL_CAP = 5.0  # re-read the queue at least this often (operator CLI changes, clock jumps)
+# While deliveries are in flight their completions wake the loop anyway; a short fixed cap then
+# replaces the next_wakeup() query, which would otherwise run once per completed message.
+_BUSY_POLL = 0.25
+
+
+class Scheduler:
+    def __init__(
+        self,
+        cfg: Config,
+        store: QueueStore,
+        resolver: Resolver,
+        transport: Transport,
+        *,
+        log_format: str = "text",
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.metrics = metrics or Metrics()
+        self.store = store
+        self.resolver = resolver
+        self.transport = transport
+        self.log_format = log_format
+        self._wake = asyncio.Event()
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._cooling: dict[str, float] = {}  # queue id -> monotonic time it may run again
+        self._capacity = cfg.limits.max_sessions * 4
+        self._slots = asyncio.Semaphore(self._capacity)
+        self._stopping = False
+        # One generator for every attempt's MX shuffling: a fresh random.Random() per attempt
+        # seeds itself from os.urandom, a syscall per message that showed up in the profile.
+        self._rng = random.Random()  # noqa: S311 (load spreading, not crypto)
+
+    def wake(self, _queue_id: str | None = None) -> None:
+        """New mail or an operator's flush: look at the queue now."""
+        self._wake.set()
+
+    def update(self, cfg: Config, resolver: Resolver) -> None:
+        """A reloaded config applies to every attempt that starts from now on."""
+        self.cfg = cfg
+        self.resolver = resolver
+        self.transport.update_config(cfg)
+        self.wake()
+
+    async def run(self) -> None:
+        first = True
+        while not self._stopping:
+            self._wake.clear()
+            await self._dispatch_due()
+            if first:
+                # The end of start-up (bench/queue-scale times restart-to-ready by this line).
+                first = False
+                self._event("deliverd", f"scheduler ready: {len(self._inflight)} due at start")
+            timeout = await self._sleep_for()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def stop(self, grace: float) -> None:
+        """Stop taking work; let in-flight deliveries finish for ``grace`` seconds, then cancel.
+
+        A cancelled delivery recorded nothing, so its recipients keep their queued state and
+        are redone on the next start (at-least-once).
+        """
+        self._stopping = True
+        self._wake.set()
+        tasks = list(self._inflight.values())
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _sleep_for(self) -> float:
+        if self._inflight:
+            return _BUSY_POLL
+        wakeup = await self.store.next_wakeup()
+        if wakeup is None:
+            return _POLL_CAP
+        return max(0.05, min(_POLL_CAP, wakeup - time.time()))
+
+    async def _dispatch_due(self) -> None:
+        # Ask only for as many messages as there are free slots, skipping those in flight, and
+        # read their bodies in the same trip: every completion triggers a dispatch, so this
+        # query runs once per delivered message and must not re-read the whole backlog.
+        free = self._capacity - len(self._inflight)
+        if free <= 0:
+            return
+        now = time.monotonic()
+        self._cooling = {qid: until for qid, until in self._cooling.items() if until > now}
+        due = await self.store.due_with_data(
+            time.time(), limit=free, exclude=frozenset(self._inflight) | self._cooling.keys()
+        )
+        for message, data in due:
+            if self._stopping:
+                return
+            if message.queue_id in self._inflight:
+                continue
+            await self._slots.acquire()
+            task = asyncio.create_task(self._deliver_guarded(message, data))
+            self._inflight[message.queue_id] = task
+
+    async def _deliver_guarded(self, message: QueuedMessage, data: bytes) -> None:
+        try:
+            await self._deliver(message, data)
+        except asyncio.CancelledError:
+            raise
+        except QueueFullError as exc:
+            # The attempt happened but its outcome is not on disk: it will be repeated (at least
+            # once), after a pause that gives the operator time to free space.
+            self._cooling[message.queue_id] = time.monotonic() + _STORAGE_COOLDOWN
+            log.error("%s: cannot record the delivery attempt (%s); retrying in %.0fs",
+                      message.queue_id, exc, _STORAGE_COOLDOWN)
+        except Exception:
+            # A bug must not kill the daemon or lose the message: it stays queued as it was.
+            log.exception(
+                "%s: delivery attempt failed unexpectedly; left in queue", message.queue_id
+            )
+        finally:
+            self._inflight.pop(message.queue_id, None)
+            self._slots.release()
+            self._wake.set()
+
+    async def _deliver(self, message: QueuedMessage, data: bytes) -> None:
+        cfg = self.cfg
+        now = time.time()
+        active = [
+            r.address
+            for r in message.recipients
+            if r.state is RcptState.PENDING
+            or (r.state is RcptState.DEFERRED and r.next_attempt <= now)
+        ]
+        if not active:
+            await self.store.finish(message.queue_id)
+            return
+        envelope = Envelope(
+            message.sender, tuple(active), data, message.smtputf8, message.eightbit
+        )
+        outcomes = await self._attempt_all(cfg, envelope)
+        await self._settle(message, data, outcomes)
+
+    async def _attempt_all(self, cfg: Config, envelope: Envelope) -> list[Outcome]:
+        if cfg.routing.mode is RoutingMode.SMARTHOST:
+            groups = {"": list(envelope.recipients)}
+        else:
+            groups = group_by_domain(envelope.recipients)
+        attempts = [
+            run_attempt(
+                Attempt(domain=domain, recipients=rcpts, routing=cfg.routing, host=cfg.host,
+                        rng=self._rng),
+                cfg=cfg,
+                envelope=envelope,
+                resolver=self.resolver,
+                transport=self.transport,
+            )
+            for domain, rcpts in groups.items()
+        ]
+        results = await asyncio.gather(*attempts)
+        return [outcome for group in results for outcome in group]
+
+    async def _settle(self, message: QueuedMessage, data: bytes, outcomes: list[Outcome]) -> None:
+        cfg, now = self.cfg, time.time()
+        is_expired = expired(arrival=message.arrival, now=now, retry=cfg.retry)
+        attempts = {r.address: r.attempts for r in message.recipients}
+        updates: list[RecipientUpdate] = []
+        failed: list[Outcome] = []
+        delayed: list[Outcome] = []
+        for outcome in outcomes:
+            outcome = self._expire(outcome) if is_expired else outcome
+            self._log(message, outcome, now)
+            state, when = self._next_state(
+                outcome, attempts.get(outcome.recipient, 0), now, message.arrival
+            )
+            if state is RcptState.BOUNCED:
+                failed.append(outcome)
+            elif state is RcptState.DEFERRED:
+                delayed.append(outcome)
+            updates.append(
+                RecipientUpdate(
+                    outcome.recipient, state, when, outcome.status, outcome.diagnostic,
+                    outcome.relay,
+                )
+            )
+        bounce_to_sender = needs_dsn(message.sender, message.is_dsn)
+        if failed and not bounce_to_sender:
+            # Never bounce a bounce: hold it for the operator instead (DESIGN §2).
+            updates = [_held_instead(u) if u.state is RcptState.BOUNCED else u for u in updates]
+            self._event(message.queue_id, "undeliverable notice held for the operator")
+        elif failed:
+            await self._send_dsn(message, data, failed, DsnKind.FAILURE, is_expired)
+        if delayed and cfg.dsn.notify_delayed and not message.delay_notified and bounce_to_sender:
+            await self._send_dsn(message, data, delayed, DsnKind.DELAY, False)
+            await self.store.mark_delay_notified(message.queue_id)
+        # One write for both: the outcome and the removal of a completed message commit
+        # together (no crash window between them, one group-commit job per message).
+        await self.store.settle(message.queue_id, updates)
+
+    def _expire(self, outcome: Outcome) -> Outcome:
+        if outcome.kind is not Kind.DEFERRED:
+            return outcome
+        kind = Kind.BOUNCED if self.cfg.retry.on_expiry is OnExpiry.BOUNCE else Kind.HELD
+        return Outcome(
+            outcome.recipient, kind, "4.4.7",
+            f"{outcome.diagnostic} (message expired in queue)", outcome.hop, outcome.transcript,
+            outcome.stage,
+        )
+
+    def _next_state(
+        self, outcome: Outcome, attempts: int, now: float, arrival: float
+    ) -> tuple[RcptState, float]:
+        if outcome.kind is Kind.DELIVERED:
+            return RcptState.DELIVERED, 0.0
+        if outcome.kind is Kind.BOUNCED:
+            return RcptState.BOUNCED, 0.0
+        if outcome.kind is Kind.HELD:
+            return RcptState.HELD, 0.0
+        return RcptState.DEFERRED, next_attempt(
+            attempts=attempts + 1,
+            now=now,
+            retry=self.cfg.retry,
+            temporary_reply=outcome.diagnostic.startswith("smtp;"),
+            arrival=arrival,
+        )
+
+    async def _send_dsn(
+        self,
+        message: QueuedMessage,
+        data: bytes,
+        outcomes: list[Outcome],
+        kind: DsnKind,
+        is_expiry: bool,
+    ) -> None:
+        cfg = self.cfg
+        until = datetime.fromtimestamp(
+            retry_until(arrival=message.arrival, retry=cfg.retry), UTC
+        )
+        recipients = [message.sender]
+        if is_expiry and cfg.dsn.notify_postmaster:
+            recipients.append(cfg.dsn.postmaster)
+        for to in recipients:
+            report = build_dsn(
+                kind=kind,
+                reporting_mta=cfg.host.name,
+                original_sender=message.sender,
+                queue_id=message.queue_id,
+                arrival=datetime.fromtimestamp(message.arrival, UTC),
+                original=data,
+                outcomes=outcomes,
+                include_transcript=cfg.dsn.include_transcript,
+                retry_until=until,
+                to=to,
+            )
+            dsn_id = await self.store.enqueue(
+                "", [to], report, is_dsn=True, smtputf8=requires_smtputf8(report)
+            )
+            self.metrics.count(f"dsn.{kind.value}")
+            log.info(dsn_sent(message.queue_id, dsn_id, delay_notice=kind is DsnKind.DELAY,
+                              fmt=self.log_format))
+        self.wake()
+
+    def _log(self, message: QueuedMessage, outcome: Outcome, now: float) -> None:
+        line = format_attempt(
+            queue_id=message.queue_id,
+            outcome=outcome,
+            delay=max(0.0, now - message.arrival),
+            fmt=self.log_format,
+        )
+        level = logging.WARNING if outcome.kind in (Kind.BOUNCED, Kind.HELD) else logging.INFO
+        log.log(level, line)
+        self.metrics.count(f"attempts.{outcome.kind.value}")
+        self._operator_failure(message.queue_id, outcome)
+
+    def _operator_failure(self, queue_id: str, outcome: Outcome) -> None:
+        """Say loudly, and count, what deferred mail at the smart host and needs an operator."""
+        what = _OPERATOR_FAILURES.get(outcome.stage) if outcome.stage else None
+        if what is None or outcome.route is not Route.SMARTHOST:
+            return
+        self.metrics.count(f"smarthost.{what}_failures")
+        log.error(format_event(
+            queue_id,
+            f"smart host {what.upper()} failed at {outcome.relay}: mail is deferred, not bounced;"
+            f" check the smart host settings ({outcome.diagnostic})",
+            fmt=self.log_format,
+        ))
+
+    def _event(self, queue_id: str, text: str) -> None:
+        log.info(format_event(queue_id, text, fmt=self.log_format))
+
+
+def _held_instead(update: RecipientUpdate) -> RecipientUpdate:
+    return RecipientUpdate(
+        update.address, RcptState.HELD, 0.0, update.status, update.diagnostic, update.relay
+    )

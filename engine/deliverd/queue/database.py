@@ -1,0 +1,671 @@
+"""The durable queue as one SQLite database: envelopes, per-recipient state and bodies.
+
+One committed transaction is the durability point: the database runs in WAL mode with
+``synchronous=FULL``, so COMMIT returns only after the WAL is fsynced, and the body lives in the
+same database as its envelope, so a message is either wholly queued or not at all.
+
+``QueueDB`` is synchronous and owns one connection; it is what the CLI uses directly, and what
+the async ``deliverd.queue.store.QueueStore`` drives from its writer and reader threads. Several
+write operations can share one transaction (``batch``): that is the group commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+DB_NAME = "queue.db"
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 30_000
+# SQLite limits host parameters per statement; fetch messages by id in chunks below it.
+# (Every f-string query below interpolates only these constant column lists or "?" marks.)
+_ID_CHUNK = 500
+
+
+class RcptState(StrEnum):
+    PENDING = "pending"
+    DEFERRED = "deferred"
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"
+    HELD = "held"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (RcptState.DELIVERED, RcptState.BOUNCED)
+
+
+@dataclass(frozen=True)
+class QueuedRecipient:
+    address: str
+    state: RcptState
+    attempts: int
+    next_attempt: float  # unix time
+    last_status: str | None
+    last_diagnostic: str | None
+    last_relay: str | None
+
+
+@dataclass(frozen=True)
+class QueuedMessage:
+    queue_id: str
+    sender: str
+    arrival: float
+    size: int
+    recipients: tuple[QueuedRecipient, ...]
+    smtputf8: bool
+    eightbit: bool
+    is_dsn: bool
+    held: bool
+    hold_reason: str | None
+    delay_notified: bool
+
+
+@dataclass(frozen=True)
+class RecipientUpdate:
+    address: str
+    state: RcptState
+    next_attempt: float = 0.0
+    status: str | None = None
+    diagnostic: str | None = None
+    relay: str | None = None
+
+
+class QueueError(Exception):
+    """The queue database failed in a way that is not the caller's fault."""
+
+
+class QueueFullError(QueueError):
+    """Disk full or an I/O error while writing: nothing of the operation was stored."""
+
+
+class QueueMissingError(QueueError, FileNotFoundError):
+    """``open(create=False)`` found no queue database."""
+
+
+# Error names (sqlite3.Error.sqlite_errorname) that mean the storage itself failed.
+_STORAGE_FAILURES = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_CANTOPEN", "SQLITE_READONLY")
+
+
+def _translate(exc: sqlite3.Error) -> QueueError:
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    if name.startswith(_STORAGE_FAILURES):
+        return QueueFullError(f"queue storage failure: {name}: {exc}")
+    return QueueError(f"queue database error: {name or type(exc).__name__}: {exc}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Queue ids: time-ordered, unique, short (Postfix long-id style, Crockford base32 upper case).
+
+_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # ASCII-sorted, so ids sort by time
+_TIME_CHARS = 9  # milliseconds: 45 bits, good until the year 3084
+_RAND_CHARS = 4  # 20 bits: random start, incremented within one millisecond
+_id_lock = threading.Lock()
+_id_last = (0, 0)
+
+
+def _b32(value: int, width: int) -> str:
+    chars = []
+    for _ in range(width):
+        chars.append(_ALPHABET[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+def new_queue_id(now: float | None = None) -> str:
+    """A 13-character id: milliseconds since the epoch, then a per-process monotonic suffix.
+
+    Within one process ids are strictly increasing; across processes (daemon and ``deliverd
+    send``) a collision needs the same millisecond and the same 20 random bits, and the
+    database's primary key catches even that.
+    """
+    global _id_last
+    ms = int((time.time() if now is None else now) * 1000)
+    with _id_lock:
+        last_ms, last_seq = _id_last
+        if ms <= last_ms:
+            ms, seq = last_ms, last_seq + 1
+            if seq >= 1 << (5 * _RAND_CHARS):
+                ms, seq = last_ms + 1, secrets.randbits(5 * _RAND_CHARS - 1)
+        else:
+            # Half the space, so the increments after it cannot overflow in practice.
+            seq = secrets.randbits(5 * _RAND_CHARS - 1)
+        _id_last = (ms, seq)
+    return _b32(ms, _TIME_CHARS) + _b32(seq, _RAND_CHARS)
+
+
+def is_queue_id(text: str) -> bool:
+    return len(text) == _TIME_CHARS + _RAND_CHARS and all(c in _ALPHABET for c in text)
+
+
+# ---------------------------------------------------------------------------------------------
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    queue_id TEXT PRIMARY KEY,
+    sender TEXT NOT NULL,
+    arrival REAL NOT NULL,
+    size INTEGER NOT NULL,
+    smtputf8 INTEGER NOT NULL DEFAULT 0,
+    eightbit INTEGER NOT NULL DEFAULT 0,
+    is_dsn INTEGER NOT NULL DEFAULT 0,
+    held INTEGER NOT NULL DEFAULT 0,
+    hold_reason TEXT,
+    delay_notified INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS bodies (
+    queue_id TEXT PRIMARY KEY REFERENCES messages(queue_id) ON DELETE CASCADE,
+    data BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS recipients (
+    queue_id TEXT NOT NULL REFERENCES messages(queue_id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    address TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL DEFAULT 0,
+    last_status TEXT,
+    last_diagnostic TEXT,
+    last_relay TEXT,
+    PRIMARY KEY (queue_id, idx),
+    UNIQUE (queue_id, address)
+);
+-- due() and next_wakeup() walk this index only: never a scan of every deferred row.
+CREATE INDEX IF NOT EXISTS recipients_due ON recipients (state, next_attempt);
+"""
+
+_MSG_COLS = (
+    "queue_id, sender, arrival, size, smtputf8, eightbit, is_dsn, held, hold_reason, "
+    "delay_notified"
+)
+_RCPT_COLS = (
+    "queue_id, address, state, attempts, next_attempt, last_status, last_diagnostic, last_relay"
+)
+
+_MsgRow = tuple[str, str, float, int, int, int, int, int, "str | None", int]
+_RcptRow = tuple[str, str, str, int, float, "str | None", "str | None", "str | None"]
+
+
+def _recipient(row: _RcptRow) -> QueuedRecipient:
+    return QueuedRecipient(
+        address=row[1],
+        state=RcptState(row[2]),
+        attempts=row[3],
+        next_attempt=row[4],
+        last_status=row[5],
+        last_diagnostic=row[6],
+        last_relay=row[7],
+    )
+
+
+def _message(row: _MsgRow, rcpts: Sequence[QueuedRecipient]) -> QueuedMessage:
+    return QueuedMessage(
+        queue_id=row[0],
+        sender=row[1],
+        arrival=row[2],
+        size=row[3],
+        recipients=tuple(rcpts),
+        smtputf8=bool(row[4]),
+        eightbit=bool(row[5]),
+        is_dsn=bool(row[6]),
+        held=bool(row[7]),
+        hold_reason=row[8],
+        delay_notified=bool(row[9]),
+    )
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unique(addresses: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(addresses))
+
+
+class QueueDB:
+    """One connection to the queue database; every public method is one transaction.
+
+    Not thread-safe by itself: one thread at a time (the async store gives each connection its
+    own single thread).
+    """
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self._conn = conn
+        self.path = path
+        self._in_batch = False
+        self.commits = 0  # committed write transactions: proves group commit in tests
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | Path, *, create: bool = True) -> QueueDB:
+        """Open the queue in directory ``path``; create it (mode 0700) unless ``create=False``."""
+        qdir = Path(path)
+        db_file = qdir / DB_NAME
+        if not create and not db_file.exists():
+            raise QueueMissingError(f"no queue database in {qdir}")
+        new_dir = not qdir.exists()
+        if new_dir:
+            qdir.mkdir(mode=0o700, parents=True)
+            _fsync_dir(qdir.parent)
+        new_db = not db_file.exists()
+        try:
+            conn = sqlite3.connect(
+                db_file, isolation_level=None, check_same_thread=False, timeout=30.0
+            )
+        except sqlite3.Error as exc:
+            raise _translate(exc) from exc
+        try:
+            db = cls(conn, qdir)
+            db._setup()
+        except sqlite3.Error as exc:
+            conn.close()
+            raise _translate(exc) from exc
+        if new_db:
+            os.chmod(db_file, 0o600)
+        # The database and its WAL exist now; make their directory entries durable too.
+        _fsync_dir(qdir)
+        return db
+
+    def _setup(self) -> None:
+        c = self._conn
+        c.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        c.execute("PRAGMA journal_mode = WAL")
+        c.execute("PRAGMA synchronous = FULL")
+        c.execute("PRAGMA foreign_keys = ON")
+        (version,) = c.execute("PRAGMA user_version").fetchone()
+        if version != SCHEMA_VERSION:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        c.execute(stmt)
+                c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> QueueDB:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- transactions -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Run several write methods in one transaction (group commit).
+
+        Each write inside runs in its own savepoint, so one failing operation is rolled back
+        alone; COMMIT at the end is the durability point for all of them.
+        """
+        if self._in_batch:
+            raise RuntimeError("nested batch")
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise _translate(exc) from exc
+        self._in_batch = True
+        try:
+            yield
+            self._conn.execute("COMMIT")
+            self.commits += 1
+        except BaseException as exc:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise _translate(exc) from exc
+            raise
+        finally:
+            self._in_batch = False
+
+    def _write(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        if not self._in_batch:
+            with self.batch():
+                return self._write(op)
+        self._conn.execute("SAVEPOINT op")
+        try:
+            result = op(self._conn)
+        except BaseException as exc:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("ROLLBACK TO op")
+                self._conn.execute("RELEASE op")
+            if isinstance(exc, sqlite3.Error):
+                raise _translate(exc) from exc
+            raise
+        self._conn.execute("RELEASE op")
+        return result
+
+    def _read(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``op`` on one consistent snapshot (a read transaction)."""
+        try:
+            if self._in_batch:
+                return op(self._conn)
+            self._conn.execute("BEGIN")
+            try:
+                return op(self._conn)
+            finally:
+                self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise _translate(exc) from exc
+
+    # -- writes -------------------------------------------------------------------------------
+
+    def enqueue(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+        *,
+        smtputf8: bool = False,
+        eightbit: bool = False,
+        is_dsn: bool = False,
+        hold_reason: str | None = None,
+        queue_id: str | None = None,
+        now: float | None = None,
+    ) -> str:
+        """Store a message; durable when it returns (or when the enclosing batch commits).
+
+        ``queue_id`` may be chosen beforehand (the listener writes it into the Received:
+        header); should it already exist, a fresh one is used instead.
+        """
+        rcpts = _unique(recipients)
+        if not rcpts:
+            raise ValueError("a message needs at least one recipient")
+        arrival = time.time() if now is None else now
+        held = hold_reason is not None
+        state = RcptState.HELD if held else RcptState.PENDING
+
+        def op(c: sqlite3.Connection) -> str:
+            qid = queue_id or new_queue_id(arrival)
+            while True:
+                try:
+                    c.execute(
+                        f"INSERT INTO messages ({_MSG_COLS}) VALUES (?,?,?,?,?,?,?,?,?,0)",  # noqa: S608
+                        (qid, sender, arrival, len(data), smtputf8, eightbit, is_dsn, held,
+                         hold_reason),
+                    )
+                    break
+                except sqlite3.IntegrityError:
+                    qid = new_queue_id(arrival)
+            c.execute("INSERT INTO bodies (queue_id, data) VALUES (?, ?)", (qid, data))
+            c.executemany(
+                "INSERT INTO recipients (queue_id, idx, address, state) VALUES (?,?,?,?)",
+                [(qid, i, addr, state.value) for i, addr in enumerate(rcpts)],
+            )
+            return qid
+
+        return self._write(op)
+
+    def record(self, queue_id: str, updates: Sequence[RecipientUpdate]) -> None:
+        """Store the outcome of an attempt; each updated recipient's attempts grow by one.
+
+        Unknown ids or addresses are ignored: the operator may have deleted the message while
+        it was being delivered.
+        """
+
+        def op(c: sqlite3.Connection) -> None:
+            c.executemany(
+                "UPDATE recipients SET state = ?, next_attempt = ?, attempts = attempts + 1,"
+                " last_status = COALESCE(?, last_status),"
+                " last_diagnostic = COALESCE(?, last_diagnostic),"
+                " last_relay = COALESCE(?, last_relay)"
+                " WHERE queue_id = ? AND address = ?",
+                [
+                    (u.state.value, u.next_attempt, u.status, u.diagnostic, u.relay,
+                     queue_id, u.address)
+                    for u in updates
+                ],
+            )
+
+        self._write(op)
+
+    def mark_delay_notified(self, queue_id: str) -> None:
+        self._write(
+            lambda c: c.execute(
+                "UPDATE messages SET delay_notified = 1 WHERE queue_id = ?", (queue_id,)
+            )
+        )
+
+    def finish(self, queue_id: str) -> bool:
+        """Remove the message if every recipient is delivered or bounced; True if removed."""
+
+        def op(c: sqlite3.Connection) -> bool:
+            open_rcpt = c.execute(
+                "SELECT 1 FROM recipients WHERE queue_id = ? AND state NOT IN (?, ?) LIMIT 1",
+                (queue_id, RcptState.DELIVERED.value, RcptState.BOUNCED.value),
+            ).fetchone()
+            if open_rcpt is not None:
+                return False
+            return _delete(c, queue_id)
+
+        return self._write(op)
+
+    def settle(self, queue_id: str, updates: Sequence[RecipientUpdate]) -> bool:
+        """``record`` then ``finish`` in one operation: an attempt's outcome and the removal
+        of a completed message commit together (no crash window between them, one write job
+        instead of two). True if the message was removed."""
+        if not self._in_batch:
+            with self.batch():
+                return self.settle(queue_id, updates)
+        self.record(queue_id, updates)
+        return self.finish(queue_id)
+
+    def flush(self, now: float | None = None) -> int:
+        """Make every deferred recipient due now; the number of recipients changed."""
+        at = time.time() if now is None else now
+        return self._write(
+            lambda c: c.execute(
+                "UPDATE recipients SET next_attempt = ? WHERE state = ? AND next_attempt > ?",
+                (at, RcptState.DEFERRED.value, at),
+            ).rowcount
+        )
+
+    def hold(self, queue_id: str, reason: str = "operator") -> bool:
+        """Hold the whole message: its open recipients become held. False if unknown."""
+
+        def op(c: sqlite3.Connection) -> bool:
+            cur = c.execute(
+                "UPDATE messages SET held = 1, hold_reason = ? WHERE queue_id = ?",
+                (reason, queue_id),
+            )
+            if cur.rowcount == 0:
+                return False
+            c.execute(
+                "UPDATE recipients SET state = ? WHERE queue_id = ? AND state IN (?, ?)",
+                (RcptState.HELD.value, queue_id, RcptState.PENDING.value,
+                 RcptState.DEFERRED.value),
+            )
+            return True
+
+        return self._write(op)
+
+    def release(self, queue_id: str, now: float | None = None) -> bool:
+        """Clear the hold; held recipients become deferred and due now. False if unknown."""
+        at = time.time() if now is None else now
+
+        def op(c: sqlite3.Connection) -> bool:
+            cur = c.execute(
+                "UPDATE messages SET held = 0, hold_reason = NULL WHERE queue_id = ?",
+                (queue_id,),
+            )
+            if cur.rowcount == 0:
+                return False
+            c.execute(
+                "UPDATE recipients SET state = ?, next_attempt = ?"
+                " WHERE queue_id = ? AND state = ?",
+                (RcptState.DEFERRED.value, at, queue_id, RcptState.HELD.value),
+            )
+            return True
+
+        return self._write(op)
+
+    def delete(self, queue_id: str) -> bool:
+        """Operator delete, whatever the recipients' states (no DSN). False if unknown."""
+        return self._write(lambda c: _delete(c, queue_id))
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def get(self, queue_id: str) -> QueuedMessage | None:
+        found = self._read(lambda c: _fetch(c, [queue_id]))
+        return found[0] if found else None
+
+    def read_data(self, queue_id: str) -> bytes:
+        """The message body; KeyError if the message is not queued."""
+        row = self._read(
+            lambda c: c.execute(
+                "SELECT data FROM bodies WHERE queue_id = ?", (queue_id,)
+            ).fetchone()
+        )
+        if row is None:
+            raise KeyError(queue_id)
+        data: bytes = row[0]
+        return data
+
+    def read_many(self, queue_ids: Sequence[str]) -> dict[str, bytes]:
+        """Bodies of the queued messages among ``queue_ids`` (one read for a whole dispatch)."""
+
+        def op(c: sqlite3.Connection) -> dict[str, bytes]:
+            found: dict[str, bytes] = {}
+            for start in range(0, len(queue_ids), _ID_CHUNK):
+                chunk = list(queue_ids[start:start + _ID_CHUNK])
+                marks = ",".join("?" * len(chunk))
+                sql = f"SELECT queue_id, data FROM bodies WHERE queue_id IN ({marks})"  # noqa: S608
+                found.update(c.execute(sql, chunk))
+            return found
+
+        return self._read(op)
+
+    def due(
+        self, now: float | None = None, limit: int = 1000, *, exclude: Collection[str] = ()
+    ) -> list[QueuedMessage]:
+        """Messages not held with a recipient pending, or deferred and due by ``now``.
+
+        Never-tried messages come first (oldest first), then deferred ones by due time. Both
+        walks stop as soon as ``limit`` messages are found. Ids in ``exclude`` (the scheduler's
+        in-flight messages) are skipped during the walk, before any row of theirs is fetched.
+        """
+        at = time.time() if now is None else now
+
+        def op(c: sqlite3.Connection) -> list[QueuedMessage]:
+            ids: dict[str, None] = {}
+            walks = (
+                # Pending rows share next_attempt 0, so the index yields them in insertion
+                # (arrival) order without a sort.
+                ("SELECT queue_id FROM recipients WHERE state = ?", (RcptState.PENDING.value,)),
+                ("SELECT queue_id FROM recipients WHERE state = ? AND next_attempt <= ?"
+                 " ORDER BY next_attempt", (RcptState.DEFERRED.value, at)),
+            )
+            for sql, params in walks:
+                for (qid,) in c.execute(sql, params):
+                    if len(ids) >= limit:
+                        break
+                    if qid not in exclude:
+                        ids[qid] = None
+            return [m for m in _fetch(c, list(ids)) if not m.held]
+
+        return self._read(op)
+
+    def settled(self) -> list[str]:
+        """Ids of messages whose recipients are all delivered or bounced.
+
+        Walks the state index from the final states only (finished messages are normally
+        removed at once, so these rows are few): never a read of the whole queue, which at a
+        million queued messages would make every start-up slow and large.
+        """
+        final = (RcptState.DELIVERED.value, RcptState.BOUNCED.value)
+
+        def op(c: sqlite3.Connection) -> list[str]:
+            candidates = [
+                qid for (qid,) in c.execute(
+                    "SELECT DISTINCT queue_id FROM recipients WHERE state IN (?, ?)", final
+                )
+            ]
+            return [
+                qid for qid in candidates
+                if c.execute(
+                    "SELECT 1 FROM recipients WHERE queue_id = ? AND state NOT IN (?, ?)"
+                    " LIMIT 1", (qid, *final),
+                ).fetchone() is None
+            ]
+
+        return self._read(op)
+
+    def next_wakeup(self) -> float | None:
+        """The earliest next_attempt among deferred recipients, None when nothing is deferred."""
+        row = self._read(
+            lambda c: c.execute(
+                "SELECT next_attempt FROM recipients WHERE state = ?"
+                " ORDER BY next_attempt LIMIT 1",
+                (RcptState.DEFERRED.value,),
+            ).fetchone()
+        )
+        return None if row is None else float(row[0])
+
+    def list_messages(self) -> list[QueuedMessage]:
+        """Every queued message, oldest first (reads the whole queue)."""
+
+        def op(c: sqlite3.Connection) -> list[QueuedMessage]:
+            rcpts: dict[str, list[QueuedRecipient]] = {}
+            sql = f"SELECT {_RCPT_COLS} FROM recipients ORDER BY queue_id, idx"  # noqa: S608
+            for row in c.execute(sql):
+                rcpts.setdefault(row[0], []).append(_recipient(row))
+            return [
+                _message(row, rcpts.get(row[0], ()))
+                for row in c.execute(
+                    f"SELECT {_MSG_COLS} FROM messages ORDER BY queue_id"  # noqa: S608
+                )
+            ]
+
+        return self._read(op)
+
+    def count(self) -> int:
+        return int(self._read(lambda c: c.execute("SELECT COUNT(*) FROM messages").fetchone())[0])
+
+
+def _delete(c: sqlite3.Connection, queue_id: str) -> bool:
+    # Explicit deletes rather than relying on ON DELETE CASCADE being enabled on every
+    # connection that ever touched the file.
+    c.execute("DELETE FROM recipients WHERE queue_id = ?", (queue_id,))
+    c.execute("DELETE FROM bodies WHERE queue_id = ?", (queue_id,))
+    return c.execute("DELETE FROM messages WHERE queue_id = ?", (queue_id,)).rowcount > 0
+
+
+def _fetch(c: sqlite3.Connection, ids: Sequence[str]) -> list[QueuedMessage]:
+    """The messages with these ids, in the order given (missing ones skipped)."""
+    rows: dict[str, _MsgRow] = {}
+    rcpts: dict[str, list[QueuedRecipient]] = {}
+    for start in range(0, len(ids), _ID_CHUNK):
+        chunk = list(ids[start:start + _ID_CHUNK])
+        marks = ",".join("?" * len(chunk))
+        for row in c.execute(
+            f"SELECT {_MSG_COLS} FROM messages WHERE queue_id IN ({marks})",  # noqa: S608
+            chunk,
+        ):
+            rows[row[0]] = row
+        for rrow in c.execute(
+            f"SELECT {_RCPT_COLS} FROM recipients WHERE queue_id IN ({marks})"  # noqa: S608
+            " ORDER BY queue_id, idx",
+            chunk,
+        ):
+            rcpts.setdefault(rrow[0], []).append(_recipient(rrow))
+    return [_message(rows[i], rcpts.get(i, ())) for i in ids if i in rows]

@@ -1,0 +1,86 @@
+"""Pure SMTP client decisions: loop banners, AUTH mechanism, MAIL parameters, the DATA body.
+
+Nothing here touches a socket, so each rule is a table row in ``tests/test_smtp_errors.py``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+from deliverd.core.outcomes import Envelope
+
+# Strongest first; CRAM-MD5 never puts the password on the wire, even in clear text.
+MECHANISM_PREFERENCE = ("CRAM-MD5", "PLAIN", "LOGIN")
+
+_LINE_ENDINGS = re.compile(rb"\r\n|\n|\r(?!\n)")
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+_UNSAFE_ADDRESS = re.compile(r"[\x00-\x20\x7f<>]")
+
+
+def is_loop_banner(text: str, own_name: str) -> bool:
+    """The peer calls itself by our name (first word of its greeting or EHLO reply)."""
+    first_line = text.split("\n", 1)[0].split()
+    return bool(first_line) and first_line[0].rstrip(".").lower() == own_name.rstrip(".").lower()
+
+
+def choose_mechanism(offered: Iterable[str]) -> str | None:
+    """The AUTH mechanism to use among those the server offers, or None."""
+    available = {m.upper() for m in offered}
+    return next((m for m in MECHANISM_PREFERENCE if m in available), None)
+
+
+def may_authenticate(tls_active: bool, allow_plaintext_auth: bool) -> bool:
+    """Credentials go over TLS only, unless the operator explicitly allowed plain text."""
+    return tls_active or allow_plaintext_auth
+
+
+def needs_smtputf8(envelope: Envelope) -> bool:
+    """The envelope needs SMTPUTF8: flagged so, or an address that is not ASCII."""
+    addresses = (envelope.sender, *envelope.recipients)
+    return envelope.smtputf8 or not all(a.isascii() for a in addresses)
+
+
+def is_eightbit(envelope: Envelope) -> bool:
+    return envelope.eightbit or not envelope.data.isascii()
+
+
+def unsafe_address(address: str) -> bool:
+    """Whitespace, control characters or angle brackets would corrupt the command line."""
+    return bool(_UNSAFE_ADDRESS.search(address))
+
+
+def size_limit(features: Mapping[str, str]) -> int | None:
+    """The server's SIZE limit in octets; None when not announced or unlimited (SIZE 0)."""
+    if "size" not in features:
+        return None
+    value = features["size"].strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def mail_parameters(
+    features: Mapping[str, str], size: int, eightbit: bool, smtputf8: bool
+) -> tuple[str, ...]:
+    """ESMTP parameters for MAIL FROM. 8-bit without 8BITMIME is sent anyway, as Postfix does."""
+    params: list[str] = []
+    if "size" in features:
+        params.append(f"SIZE={size}")
+    if eightbit and "8bitmime" in features:
+        params.append("BODY=8BITMIME")
+    if smtputf8 and "smtputf8" in features:
+        params.append("SMTPUTF8")
+    return tuple(params)
+
+
+def wire_body(data: bytes) -> bytes:
+    """The message as sent after DATA: CRLF line ends, dot-stuffed, with the final dot."""
+    body = _LINE_ENDINGS.sub(b"\r\n", data)
+    if not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    return _LEADING_DOT.sub(b"..", body) + b".\r\n"
+
+
+def wire_size(data: bytes) -> int:
+    """RFC 1870 SIZE: octets as transmitted, CRLFs included, before dot-stuffing."""
+    body = _LINE_ENDINGS.sub(b"\r\n", data)
+    return len(body) + (0 if body.endswith(b"\r\n") else 2)

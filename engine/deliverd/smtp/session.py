@@ -1,0 +1,298 @@
+"""One SMTP client connection, driven command by command over aiosmtplib, with a transcript.
+
+aiosmtplib's high-level ``sendmail`` hides the per-command replies the router needs, so this
+module speaks at the command level (``execute_command``) and keeps a Postfix-style transcript
+("<<< 250 ok", ">>> RCPT TO:<a@b>"). Every network step runs inside ``map_errors``; a failing
+step raises ``SessionError`` carrying the ``SessionFailure``. Decisions live in ``smtp_policy``
+and ``tls_policy``; ``transport`` sequences the steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import socket
+import ssl
+
+import aiosmtplib
+from aiosmtplib.errors import SMTPAuthenticationError, SMTPResponseException
+from aiosmtplib.response import SMTPResponse
+
+from deliverd.config.model import Credentials, TimeoutsConfig
+from deliverd.core.outcomes import Hop, Reply, SessionFailure, Stage
+from deliverd.smtp.errors import (
+    STATUS_AUTH,
+    SessionError,
+    clip,
+    failure_from_reply,
+    map_errors,
+    reply_from,
+)
+from deliverd.smtp.policy import is_loop_banner
+
+MAX_TRANSCRIPT_LINES = 400
+MAX_TRANSCRIPT_LINE = 512
+QUIT_TIMEOUT = 5.0
+REDACTED = "<redacted>"
+
+
+async def _open_socket(address: str, port: int, seconds: float) -> socket.socket:
+    """A connected non-blocking TCP socket; the transport layers SMTP (and TLS) on top."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(address, port, type=socket.SOCK_STREAM)
+    family, kind, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setblocking(False)
+        await asyncio.wait_for(loop.sock_connect(sock, sockaddr), seconds)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class _Client(aiosmtplib.SMTP):
+    """aiosmtplib's client, closing abruptly.
+
+    A graceful TLS close waits for the peer's close_notify (up to 30 s); after QUIT, or after
+    an error that ends the session, there is nothing left to say, so the socket goes at once.
+    """
+
+    def close(self) -> None:
+        transport = self.transport
+        super().close()
+        if isinstance(transport, asyncio.Transport):
+            transport.abort()
+
+
+class SmtpSession:
+    """A live SMTP connection to one hop and what the server told us about itself."""
+
+    def __init__(self, hop: Hop, own_name: str, timeouts: TimeoutsConfig) -> None:
+        self.hop = hop
+        self.own_name = own_name
+        self.timeouts = timeouts
+        self.transcript: list[str] = []
+        self.tls_active = False
+        self.authenticated_as: str | None = None
+        self._smtp: aiosmtplib.SMTP | None = None
+        self._secrets: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:
+        return f"SmtpSession({self.hop.relay}, tls={self.tls_active})"
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        return self._smtp is not None and self._smtp.is_connected
+
+    @property
+    def features(self) -> dict[str, str]:
+        """EHLO keywords (lower case) and their parameters; empty after HELO."""
+        return dict(self._smtp.esmtp_extensions) if self._smtp else {}
+
+    @property
+    def auth_mechanisms(self) -> list[str]:
+        return [m.upper() for m in self._smtp.server_auth_methods] if self._smtp else []
+
+    def _client(self, stage: Stage) -> aiosmtplib.SMTP:
+        if self._smtp is None or not self._smtp.is_connected:
+            raise SessionError(
+                SessionFailure(stage, f"lost connection at {stage.value}", status="4.4.2")
+            )
+        return self._smtp
+
+    # -- transcript ----------------------------------------------------------------------
+
+    def note(self, line: str) -> None:
+        if len(self.transcript) >= MAX_TRANSCRIPT_LINES:
+            return
+        for secret in self._secrets:
+            line = line.replace(secret, REDACTED)
+        if len(line) > MAX_TRANSCRIPT_LINE:
+            line = line[: MAX_TRANSCRIPT_LINE - 3] + "..."
+        self.transcript.append(line)
+        if len(self.transcript) == MAX_TRANSCRIPT_LINES:
+            self.transcript[-1] = "... (transcript truncated)"
+
+    def _note_reply(self, code: int, text: str) -> None:
+        lines = text.split("\n") or [""]
+        for i, line in enumerate(lines):
+            sep = "-" if i < len(lines) - 1 else " "
+            self.note(f"<<< {code}{sep}{line}".rstrip())
+
+    # -- session steps -------------------------------------------------------------------
+
+    async def open(self, implicit_tls: ssl.SSLContext | None) -> None:
+        """Connect, read the greeting, refuse a loop. Implicit TLS when a context is given."""
+        with map_errors(Stage.CONNECT):
+            sock = await _open_socket(self.hop.address, self.hop.port, self.timeouts.connect)
+        # hostname is only the TLS server name (SNI and certificate check): the socket is
+        # already connected to the hop's address.
+        smtp = _Client(
+            hostname=self.hop.host,
+            sock=sock,
+            local_hostname=self.own_name,
+            use_tls=implicit_tls is not None,
+            start_tls=False,
+            tls_context=implicit_tls,
+            timeout=self.timeouts.command,
+        )
+        # From here the socket belongs to aiosmtplib's transport, which closes it on failure.
+        with map_errors(Stage.GREETING):
+            try:
+                response = await smtp.connect(timeout=self.timeouts.greeting)
+            except SMTPResponseException as exc:
+                if exc.code > 0:
+                    self._note_reply(exc.code, exc.message)
+                raise
+        self._smtp = smtp
+        self.tls_active = implicit_tls is not None
+        self._note_reply(response.code, response.message)
+        if is_loop_banner(response.message, self.own_name):
+            raise SessionError(_loop_failure(Stage.GREETING, self.own_name))
+
+    async def _exchange(self, stage: Stage, words: tuple[bytes, ...], shown: str | None
+                        ) -> SMTPResponse:
+        smtp = self._client(stage)
+        self.note(">>> " + (shown or b" ".join(words).decode("utf-8", "replace")))
+        with map_errors(stage):
+            response = await smtp.execute_command(*words, timeout=self.timeouts.command)
+        self._note_reply(response.code, response.message)
+        return response
+
+    async def command(self, stage: Stage, *words: bytes, shown: str | None = None) -> Reply:
+        """Send one command and return its reply, whatever the code."""
+        response = await self._exchange(stage, words, shown)
+        return reply_from(response.code, response.message)
+
+    async def hello(self) -> None:
+        """EHLO, or HELO when EHLO is refused with 5xx; the reply sets the known extensions."""
+        name = self.own_name.encode("ascii")
+        response = await self._exchange(Stage.EHLO, (b"EHLO", name), None)
+        if response.code == 250:
+            self._client(Stage.EHLO).last_ehlo_response = response
+            if is_loop_banner(response.message, self.own_name):
+                raise SessionError(_loop_failure(Stage.EHLO, self.own_name))
+            return
+        if response.code >= 500:
+            response = await self._exchange(Stage.EHLO, (b"HELO", name), None)
+            if response.code == 250:
+                self._client(Stage.EHLO).last_helo_response = response
+                return
+        raise SessionError(
+            failure_from_reply(Stage.EHLO, reply_from(response.code, response.message))
+        )
+
+    async def starttls(self, context: ssl.SSLContext) -> Reply:
+        """STARTTLS and the handshake; a refusal is returned, a broken handshake raises."""
+        smtp = self._client(Stage.STARTTLS)
+        self.note(">>> STARTTLS")
+        with map_errors(Stage.STARTTLS):
+            try:
+                response = await smtp.starttls(
+                    server_hostname=self.hop.host,
+                    tls_context=context,
+                    timeout=self.timeouts.command,
+                )
+            except SMTPResponseException as exc:
+                if exc.code < 0:
+                    raise
+                self._note_reply(exc.code, exc.message)
+                return reply_from(exc.code, exc.message)
+        self.tls_active = True
+        self._note_reply(response.code, response.message)
+        return reply_from(response.code, response.message)
+
+    async def authenticate(self, credentials: Credentials, mechanism: str) -> None:
+        """AUTH with one mechanism. Every failure defers: a typo must never bounce mail."""
+        smtp = self._client(Stage.AUTH)
+        self._secrets = _secret_forms(credentials.password)
+        methods = {
+            "CRAM-MD5": smtp.auth_crammd5,
+            "PLAIN": smtp.auth_plain,
+            "LOGIN": smtp.auth_login,
+        }
+        self.note(f">>> AUTH {mechanism} {REDACTED}")
+        try:
+            with map_errors(Stage.AUTH):
+                response = await methods[mechanism](
+                    credentials.username, credentials.password, timeout=self.timeouts.command
+                )
+        except SessionError as err:
+            raise SessionError(_auth_failure(err.failure)) from None
+        except SMTPAuthenticationError as exc:  # raised by the auth_* helpers themselves
+            raise SessionError(_auth_failure(SessionFailure(
+                Stage.AUTH, "", reply=reply_from(exc.code, exc.message)))) from None
+        self._note_reply(response.code, response.message)
+        self.authenticated_as = credentials.username
+
+    async def data(self, body: bytes) -> tuple[Reply, Reply | None]:
+        """DATA: the reply to the command, and the final reply when the body was sent."""
+        start = await self.command(Stage.DATA, b"DATA")
+        if start.code != 354:
+            return start, None
+        smtp = self._client(Stage.DATA)
+        protocol = smtp.protocol
+        try:
+            with map_errors(Stage.DATA):
+                if protocol is None:
+                    raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+                protocol.write(body)
+                self.note(f">>> ({len(body)} octets of message data)")
+                self.note(">>> .")
+                response = await protocol.read_response(timeout=self.timeouts.data_response)
+        except SessionError:
+            smtp.close()
+            raise
+        self._note_reply(response.code, response.message)
+        return start, reply_from(response.code, response.message)
+
+    async def quit(self) -> None:
+        """Polite QUIT, bounded; the connection is closed whatever happens."""
+        smtp, self._smtp = self._smtp, None
+        if smtp is None:
+            return
+        try:
+            if smtp.is_connected:
+                limit = min(float(self.timeouts.command), QUIT_TIMEOUT)
+                await asyncio.wait_for(smtp.quit(timeout=limit), limit)
+        except (aiosmtplib.SMTPException, OSError, EOFError, ValueError):
+            pass  # the peer is going away either way; nothing to report
+        finally:
+            smtp.close()
+
+    def abort(self) -> None:
+        """Drop the connection without a word (after errors the protocol may be out of sync)."""
+        smtp, self._smtp = self._smtp, None
+        if smtp is not None:
+            smtp.close()
+
+
+def _secret_forms(password: str) -> tuple[str, ...]:
+    """The password as it could appear on the wire, to keep it out of any transcript line."""
+    if not password:
+        return ()
+    encoded = base64.b64encode(password.encode("utf-8")).decode("ascii")
+    return (password, encoded)
+
+
+def _loop_failure(stage: Stage, own_name: str) -> SessionFailure:
+    return SessionFailure(
+        stage,
+        f"mail for this host loops back to myself ({own_name})",
+        temporary=False,
+        status="5.4.6",
+        loop=True,
+    )
+
+
+def _auth_failure(failure: SessionFailure) -> SessionFailure:
+    reply = failure.reply
+    status = STATUS_AUTH
+    if reply is not None and reply.enhanced is not None:
+        status = "4" + reply.enhanced[1:]
+    error = f"authentication failed: {reply}" if reply is not None else failure.error
+    return SessionFailure(Stage.AUTH, clip(error), reply=reply, temporary=True, status=status)
+

@@ -1,0 +1,92 @@
+"""Which TLS a hop gets, decided from the route and the smart host policy; ssl contexts.
+
+Direct (MX) delivery is opportunistic and unverified, like Postfix ``smtp_tls_security_level =
+may``: MX host names are not authenticated by DNS, so verifying them would only turn mail away.
+The smart host follows ``routing.smarthost.tls`` and ``verify_tls``.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from enum import Enum
+
+from deliverd.config.model import Config, TlsPolicy
+from deliverd.core.outcomes import Route
+
+
+class TlsMode(Enum):
+    NONE = "none"  # never STARTTLS
+    OPPORTUNISTIC = "opportunistic"  # STARTTLS when offered; clear text otherwise
+    REQUIRED = "required"  # STARTTLS or no delivery
+    IMPLICIT = "implicit"  # TLS from the first byte (port 465 style)
+
+
+class StartTls(Enum):
+    SKIP = "skip"
+    START = "start"
+    FAIL = "fail"  # required but not offered
+
+
+@dataclass(frozen=True)
+class TlsPlan:
+    mode: TlsMode
+    verify: bool = False
+    ca_file: str | None = None
+
+    @property
+    def may_fall_back_to_clear(self) -> bool:
+        """A failed handshake may be retried in clear text (opportunistic only, as Postfix)."""
+        return self.mode is TlsMode.OPPORTUNISTIC
+
+
+_MODE_BY_POLICY = {
+    TlsPolicy.STARTTLS: TlsMode.REQUIRED,
+    TlsPolicy.TLS: TlsMode.IMPLICIT,
+    TlsPolicy.OPPORTUNISTIC: TlsMode.OPPORTUNISTIC,
+    TlsPolicy.NONE: TlsMode.NONE,
+}
+
+DIRECT_PLAN = TlsPlan(TlsMode.OPPORTUNISTIC, verify=False)
+
+
+def plan_for(route: Route, cfg: Config) -> TlsPlan:
+    """The TLS plan for a hop on ``route`` under ``cfg``."""
+    smarthost = cfg.routing.smarthost
+    if route is Route.DIRECT or smarthost is None:
+        return DIRECT_PLAN
+    return TlsPlan(_MODE_BY_POLICY[smarthost.tls], smarthost.verify_tls, smarthost.ca_file)
+
+
+def starttls_decision(plan: TlsPlan, offered: bool, active: bool) -> StartTls:
+    """What to do after EHLO, given whether STARTTLS is offered and TLS already runs."""
+    if active or plan.mode in (TlsMode.NONE, TlsMode.IMPLICIT):
+        return StartTls.SKIP
+    if offered:
+        return StartTls.START
+    return StartTls.FAIL if plan.mode is TlsMode.REQUIRED else StartTls.SKIP
+
+
+def client_context(verify: bool, ca_file: str | None) -> ssl.SSLContext:
+    """A client context: full chain and host name check, or encryption without verification."""
+    if verify:
+        return ssl.create_default_context(cafile=ca_file)
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class ContextCache:
+    """One context per (verify, ca_file): building one reads the CA store, so do it once."""
+
+    def __init__(self) -> None:
+        self._contexts: dict[tuple[bool, str | None], ssl.SSLContext] = {}
+
+    def get(self, plan: TlsPlan) -> ssl.SSLContext:
+        key = (plan.verify, plan.ca_file if plan.verify else None)
+        context = self._contexts.get(key)
+        if context is None:
+            context = client_context(*key)
+            self._contexts[key] = context
+        return context

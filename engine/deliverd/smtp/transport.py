@@ -1,0 +1,393 @@
+"""The SMTP client: one call, one transaction to one hop, always a result.
+
+``Transport.transact`` runs connect, greeting, EHLO, TLS and AUTH (or reuses a pooled session
+that already did), then MAIL, RCPT for every recipient and DATA, and returns the raw replies as
+a ``TransactionResult``. Network trouble of any kind ends as ``result.failure``; judging what
+the replies mean for each recipient is the router's job, not this module's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field, replace
+
+from deliverd.config.model import Config, Credentials
+from deliverd.core.outcomes import (
+    Envelope,
+    Hop,
+    Reply,
+    Route,
+    SessionFailure,
+    Stage,
+    TransactionResult,
+)
+from deliverd.smtp.errors import (
+    STATUS_AUTH,
+    STATUS_CONNECT,
+    STATUS_TLS_NOT_OFFERED,
+    SessionError,
+    failure_from_reply,
+)
+from deliverd.smtp.policy import (
+    choose_mechanism,
+    is_eightbit,
+    mail_parameters,
+    may_authenticate,
+    needs_smtputf8,
+    size_limit,
+    unsafe_address,
+    wire_body,
+    wire_size,
+)
+from deliverd.smtp.pool import FailureCache, PooledSession, SessionKey, SessionPool
+from deliverd.smtp.pop3 import PopBeforeSmtp
+from deliverd.smtp.session import SmtpSession
+from deliverd.smtp.tls import (
+    ContextCache,
+    StartTls,
+    TlsMode,
+    TlsPlan,
+    plan_for,
+    starttls_decision,
+)
+
+IDLE_TIMEOUT = 30.0
+CACHED_CONNECT_ERROR = "host recently failed to connect (cached)"
+
+
+@dataclass
+class _Progress:
+    """What a transaction has produced so far; becomes the ``TransactionResult``."""
+
+    rcpt_replies: dict[str, Reply] = field(default_factory=dict)
+    data_reply: Reply | None = None
+    failure: SessionFailure | None = None
+    aborted: bool = False
+    in_sync: bool = True  # the session may carry another transaction
+
+
+class Transport:
+    """SMTP transactions over pooled sessions, under the limits of the current config."""
+
+    def __init__(self, cfg: Config, *, idle_timeout: float = IDLE_TIMEOUT) -> None:
+        self._cfg = cfg
+        self._pool = SessionPool(cfg.limits, idle_timeout)
+        self._failures = FailureCache()
+        self._contexts = ContextCache()
+        self._reaper: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+        self._pop = PopBeforeSmtp(cfg)
+
+    def update_config(self, cfg: Config) -> None:
+        """On reload: new sessions (and limits) follow ``cfg``; idle old ones are closed."""
+        self._cfg = cfg
+        self._contexts = ContextCache()
+        self._pop.update_config(cfg)
+        self._close_later(self._pool.reconfigure(cfg.limits))
+
+    async def close(self) -> None:
+        """QUIT every idle session and stop the idle reaper."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+            self._reaper = None
+        await _quit_all(self._pool.drain())
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+    async def transact(
+        self, hop: Hop, envelope: Envelope, *, credentials: Credentials | None = None
+    ) -> TransactionResult:
+        """One transaction to ``hop`` for all of ``envelope.recipients``; never raises for
+        network problems. ``credentials`` are used for smart host hops only."""
+        cfg = self._cfg
+        creds = credentials if hop.route is Route.SMARTHOST else None
+        plan = plan_for(hop.route, cfg)
+        key = SessionKey(
+            hop.address,
+            hop.port,
+            hop.route,
+            creds.username if creds else None,
+            hop.host.lower() if plan.verify else None,
+        )
+        if self._failures.is_cached(key.destination):
+            cached = SessionFailure(Stage.CONNECT, CACHED_CONNECT_ERROR, status=STATUS_CONNECT)
+            return TransactionResult(hop, failure=cached)
+        # POP-before-SMTP: the login must precede the session it authorises (it is reused for
+        # valid_for, so this is a no-op for most transactions).
+        if hop.route is Route.SMARTHOST and (pop_failure := await self._pop.ensure()):
+            return TransactionResult(hop, failure=pop_failure)
+        async with self._pool.slot(key.destination):
+            result = await self._attempt(hop, envelope, creds, plan, key, cfg, tls=True)
+            failure = result.failure
+            if (
+                failure is not None
+                and failure.stage is Stage.STARTTLS
+                and failure.reply is None
+                and plan.may_fall_back_to_clear
+            ):
+                # Postfix "may": a broken handshake is retried once in clear text.
+                clear = await self._attempt(hop, envelope, creds, plan, key, cfg, tls=False)
+                result = replace(clear, transcript=result.transcript + clear.transcript)
+        return result
+
+    # -- one attempt -------------------------------------------------------------------------
+
+    async def _attempt(
+        self,
+        hop: Hop,
+        envelope: Envelope,
+        creds: Credentials | None,
+        plan: TlsPlan,
+        key: SessionKey,
+        cfg: Config,
+        *,
+        tls: bool,
+    ) -> TransactionResult:
+        if tls:
+            pooled, dead = self._pool.take_idle(key)
+            self._close_later(dead)
+            if pooled is not None:
+                progress, transcript = await self._run(pooled, envelope, cfg)
+                if not _lost_while_idle(progress):
+                    return _result(hop, progress, transcript)
+                # The server dropped the cached session while it sat idle: reconnect once.
+        session = SmtpSession(hop, cfg.host.name, cfg.timeouts)
+        try:
+            await self._establish(session, plan, creds, cfg, tls=tls)
+        except SessionError as err:
+            await _close_after_failure(session, err.failure)
+            if err.failure.stage is Stage.CONNECT:
+                self._failures.record(key.destination, cfg.limits.connection_failure_cache)
+            return TransactionResult(hop, failure=err.failure, transcript=tuple(session.transcript))
+        except BaseException:
+            session.abort()  # cancelled (or a bug) half-way through the handshake
+            raise
+        pooled = PooledSession(key, session, self._pool.generation)
+        progress, transcript = await self._run(pooled, envelope, cfg)
+        return _result(hop, progress, transcript)
+
+    async def _establish(
+        self,
+        session: SmtpSession,
+        plan: TlsPlan,
+        creds: Credentials | None,
+        cfg: Config,
+        *,
+        tls: bool,
+    ) -> None:
+        """Connect, greet, EHLO, TLS per plan and AUTH; raises ``SessionError``."""
+        implicit = plan.mode is TlsMode.IMPLICIT
+        await session.open(self._contexts.get(plan) if implicit else None)
+        await session.hello()
+        offered = "starttls" in session.features
+        decision = starttls_decision(plan, offered, session.tls_active) if tls else StartTls.SKIP
+        if decision is StartTls.FAIL:
+            raise SessionError(SessionFailure(
+                Stage.STARTTLS,
+                f"TLS is required, but was not offered by {session.hop.relay}",
+                status=STATUS_TLS_NOT_OFFERED,
+            ))
+        if decision is StartTls.START:
+            reply = await session.starttls(self._contexts.get(plan))
+            if reply.code == 220:
+                await session.hello()  # RFC 3207: forget what was learnt before TLS
+            elif plan.mode is TlsMode.REQUIRED:
+                refused = failure_from_reply(Stage.STARTTLS, reply)
+                raise SessionError(replace(refused, temporary=True, status=STATUS_TLS_NOT_OFFERED))
+            # opportunistic and refused: carry on in clear text, as Postfix does
+        if creds is not None:
+            await _authenticate(session, creds, cfg)
+
+    async def _run(
+        self, pooled: PooledSession, envelope: Envelope, cfg: Config
+    ) -> tuple[_Progress, tuple[str, ...]]:
+        """One transaction on an established session, then pool or close the session."""
+        session = pooled.session
+        pooled.transactions += 1
+        progress = _Progress()
+        try:
+            await _transaction(session, envelope, cfg, progress)
+        except SessionError as err:
+            progress.failure = err.failure
+            progress.in_sync = False
+        except BaseException:
+            session.abort()  # cancelled or a bug: the dialogue state is unknown
+            raise
+        transcript = tuple(session.transcript)
+        session.transcript.clear()
+        if progress.in_sync and session.alive:
+            self._close_later(self._pool.put_idle(pooled))
+            self._ensure_reaper()
+        else:
+            session.abort()
+        return progress, transcript
+
+    # -- idle sessions -----------------------------------------------------------------------
+
+    def _close_later(self, sessions: list[PooledSession]) -> None:
+        if not sessions:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # update_config outside the loop: no QUIT possible, just drop
+            for pooled in sessions:
+                pooled.session.abort()
+            return
+        task = loop.create_task(_quit_all(sessions))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def _ensure_reaper(self) -> None:
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.get_running_loop().create_task(self._reap())
+
+    async def _reap(self) -> None:
+        while (delay := self._pool.next_expiry()) is not None:
+            await asyncio.sleep(delay + 0.01)
+            await _quit_all(self._pool.expired())
+
+    @property
+    def idle_sessions(self) -> int:
+        """Sessions waiting for reuse (for tests and metrics)."""
+        return self._pool.idle_count
+
+
+# -- the transaction itself -----------------------------------------------------------------
+
+
+async def _authenticate(session: SmtpSession, creds: Credentials, cfg: Config) -> None:
+    smarthost = cfg.routing.smarthost
+    plaintext_ok = smarthost is not None and smarthost.allow_plaintext_auth
+    if not may_authenticate(session.tls_active, plaintext_ok):
+        raise SessionError(SessionFailure(
+            Stage.AUTH, "refusing to send credentials without TLS", status="4.7.0"
+        ))
+    mechanism = choose_mechanism(session.auth_mechanisms)
+    if mechanism is None:
+        offered = " ".join(session.auth_mechanisms) or "none"
+        raise SessionError(SessionFailure(
+            Stage.AUTH,
+            f"no usable AUTH mechanism offered by {session.hop.relay} (offered: {offered})",
+            status=STATUS_AUTH,
+        ))
+    await session.authenticate(creds, mechanism)
+
+
+async def _transaction(
+    session: SmtpSession, envelope: Envelope, cfg: Config, progress: _Progress
+) -> None:
+    """MAIL, RCPT each recipient, DATA; fills ``progress``, raises ``SessionError`` on I/O."""
+    relay = session.hop.relay
+    features = session.features
+    smtputf8 = needs_smtputf8(envelope)
+    if smtputf8 and "smtputf8" not in features:
+        progress.failure = SessionFailure(
+            Stage.MAIL, f"SMTPUTF8 required but not offered by {relay}",
+            temporary=False, status="5.6.7",
+        )
+        return
+    if unsafe_address(envelope.sender):
+        progress.failure = SessionFailure(
+            Stage.MAIL, "sender address cannot be sent in SMTP", temporary=False, status="5.1.7"
+        )
+        return
+    size = wire_size(envelope.data)
+    limit = size_limit(features)
+    if limit is not None and size > limit:
+        progress.failure = SessionFailure(
+            Stage.MAIL, f"message size {size} exceeds size limit {limit} of {relay}",
+            temporary=False, status="5.3.4",
+        )
+        return
+
+    encoding = "utf-8" if smtputf8 else "ascii"
+    params = mail_parameters(features, size, is_eightbit(envelope), smtputf8)
+    mail = await session.command(
+        Stage.MAIL, b"MAIL", b"FROM:<" + envelope.sender.encode(encoding) + b">",
+        *(p.encode("ascii") for p in params),
+    )
+    if not mail.is_positive:
+        progress.failure = failure_from_reply(Stage.MAIL, mail)
+        progress.in_sync = mail.code != 421 and await _reset(session)
+        return
+
+    for recipient in dict.fromkeys(envelope.recipients):
+        if unsafe_address(recipient):
+            progress.rcpt_replies[recipient] = Reply(553, "address not sendable in SMTP", "5.1.3")
+            continue
+        reply = await session.command(
+            Stage.RCPT, b"RCPT", b"TO:<" + recipient.encode(encoding) + b">"
+        )
+        progress.rcpt_replies[recipient] = reply
+        if reply.code == 421:  # the server is closing the session
+            progress.failure = failure_from_reply(Stage.RCPT, reply)
+            progress.in_sync = False
+            return
+
+    replies = progress.rcpt_replies.values()
+    if not any(r.is_positive for r in replies):
+        progress.in_sync = await _reset(session)
+        return
+    if cfg.routing.abort_on_rcpt_5xx and any(r.is_permanent for r in replies):
+        progress.aborted = True
+        progress.in_sync = await _reset(session)
+        return
+
+    start, final = await session.data(wire_body(envelope.data))
+    if final is None:
+        progress.failure = failure_from_reply(Stage.DATA, start)
+        progress.in_sync = start.code != 421 and await _reset(session)
+    elif not final.is_positive:
+        progress.failure = failure_from_reply(Stage.DATA, final)
+        progress.in_sync = final.code != 421
+    else:
+        progress.data_reply = final
+
+
+async def _reset(session: SmtpSession) -> bool:
+    """RSET; True when the session is clean for another transaction."""
+    try:
+        reply = await session.command(Stage.MAIL, b"RSET")
+    except SessionError:
+        return False
+    return reply.code == 250
+
+
+def _lost_while_idle(progress: _Progress) -> bool:
+    """A reused session that failed before MAIL got a real answer was stale, not refused."""
+    failure = progress.failure
+    return (
+        failure is not None
+        and failure.stage is Stage.MAIL
+        and (failure.reply is None or failure.reply.code == 421)
+        and not progress.rcpt_replies
+        and failure.status not in ("5.6.7", "5.1.7", "5.3.4")
+    )
+
+
+def _result(hop: Hop, progress: _Progress, transcript: tuple[str, ...]) -> TransactionResult:
+    return TransactionResult(
+        hop=hop,
+        rcpt_replies=dict(progress.rcpt_replies),
+        data_reply=progress.data_reply,
+        failure=progress.failure,
+        transcript=transcript,
+        aborted=progress.aborted,
+    )
+
+
+async def _close_after_failure(session: SmtpSession, failure: SessionFailure) -> None:
+    # After a reply the dialogue is in step and a QUIT is polite; after a local error
+    # (timeout, garbage, dropped connection) it is not, so just close.
+    if failure.reply is not None or failure.loop:
+        await session.quit()
+    else:
+        session.abort()
+
+
+async def _quit_all(sessions: list[PooledSession]) -> None:
+    if sessions:
+        await asyncio.gather(*(p.session.quit() for p in sessions), return_exceptions=True)

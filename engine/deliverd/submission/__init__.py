@@ -1,0 +1,1 @@
+"""How mail enters the engine: the SMTP listener."""

@@ -1,0 +1,313 @@
+"""The SMTP listener local applications submit mail to (aiosmtpd on the daemon's own loop).
+
+Policy decisions are pure functions at the top (relay check, hop count, Received: header,
+8-bit detection); ``_SubmissionHandler`` applies them to one aiosmtpd session, and
+``start_listeners`` binds every configured address on the running loop. A message is
+acknowledged (250) only after ``QueueStore.enqueue`` returned, i.e. after its COMMIT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import AnyStr
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from deliverd.config.model import Config, Listener
+from deliverd.queue.store import QueueStore, new_queue_id
+
+log = logging.getLogger(__name__)
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+REPLY_RELAY_DENIED = "554 5.7.1 Relay access denied"
+REPLY_TOO_BIG = "552 5.3.4 Message too big"
+REPLY_NO_STORAGE = "452 4.3.1 Insufficient system storage"
+REPLY_QUEUED = "250 2.0.0 Ok: queued as {queue_id}"
+REPLY_ERROR = "451 4.3.0 Local error in processing"
+
+# aiosmtpd words some refusals itself; the listener answers them with enhanced status codes.
+_LIBRARY_REPLIES = {
+    "552 Error: message size exceeds fixed maximum message size": REPLY_TOO_BIG,
+    "552 Error: Too much mail data": REPLY_TOO_BIG,
+}
+
+_RECEIVED = re.compile(rb"received[ \t]*:", re.IGNORECASE)
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure policy
+
+
+def parse_networks(cidrs: Iterable[str]) -> tuple[IPNetwork, ...]:
+    return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+
+
+def relay_allowed(
+    peer_ip: str, allow_networks: Sequence[IPNetwork], *, trust_loopback: bool = True
+) -> bool:
+    """May this client relay? Loopback always may (unless told otherwise), others by network."""
+    try:
+        ip = ipaddress.ip_address(peer_ip.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if trust_loopback and ip.is_loopback:
+        return True
+    return any(ip.version == net.version and ip in net for net in allow_networks)
+
+
+def header_block(data: bytes) -> bytes:
+    """The header section of a message (everything before the first empty line)."""
+    if data.startswith((b"\r\n", b"\n")):
+        return b""
+    end = _HEADER_END.search(data)
+    return data if end is None else data[: end.start()]
+
+
+def count_received(data: bytes) -> int:
+    """How many Received: header fields the message carries (continuation lines excluded)."""
+    return sum(
+        1 for line in header_block(data).splitlines() if _RECEIVED.match(line) is not None
+    )
+
+
+def loop_hold_reason(hops: int, max_hops: int) -> str | None:
+    """Why the message is held for too many hops, or None when it may go on."""
+    return f"mail loop: {hops} hops" if hops > max_hops else None
+
+
+def has_8bit(data: bytes) -> bool:
+    # bytes.isascii runs in C: a 50 MB message is checked without stalling the event loop.
+    return not data.isascii()
+
+
+def _header_safe(text: str) -> str:
+    # Client-chosen text (HELO name) must not be able to inject header lines.
+    return "".join(ch if ch.isprintable() else "?" for ch in text)[:255]
+
+
+def received_header(
+    *,
+    helo: str | None,
+    peer_ip: str,
+    by_host: str,
+    queue_id: str,
+    recipients: Sequence[str],
+    protocol: str,
+    when: datetime,
+) -> bytes:
+    """A Postfix-style trace field, CRLF-terminated (RFC 5321 4.4)."""
+    from_part = f"from {_header_safe(helo)} ([{peer_ip}])" if helo else f"from [{peer_ip}]"
+    lines = [f"Received: {from_part}", f"\tby {by_host} with {protocol} id {queue_id}"]
+    # One recipient is named (as Postfix does); naming several would disclose Bcc recipients.
+    if len(recipients) == 1:
+        lines.append(f"\tfor <{_header_safe(recipients[0])}>; {format_datetime(when)}")
+    else:
+        lines[-1] += f"; {format_datetime(when)}"
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
+
+
+def protocol_name(esmtp: bool, smtputf8: bool) -> str:
+    """The ``with`` keyword of RFC 3848 / RFC 6531."""
+    if smtputf8:
+        return "UTF8SMTP"
+    return "ESMTP" if esmtp else "SMTP"
+
+
+# SQLite's write-ahead log grows to about 1000 pages (4 MiB) between checkpoints before it is
+# reused; recording deliveries and removing messages writes to it, so that much must stay free.
+WAL_HEADROOM = 8 * 1024 * 1024
+
+
+def min_free_bytes(max_message_size: int) -> int:
+    """Free space the listener leaves on the queue's filesystem: 1.5 x the largest message it
+    accepts (as Postfix's smtpd does) plus room for the queue's write-ahead log, so deliveries
+    can always be recorded and bounces queued."""
+    return max_message_size * 3 // 2 + WAL_HEADROOM
+
+
+def envelope_sender(mail_from: str) -> str:
+    """aiosmtpd keeps ``<>`` for the null reverse-path; the queue stores it as ''."""
+    return "" if mail_from == "<>" else mail_from
+
+
+# ---------------------------------------------------------------------------------------------
+# One SMTP session
+
+
+class _SubmissionSMTP(SMTP):
+    """aiosmtpd's protocol with the listener's own wording for size refusals."""
+
+    async def push(self, status: AnyStr) -> None:
+        if isinstance(status, str):
+            await super().push(_LIBRARY_REPLIES.get(status, status))
+        else:
+            await super().push(status)
+
+
+class _SubmissionHandler:
+    def __init__(
+        self,
+        *,
+        store: QueueStore,
+        on_enqueued: Callable[[str], None],
+        hostname: str,
+        allow_networks: tuple[IPNetwork, ...],
+        trust_loopback: bool,
+        max_hops: int,
+        min_free: int,
+    ) -> None:
+        self.store = store
+        self.min_free = min_free
+        self.on_enqueued = on_enqueued
+        self.hostname = hostname
+        self.allow_networks = allow_networks
+        self.trust_loopback = trust_loopback
+        self.max_hops = max_hops
+
+    def _short_of_space(self, size: int) -> bool:
+        """Refuse before the disk is full: the queue keeps room to record deliveries and to
+        queue bounces, which a full disk would make impossible (see ``min_free_bytes``)."""
+        try:
+            return self.store.free_bytes() - size < self.min_free
+        except OSError:
+            return True
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str,
+        mail_options: list[str],
+    ) -> str:
+        if self._short_of_space(0):
+            log.error("refusing mail: less than %d bytes free for the queue", self.min_free)
+            return REPLY_NO_STORAGE
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        peer_ip = _peer_ip(session)
+        if not relay_allowed(peer_ip, self.allow_networks, trust_loopback=self.trust_loopback):
+            log.warning("relay denied: client=[%s] to=<%s>", peer_ip, address)
+            return REPLY_RELAY_DENIED
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        content = envelope.original_content
+        if not isinstance(content, bytes) or not envelope.rcpt_tos or envelope.mail_from is None:
+            return REPLY_ERROR
+        peer_ip = _peer_ip(session)
+        sender = envelope_sender(envelope.mail_from)
+        rcpts = list(envelope.rcpt_tos)
+        smtputf8 = bool(envelope.smtp_utf8)
+        eightbit = "BODY=8BITMIME" in envelope.mail_options or has_8bit(content)
+        hops = count_received(content)
+        hold_reason = loop_hold_reason(hops, self.max_hops)
+        if self._short_of_space(len(content)):
+            log.error("refusing mail: client=[%s] from=<%s>: queue filesystem short of space",
+                      peer_ip, sender)
+            return REPLY_NO_STORAGE
+        queue_id = new_queue_id()
+        trace = received_header(
+            helo=session.host_name, peer_ip=peer_ip, by_host=self.hostname, queue_id=queue_id,
+            recipients=rcpts, protocol=protocol_name(session.extended_smtp, smtputf8),
+            when=datetime.now(UTC).astimezone(),
+        )
+        try:
+            queue_id = await self.store.enqueue(
+                sender, rcpts, trace + content, smtputf8=smtputf8, eightbit=eightbit,
+                hold_reason=hold_reason, queue_id=queue_id,
+            )
+        except Exception as exc:  # disk full, I/O, anything: refuse temporarily, store nothing
+            log.error("enqueue failed: client=[%s] from=<%s>: %s", peer_ip, sender, exc)
+            return REPLY_NO_STORAGE
+        log.info(
+            "%s: client=[%s] from=<%s> nrcpt=%d size=%d%s", queue_id, peer_ip, sender,
+            len(rcpts), len(trace) + len(content),
+            f" held: {hold_reason}" if hold_reason else "",
+        )
+        try:
+            self.on_enqueued(queue_id)
+        except Exception:  # the scheduler's wake-up must never turn a queued message into an error
+            log.exception("%s: on_enqueued callback failed", queue_id)
+        return REPLY_QUEUED.format(queue_id=queue_id)
+
+
+def _peer_ip(session: Session) -> str:
+    peer: object = session.peer  # typed as str by aiosmtpd, but a (host, port, ...) tuple
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return str(peer)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _handler_for(
+    listener: Listener, cfg: Config, store: QueueStore, on_enqueued: Callable[[str], None],
+    hostname: str, trust_loopback: bool,
+) -> _SubmissionHandler:
+    return _SubmissionHandler(
+        store=store,
+        on_enqueued=on_enqueued,
+        hostname=hostname,
+        allow_networks=parse_networks(listener.allow_networks),
+        trust_loopback=trust_loopback,
+        max_hops=cfg.limits.max_hops,
+        min_free=min_free_bytes(cfg.limits.max_message_size),
+    )
+
+
+async def start_listeners(
+    cfg: Config,
+    store: QueueStore,
+    on_enqueued: Callable[[str], None],
+    *,
+    hostname: str | None = None,
+    trust_loopback: bool = True,
+) -> list[asyncio.base_events.Server]:
+    """Bind every ``cfg.listen`` entry on the running loop; the caller closes the servers.
+
+    ``on_enqueued(queue_id)`` is called after each message is durably queued (held ones
+    included). ``trust_loopback=False`` lets tests refuse a loopback client by network.
+    """
+    loop = asyncio.get_running_loop()
+    name = hostname or cfg.host.name
+    servers: list[asyncio.base_events.Server] = []
+    try:
+        for listener in cfg.listen:
+            handler = _handler_for(listener, cfg, store, on_enqueued, name, trust_loopback)
+
+            def factory(handler: _SubmissionHandler = handler) -> SMTP:
+                return _SubmissionSMTP(
+                    handler,
+                    data_size_limit=cfg.limits.max_message_size,
+                    enable_SMTPUTF8=True,
+                    decode_data=False,
+                    hostname=name,
+                    ident="deliverd",
+                    timeout=cfg.timeouts.command,
+                    loop=loop,
+                )
+
+            server = await loop.create_server(factory, host=listener.address, port=listener.port)
+            servers.append(server)
+            log.info("listening on %s port %d", listener.address, listener.port)
+    except BaseException:
+        for server in servers:
+            server.close()
+        raise
+    return servers
