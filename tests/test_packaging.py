@@ -41,6 +41,17 @@ def test_wheel_ships_the_schema_and_templates_byte_for_byte(wheel: Path) -> None
 
 
 @pytest.mark.slow
+def test_wheel_carries_no_test_lab_code(wheel: Path) -> None:
+    with zipfile.ZipFile(wheel) as zf:
+        code = [n for n in zf.namelist() if not n.startswith("deliverd-")]
+    assert code, "the wheel is empty"
+    assert all(n.startswith("deliverd/") for n in code), code
+    lab = [n for n in code if "lab" in Path(n).parts or "deliverd_lab" in n]
+    assert not lab, f"test lab code in the wheel: {lab}"
+    assert not any("postfix" in n or "dnsmasq" in n or "dovecot" in n for n in code)
+
+
+@pytest.mark.slow
 def test_installed_wheel_validates_and_renders_outside_the_checkout(wheel: Path,
                                                                     tmp_path: Path) -> None:
     env_dir = tmp_path / "venv"
@@ -60,3 +71,10 @@ def test_installed_wheel_validates_and_renders_outside_the_checkout(wheel: Path,
                             "print(r.schema_path()); print(r.templates_dir())"],
                            capture_output=True, text=True, cwd=tmp_path, check=True)
     assert str(REPO) not in where.stdout  # from the wheel's _data, not this checkout
+    helped = subprocess.run([str(env_dir / "bin" / "deliverd"), "--help"], capture_output=True,
+                            text=True, cwd=tmp_path, check=False)
+    assert helped.returncode == 0, helped.stderr
+    assert "validate" in helped.stdout and "queue" in helped.stdout
+    no_lab = subprocess.run([str(python), "-c", "import deliverd_lab"], capture_output=True,
+                            text=True, cwd=tmp_path, check=False)
+    assert no_lab.returncode != 0 and "ModuleNotFoundError" in no_lab.stderr

@@ -43,6 +43,10 @@ DESIGN §2 is the specification. Choices it leaves open, made here (each has a t
   trouble, missing addresses and every other failure hand over.
 - **abort_on_rcpt_5xx**: the refused recipients follow their 5xx rule; all the others are
   DEFERRED at once (4.5.0) and not tried at another host in this attempt.
+
+This module is long because DESIGN §2 is one set of rules: the MX ordering, the hop list
+and the reply classification of all three routing modes are decided together here, and the
+choices above are part of its contract.
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ same database as its envelope, so a message is either wholly queued or not at al
 ``QueueDB`` is synchronous and owns one connection; it is what the CLI uses directly, and what
 the async ``deliverd.queue.store.QueueStore`` drives from its writer and reader threads. Several
 write operations can share one transaction (``batch``): that is the group commit.
+
+This module is long because it is the whole on-disk format in one place: the table
+definitions, their migration and every statement that reads or writes them, so a change to the
+format is reviewed in one file.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+PathParts = tuple[str | int, ...]
+
 
 class Severity(StrEnum):
     ERROR = "error"
@@ -59,3 +61,58 @@ def report(problems: Sequence[Problem], line: Callable[[Problem], str] = Problem
 
 def plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+# --- wording and paths shared by the validation passes ------------------------------------------
+
+
+def describe(value: object) -> str:
+    if value is None:
+        return "empty (null)"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "a whole number"
+    if isinstance(value, float):
+        return "a decimal number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"a {type(value).__name__}"
+
+
+def literal(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def show(value: object) -> str:
+    text = repr(value) if isinstance(value, str) else literal(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+@dataclass(frozen=True)
+class Taint:
+    """Paths with problems; a value on, above or below one of them is not to be judged again."""
+
+    paths: tuple[tuple[str, ...], ...]
+
+    @classmethod
+    def of(cls, problems: list[Problem]) -> Taint:
+        return cls(tuple(parts(p.pointer) for p in problems if p.severity is Severity.ERROR))
+
+    def touches(self, path: PathParts, *, below: bool = True) -> bool:
+        key = tuple(str(p) for p in path)
+        return any(
+            key[: len(bad)] == bad or (below and bad[: len(key)] == key) for bad in self.paths
+        )
+
+
+def parts(ptr: str) -> tuple[str, ...]:
+    if not ptr:
+        return ()
+    return tuple(p.replace("~1", "/").replace("~0", "~") for p in ptr[1:].split("/"))

@@ -11,7 +11,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-_PACKAGE = Path(__file__).resolve().parent
+_PACKAGE = Path(__file__).resolve().parent.parent  # deliverd/, this module is in deliverd/spec/
 _DATA = _PACKAGE / "_data"
 _REPO = _PACKAGE.parent.parent
 
