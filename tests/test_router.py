@@ -20,6 +20,7 @@ from deliverd.config.model import (
     RoutingConfig,
     RoutingMode,
     SmarthostConfig,
+    SmarthostHost,
 )
 from deliverd.core.outcomes import Hop, Kind, Outcome, Reply, Route, SessionFailure, Stage
 from deliverd.core.outcomes import TransactionResult as Result
@@ -153,6 +154,17 @@ def routing(mode: RoutingMode = RoutingMode.DIRECT, *, bounce_on_mx_5xx: bool = 
     )
 
 
+def failover(*hosts: tuple[str, int], mode: RoutingMode = RoutingMode.SMARTHOST,
+             bounce_on_5xx: bool = False, resolve_mx: bool = False) -> RoutingConfig:
+    """A smart host failover list (routing.smarthost.hosts) of (host, port) entries."""
+    return RoutingConfig(
+        mode=mode,
+        direct=DirectConfig(25, False, True),
+        smarthost=SmarthostConfig(hosts=tuple(SmarthostHost(h, p) for h, p in hosts),
+                                  resolve_mx=resolve_mx, bounce_on_5xx=bounce_on_5xx),
+    )
+
+
 DIRECT = RoutingMode.DIRECT
 SMART = RoutingMode.SMARTHOST
 BOTH = RoutingMode.DIRECT_THEN_SMARTHOST
@@ -163,12 +175,18 @@ ADDRS: dict[str, AddressResult] = {
     "mx1.dest.test": Addresses(("127.0.0.11", "127.0.0.12")),
     "mx2.dest.test": Addresses(("127.0.0.13",)),
     "relay.test": Addresses(("127.0.0.21", "127.0.0.22")),
+    "relay2.test": Addresses(("127.0.0.23",)),
+    "relay3.test": Addresses(("127.0.0.24",)),
 }
 M1A = "mx1.dest.test[127.0.0.11]:25"
 M1B = "mx1.dest.test[127.0.0.12]:25"
 M2 = "mx2.dest.test[127.0.0.13]:25"
 R1 = "relay.test[127.0.0.21]:587"
 R2 = "relay.test[127.0.0.22]:587"
+F2 = "relay2.test[127.0.0.23]:2525"
+F3 = "relay3.test[127.0.0.24]:465"
+# A failover list: relay.test on 587, relay2.test on 2525, relay3.test on 465.
+LIST = (("relay.test", 587), ("relay2.test", 2525), ("relay3.test", 465))
 
 
 def world(*, mx: Mapping[str, MxResult] | None = None,
@@ -454,6 +472,50 @@ ROWS = [
         routing=routing(BOTH, abort_on_rcpt_5xx=True), contacted=[(M1A, (A, B))]),
 ]
 
+ROWS += [
+    # --- smart host failover list (routing.smarthost.hosts) -------------------------------
+    Row("list: the first host delivers, the others are never resolved",
+        Script(addresses={"relay.test": ADDRS["relay.test"]}, peers={"127.0.0.21": accept}),
+        {A: (SENT, "2.0.0", R1)}, routing=failover(*LIST), contacted=[(R1, (A,))]),
+    Row("list: connect refused, then 421 greeting, then the third host on its own port",
+        world(p21=REFUSED, p22=REFUSED, p23=fail_at(Stage.GREETING, "busy", BUSY),
+              p24=accept),
+        {A: (SENT, "2.0.0", F3)}, routing=failover(*LIST),
+        contacted=[(R1, (A,)), (R2, (A,)), (F2, (A,)), (F3, (A,))]),
+    Row("list: a TLS or AUTH failure moves on to the next host",
+        world(p21=fail_at(Stage.AUTH, "auth refused", BAD_CREDENTIALS),
+              p22=fail_at(Stage.STARTTLS, "certificate verify failed"), p23=accept),
+        {A: (SENT, "2.0.0", F2)}, routing=failover(*LIST),
+        contacted=[(R1, (A,)), (R2, (A,)), (F2, (A,))]),
+    Row("list: a host without an address or with a DNS failure is passed over",
+        world(addresses={"relay.test": NxDomain(), "relay2.test": DnsTempFailure("SERVFAIL")},
+              p24=accept),
+        {A: (SENT, "2.0.0", F3)}, routing=failover(*LIST), contacted=[(F3, (A,))]),
+    Row("list: every host failing defers with the last host's reason, never bounces",
+        world(p21=REFUSED, p22=REFUSED, p23=REFUSED, p24=fail_at(Stage.GREETING, "no", NO_SERVICE)),
+        {A: (DEFER, "4.3.2", F3)}, routing=failover(*LIST, bounce_on_5xx=True)),
+    Row("list: a 5xx to RCPT is final for the attempt (bounce_on_5xx), no next host",
+        world(p21=rcpt({A: NO_USER})), {A: (BOUNCE, "5.1.1", R1)},
+        routing=failover(*LIST, bounce_on_5xx=True), contacted=[(R1, (A,))]),
+    Row("list: a 5xx to DATA defers without trying the next host (bounce_on_5xx off)",
+        world(p21=data(DATA_REJECTED)), {A: (DEFER, "4.6.0", R1)},
+        routing=failover(*LIST), contacted=[(R1, (A,))]),
+    Row("list: resolve_mx resolves each entry as a domain, in list order",
+        world(mx={"relay.test": NxDomain(), "relay2.test": MxHosts(((5, "mx.relay2.test"),)),
+                  "relay3.test": NoMx()},
+              addresses={"mx.relay2.test": Addresses(("127.0.0.25",))},
+              p25=REFUSED, p24=accept),
+        {A: (SENT, "2.0.0", F3)}, routing=failover(*LIST, resolve_mx=True),
+        contacted=[("mx.relay2.test[127.0.0.25]:2525", (A,)), (F3, (A,))]),
+    Row("list: fallback mode hands over to the list after direct failed",
+        world(p11=REFUSED, p12=REFUSED, p13=REFUSED, p21=REFUSED, p22=REFUSED, p23=accept),
+        {A: (SENT, "2.0.0", F2)}, routing=failover(*LIST, mode=BOTH)),
+    Row("list: a list entry that is this host holds (mail loop)",
+        world(addresses={"relay.test": Addresses(("127.0.0.99",))}),
+        {A: (HELD, "5.4.6", "relay.test[127.0.0.99]:587")}, routing=failover(*LIST),
+        contacted=[]),
+]
+
 
 @pytest.mark.parametrize("row", ROWS, ids=[row.rule for row in ROWS])
 def test_planner_rule(row: Row) -> None:
@@ -469,8 +531,56 @@ def test_planner_rule(row: Row) -> None:
     for outcome in run.outcomes.values():
         assert outcome.route in (None, Route.DIRECT, Route.SMARTHOST)
         if outcome.hop is not None and row.routing.smarthost is not None:
-            expected_port = row.routing.smarthost.port if outcome.route is Route.SMARTHOST else 25
-            assert outcome.hop.port == expected_port
+            ports = {t.port for t in row.routing.smarthost.targets}
+            assert outcome.hop.port in (ports if outcome.route is Route.SMARTHOST else {25})
+
+
+CACHED = SessionFailure(Stage.CONNECT, "host recently failed to connect (cached)", cached=True)
+
+
+def _drive_with_cache(routing_cfg: RoutingConfig, cached: set[str], works: set[str]
+                      ) -> tuple[Outcome, list[Transact]]:
+    """Hosts in ``cached`` answer from the failure cache unless asked to ignore it."""
+    attempt = Attempt(domain="dest.test", recipients=(A,), routing=routing_cfg, host=ME,
+                      rng=random.Random(0))
+    sent: list[Transact] = []
+    while not isinstance(action := attempt.next_action(), Finished):
+        if isinstance(action, ResolveAddresses):
+            attempt.on_addresses(action.host, ADDRS[action.host])
+        elif isinstance(action, Transact):
+            sent.append(action)
+            hop = action.hop
+            if hop.address in cached and not action.ignore_failure_cache:
+                attempt.on_transaction(Result(hop, failure=CACHED))
+            elif hop.address in works:
+                attempt.on_transaction(accept(hop, action.recipients))
+            else:
+                attempt.on_transaction(REFUSED(hop, action.recipients))
+        else:
+            raise AssertionError(f"unexpected {action}")
+    [outcome] = action.outcomes
+    return outcome, sent
+
+
+def test_a_failover_list_whose_hosts_are_all_cached_as_failed_is_tried_anyway() -> None:
+    every = {"127.0.0.21", "127.0.0.22", "127.0.0.23", "127.0.0.24"}
+    outcome, sent = _drive_with_cache(failover(*LIST), cached=every, works={"127.0.0.24"})
+    assert outcome.kind is Kind.DELIVERED and outcome.relay == F3
+    assert [a.ignore_failure_cache for a in sent] == [False] * 4 + [True] * 4
+
+
+def test_a_cached_host_of_a_list_is_skipped_while_another_answers() -> None:
+    outcome, sent = _drive_with_cache(failover(*LIST), cached={"127.0.0.21", "127.0.0.22"},
+                                      works={"127.0.0.23"})
+    assert outcome.kind is Kind.DELIVERED and outcome.relay == F2
+    assert not any(a.ignore_failure_cache for a in sent)
+
+
+def test_a_single_smart_host_cached_as_failed_is_not_retried_in_the_same_attempt() -> None:
+    outcome, sent = _drive_with_cache(routing(SMART), cached={"127.0.0.21", "127.0.0.22"},
+                                      works={"127.0.0.21"})
+    assert outcome.kind is Kind.DEFERRED
+    assert not any(a.ignore_failure_cache for a in sent)
 
 
 def test_delivered_outcome_carries_hop_route_and_transcript() -> None:

@@ -246,6 +246,23 @@ INVALID = [
                  "10 is more than limits.max_sessions (5)", id="per-destination-above-max"),
 ]
 
+LIST = [{"host": "relay1.example.net", "port": 587}, {"host": "relay2.example.net"}]
+INVALID += [
+    pytest.param(SMARTHOST, sh(hosts=LIST), "/routing/smarthost/hosts",
+                 "cannot be set together with host", id="smarthost-host-and-hosts"),
+    pytest.param(SMARTHOST, sh(host=DELETE, port=DELETE, hosts=[]), "/routing/smarthost/hosts",
+                 "must not be empty", id="smarthost-hosts-empty"),
+    pytest.param(SMARTHOST, sh(host=DELETE, port=DELETE, hosts=[{"port": 587}]),
+                 "/routing/smarthost/hosts/0/host", "required", id="smarthost-hosts-entry-no-host"),
+    pytest.param(SMARTHOST, sh(host=DELETE, port=DELETE,
+                               hosts=[LIST[0], {"host": "mail.example.com"}]),
+                 "/routing/smarthost/hosts/1/host", "is this host itself",
+                 id="smarthost-hosts-entry-is-self"),
+    pytest.param(SMARTHOST, sh(host=DELETE, port=DELETE, hosts=[{"host": "r.example.net",
+                                                                 "prt": 25}]),
+                 "/routing/smarthost/hosts/0/prt", "", id="smarthost-hosts-entry-unknown-key"),
+]
+
 
 @pytest.mark.parametrize(("base", "patch", "where", "fragment"), INVALID)
 def test_invalid_spec_reports_one_error_at_the_offending_field(
@@ -308,7 +325,27 @@ WARNINGS = [
                  "port 465 normally expects implicit TLS", id="default-starttls-on-465"),
     pytest.param(MINIMAL, {"host": {"name": "mail"}}, "/host/name",
                  "is not a fully qualified domain name", id="host-name-not-fqdn"),
+    pytest.param(SMARTHOST, sh(host=DELETE, hosts=LIST), "/routing/smarthost/port",
+                 "is ignored when hosts is set", id="port-beside-hosts"),
+    pytest.param(SMARTHOST, sh(host=DELETE, port=DELETE, tls="tls", hosts=LIST),
+                 "/routing/smarthost/hosts/1/port", "port 25 normally speaks STARTTLS",
+                 id="implicit-tls-on-a-list-entry-default-port"),
 ]
+
+
+def test_a_failover_list_instead_of_host_is_valid_and_normalised() -> None:
+    spec = patched(SMARTHOST, sh(host=DELETE, port=DELETE, hosts=LIST))
+    normal, problems = check_spec(spec)
+    assert problems == [], [p.render() for p in problems]
+    assert normal is not None
+    assert normal["routing"]["smarthost"]["hosts"] == [
+        {"host": "relay1.example.net", "port": 587}, {"host": "relay2.example.net", "port": 25}]
+
+
+def test_a_smart_host_with_neither_host_nor_hosts_names_both_in_the_error() -> None:
+    found = errors(validate_spec(patched(SMARTHOST, sh(host=DELETE))))
+    assert [p.pointer for p in found] == ["/routing/smarthost/host"]
+    assert "hosts" in found[0].message and "hosts" in found[0].hint
 
 
 @pytest.mark.parametrize(("base", "patch", "where", "fragment"), WARNINGS)

@@ -92,7 +92,8 @@ def summary(config: Config) -> str:
         auth = ", auth" if smarthost.auth is not None else ""
         pop = ", pop-before-smtp" if smarthost.pop_before_smtp is not None else ""
         tls = smarthost.tls.value
-        parts.append(f"smart host {smarthost.host}:{smarthost.port} ({tls}{auth}{pop})")
+        hosts = ", ".join(f"{h.host}:{h.port}" for h in smarthost.targets)
+        parts.append(f"smart host {hosts} ({tls}{auth}{pop})")
     listeners = ", ".join(f"{x.address}:{x.port}" for x in config.listen)
     parts.append(f"listening on {listeners}")
     parts.append(f"{len(config.accounts)} account(s)")

@@ -74,9 +74,18 @@ class PopBeforeSmtp:
 
 
 @dataclass(frozen=True)
-class SmarthostConfig:
+class SmarthostHost:
+    """One entry of a smart host failover list."""
+
     host: str
     port: int = 25
+
+
+@dataclass(frozen=True)
+class SmarthostConfig:
+    host: str | None = None
+    port: int = 25
+    hosts: tuple[SmarthostHost, ...] = ()
     resolve_mx: bool = False
     tls: TlsPolicy = TlsPolicy.OPPORTUNISTIC
     verify_tls: bool = True
@@ -87,6 +96,18 @@ class SmarthostConfig:
     per_account_auth: bool = False
     use_account_mail_passwords: bool = False
     bounce_on_5xx: bool = False
+
+    @property
+    def targets(self) -> tuple[SmarthostHost, ...]:
+        """The smart hosts in the order they are tried: the hosts list, or host and port."""
+        if self.hosts:
+            return self.hosts
+        return (SmarthostHost(self.host, self.port),) if self.host is not None else ()
+
+    @property
+    def name(self) -> str:
+        """How logs and reports name this smart host: its first (or only) host."""
+        return self.targets[0].host if self.targets else ""
 
 
 @dataclass(frozen=True)
@@ -200,7 +221,9 @@ def config_from_spec(spec: dict[str, Any]) -> Config:
     if sh is not None:
         pop = sh.get("pop_before_smtp")
         smarthost = SmarthostConfig(
-            **{k: v for k, v in sh.items() if k not in ("tls", "auth", "pop_before_smtp")},
+            **{k: v for k, v in sh.items()
+               if k not in ("tls", "auth", "pop_before_smtp", "hosts")},
+            hosts=tuple(SmarthostHost(h["host"], h["port"]) for h in sh.get("hosts", ())),
             tls=TlsPolicy(sh["tls"]),
             auth=_creds(sh.get("auth")),
             pop_before_smtp=None
@@ -264,6 +287,7 @@ def config_to_spec(cfg: Config) -> dict[str, Any]:
         routing["smarthost"] = _drop_none({
             "host": sh.host,
             "port": sh.port,
+            "hosts": [{"host": h.host, "port": h.port} for h in sh.hosts] or None,
             "resolve_mx": sh.resolve_mx,
             "tls": sh.tls.value,
             "verify_tls": sh.verify_tls,

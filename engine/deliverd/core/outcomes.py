@@ -110,6 +110,7 @@ class SessionFailure:
     temporary: bool = True
     status: str = "4.4.1"
     loop: bool = False
+    cached: bool = False  # not tried: the host failed to connect moments ago
 
 
 @dataclass(frozen=True)

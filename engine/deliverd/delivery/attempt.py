@@ -44,6 +44,9 @@ async def run_attempt(
                 if action.hop.route is Route.SMARTHOST
                 else None
             )
-            attempt.on_transaction(await transport.transact(action.hop, subset, credentials=creds))
+            attempt.on_transaction(await transport.transact(
+                action.hop, subset, credentials=creds,
+                ignore_failure_cache=action.ignore_failure_cache,
+            ))
         else:  # pragma: no cover - the planner only emits the four actions above
             raise TypeError(f"unknown planner action {action!r}")

@@ -117,23 +117,29 @@ def _unresolved(what: str, result: object) -> str:
 
 
 async def _resolve(sh: SmarthostConfig, resolver: Resolver) -> _Targets | str:
-    """The hops to try in order, or why there are none."""
-    names: list[tuple[int | None, str]] = [(None, sh.host)]
-    if sh.resolve_mx:
-        mx = await resolver.mx(sh.host)
+    """The hops to try in order (every host of a failover list), or why there are none."""
+    names: list[tuple[int | None, str, int]] = []
+    problems: list[str] = []
+    for target in sh.targets:
+        if not sh.resolve_mx:
+            names.append((None, target.host, target.port))
+            continue
+        mx = await resolver.mx(target.host)
         if isinstance(mx, MxHosts):
-            names = [(pref, host) for pref, host in sorted(mx.records)]
-        elif not isinstance(mx, NoMx):  # no MX: the host itself, as RFC 5321 implicit MX
-            return _unresolved(f"MX lookup for {sh.host}", mx)
+            names += [(pref, host, target.port) for pref, host in sorted(mx.records)]
+        elif isinstance(mx, NoMx):  # no MX: the host itself, as RFC 5321 implicit MX
+            names.append((None, target.host, target.port))
+        else:
+            problems.append(_unresolved(f"MX lookup for {target.host}", mx))
     hops: list[Hop] = []
     shown: list[str] = []
-    problems: list[str] = []
-    for pref, name in names:
+    for pref, name, port in names:
         found = await resolver.addresses(name)
         if isinstance(found, Addresses):
-            hops += [Hop(name, a, sh.port, Route.SMARTHOST, pref) for a in found.addresses]
+            hops += [Hop(name, a, port, Route.SMARTHOST, pref) for a in found.addresses]
             label = name if pref is None else f"MX {pref} {name}"
-            shown.append(f"{label} -> {', '.join(found.addresses)}")
+            where = f":{port}" if len(sh.targets) > 1 else ""
+            shown.append(f"{label}{where} -> {', '.join(found.addresses)}")
         else:
             problems.append(_unresolved(name, found))
     if not hops:
@@ -289,7 +295,7 @@ async def probe(
         raise ProbeConfigError("routing.smarthost is not configured: nothing to probe")
     creds, source = _credentials(cfg, account)
     steps = _Steps()
-    report = ProbeReport(f"{smarthost.host}:{smarthost.port}", ())
+    report = ProbeReport(", ".join(f"{h.host}:{h.port}" for h in smarthost.targets), ())
     make = resolver_factory or _default_resolver
     targets = await _resolve(smarthost, make(cfg))
     if isinstance(targets, str):

@@ -97,6 +97,7 @@ class ResolveAddresses:
 class Transact:
     hop: Hop
     recipients: tuple[str, ...]
+    ignore_failure_cache: bool = False
 
 
 @dataclass(frozen=True)
@@ -193,17 +194,23 @@ class _Leg:
     """One pass over one route's hops: the MX hosts of the domain, or the smart host."""
 
     route: Route
-    port: int
     active: list[str]
     notes: dict[str, _Note]
-    mx_query: str | None = None  # the MX lookup still to make, if any
-    hosts: deque[tuple[str, int | None]] = field(default_factory=deque)
+    # MX lookups still to make, each with the port its hosts are reached on.
+    mx_queries: deque[tuple[str, int]] = field(default_factory=deque)
+    # Host names still to resolve: (name, MX preference or None, port).
+    hosts: deque[tuple[str, int | None, int]] = field(default_factory=deque)
     hops: deque[Hop] = field(default_factory=deque)
-    tried: set[str] = field(default_factory=set)
+    tried: set[tuple[str, int]] = field(default_factory=set)
     unresolved: list[str] = field(default_factory=list)
+    # Hops skipped because the transport's connection failure cache had them (smart host list).
+    cached: list[Hop] = field(default_factory=list)
+    connected: bool = False  # some hop of this leg was really tried
+    failover: bool = False  # a smart host list: when every host is cached, try them anyway
+    ignore_failure_cache: bool = False
 
     def exhausted(self) -> bool:
-        return not (self.mx_query or self.hosts or self.hops)
+        return not (self.mx_queries or self.hosts or self.hops)
 
     def note(self, recipient: str) -> _Note:
         return self.notes.setdefault(recipient, _Note())
@@ -248,29 +255,33 @@ class Attempt:
                 leg.active = [r for r in leg.active if r not in self._final]
             if leg is None:
                 self._pending = Finished(tuple(self._final[r] for r in self.recipients))
+            elif leg.active and leg.exhausted() and self._retry_cached(leg):
+                continue
             elif not leg.active or leg.exhausted():
                 self._end_leg(leg)
-            elif leg.mx_query is not None:
-                self._pending = ResolveMx(leg.mx_query)
+            elif leg.mx_queries:
+                self._pending = ResolveMx(leg.mx_queries[0][0])
             elif leg.hops:
-                self._pending = Transact(leg.hops.popleft(), tuple(leg.active))
+                self._pending = Transact(
+                    leg.hops.popleft(), tuple(leg.active), leg.ignore_failure_cache
+                )
             else:
                 self._pending = ResolveAddresses(leg.hosts[0][0])
         return self._pending
 
     def on_mx(self, domain: str, result: MxResult) -> None:
         leg = self._expect(ResolveMx(domain))
-        leg.mx_query = None
+        name, port = leg.mx_queries.popleft()
         if leg.route is Route.DIRECT:
-            self._direct_mx(leg, result)
+            self._direct_mx(leg, result, port)
         else:
-            self._smarthost_mx(leg, result)
+            self._smarthost_mx(leg, name, port, result)
 
     def on_addresses(self, host: str, result: AddressResult) -> None:
         leg = self._expect(ResolveAddresses(host))
-        name, preference = leg.hosts.popleft()
+        name, preference, port = leg.hosts.popleft()
         if isinstance(result, Addresses):
-            self._add_hops(leg, name, preference, result.addresses)
+            self._add_hops(leg, name, preference, port, result.addresses)
         elif isinstance(result, DnsTempFailure):
             failure = _Failure("4.4.3", f"dns; {result.reason}")
             for recipient in leg.active:
@@ -285,16 +296,22 @@ class Attempt:
         leg = self._leg
         assert leg is not None  # a Transact is only handed out while a leg runs
         self._pending = None
+        if result.failure is not None and result.failure.cached:
+            leg.cached.append(result.hop)
+        else:
+            leg.connected = True
         for recipient, verdict in _verdicts(pending.recipients, result).items():
             self._apply(leg, recipient, verdict, result)
 
     # --- DNS results ----------------------------------------------------------------------
 
-    def _direct_mx(self, leg: _Leg, result: MxResult) -> None:
+    def _direct_mx(self, leg: _Leg, result: MxResult, port: int) -> None:
         domain = self.domain
         direct = self._routing.direct
         if isinstance(result, MxHosts):
-            leg.hosts.extend((host, pref) for pref, host in order_mx(result.records, self._rng))
+            leg.hosts.extend(
+                (host, pref, port) for pref, host in order_mx(result.records, self._rng)
+            )
         elif isinstance(result, NullMx):
             self._settle_all(leg, Kind.BOUNCED, _Failure(
                 "5.1.10", f"dns; {domain} accepts no mail (null MX, RFC 7505)"))
@@ -302,32 +319,35 @@ class Attempt:
             self._settle_all(leg, Kind.BOUNCED, _Failure(
                 "5.4.4", f"dns; {domain} has no MX record (bounce_on_no_mx)"))
         elif isinstance(result, NoMx):
-            leg.hosts.append((domain, None))  # RFC 5321 5.1 implicit MX
+            leg.hosts.append((domain, None, port))  # RFC 5321 5.1 implicit MX
         elif isinstance(result, NxDomain):
             self._fail_leg(leg, _Failure("5.1.2", f"dns; {domain}: no such domain (NXDOMAIN)"))
         else:
             self._fail_leg(leg, _Failure("4.4.3", f"dns; {result.reason}"))
 
-    def _smarthost_mx(self, leg: _Leg, result: MxResult) -> None:
-        name = self._smarthost.host
+    def _smarthost_mx(self, leg: _Leg, name: str, port: int, result: MxResult) -> None:
+        """One smart host's MX lookup; a failure is noted and the next host of a list tried."""
         if isinstance(result, MxHosts):
-            leg.hosts.extend((host, pref) for pref, host in order_mx(result.records, self._rng))
+            leg.hosts.extend(
+                (host, pref, port) for pref, host in order_mx(result.records, self._rng)
+            )
         elif isinstance(result, NoMx):
-            leg.hosts.append((name, None))
+            leg.hosts.append((name, None, port))
         elif isinstance(result, DnsTempFailure):
-            self._fail_leg(leg, _Failure("4.4.3", f"dns; {result.reason}"))
+            self._note_all(leg, _Failure("4.4.3", f"dns; {result.reason}"))
         else:
             what = "no such domain" if isinstance(result, NxDomain) else "null MX"
-            self._fail_leg(leg, _Failure("4.4.4", f"dns; smart host {name}: {what}"))
+            self._note_all(leg, _Failure("4.4.4", f"dns; smart host {name}: {what}"))
 
-    def _add_hops(self, leg: _Leg, name: str, pref: int | None, found: Sequence[str]) -> None:
+    def _add_hops(self, leg: _Leg, name: str, pref: int | None, port: int,
+                  found: Sequence[str]) -> None:
         ours = ascii_domain(name) == ascii_domain(self._host.name)
         for address in found:
-            hop = Hop(name, address, leg.port, leg.route, pref)
+            hop = Hop(name, address, port, leg.route, pref)
             if ours or _canonical(address) in self._own_addresses:
                 self._loop(leg, _Failure("5.4.6", f"mail loop: {hop.relay} is this host", hop))
-            elif address not in leg.tried:
-                leg.tried.add(address)
+            elif (address, port) not in leg.tried:
+                leg.tried.add((address, port))
                 leg.hops.append(hop)
 
     # --- transaction results --------------------------------------------------------------
@@ -388,25 +408,38 @@ class Attempt:
         return smarthost
 
     def _direct_leg(self) -> _Leg:
-        leg = _Leg(Route.DIRECT, self._routing.direct.port, list(self.recipients), {})
+        leg = _Leg(Route.DIRECT, list(self.recipients), {})
+        port = self._routing.direct.port
         literal = ip_literal(self.domain) if self.domain.startswith("[") else None
         if literal is not None:
-            self._add_hops(leg, literal, None, (literal,))  # user@[192.0.2.1]: no DNS
+            self._add_hops(leg, literal, None, port, (literal,))  # user@[192.0.2.1]: no DNS
         else:
-            leg.mx_query = self.domain
+            leg.mx_queries.append((self.domain, port))
         return leg
 
     def _smarthost_leg(self, recipients: list[str]) -> _Leg:
+        """The smart host, or each host of its failover list in order, as one leg."""
         smarthost = self._smarthost
-        leg = _Leg(Route.SMARTHOST, smarthost.port, recipients, {})
-        literal = ip_literal(smarthost.host)
-        if literal is not None:
-            self._add_hops(leg, smarthost.host, None, (literal,))
-        elif smarthost.resolve_mx:
-            leg.mx_query = smarthost.host
-        else:
-            leg.hosts.append((smarthost.host, None))
+        leg = _Leg(Route.SMARTHOST, recipients, {}, failover=len(smarthost.targets) > 1)
+        for target in smarthost.targets:
+            literal = ip_literal(target.host)
+            if literal is not None and not leg.failover:
+                self._add_hops(leg, target.host, None, target.port, (literal,))
+            elif smarthost.resolve_mx:
+                leg.mx_queries.append((target.host, target.port))
+            else:
+                leg.hosts.append((target.host, None, target.port))
         return leg
+
+    def _retry_cached(self, leg: _Leg) -> bool:
+        """Every host of a failover list was skipped as recently failed: try them all anyway
+        (as Haraka's host pool does), once, rather than defer without a single connection."""
+        if not leg.failover or leg.connected or not leg.cached or leg.ignore_failure_cache:
+            return False
+        leg.ignore_failure_cache = True
+        leg.hops.extend(leg.cached)
+        leg.cached.clear()
+        return True
 
     def _end_leg(self, leg: _Leg) -> None:
         """Every recipient still active gets its route's verdict (or moves to the next)."""
@@ -439,8 +472,9 @@ class Attempt:
         if leg.route is Route.DIRECT:
             return _outcome(recipient, Kind.BOUNCED, _Failure(
                 "5.4.4", f"dns; no address for any MX host of {self.domain} ({names})"))
+        names = ", ".join(leg.unresolved) or self._smarthost.name
         return _outcome(recipient, Kind.DEFERRED, _Failure(
-            "4.4.4", f"dns; no address for smart host {self._smarthost.host}"))
+            "4.4.4", f"dns; no address for smart host {names}"))
 
     def _fail_leg(self, leg: _Leg, failure: _Failure) -> None:
         """A route-wide failure (its DNS): noted for every active recipient, route over."""
@@ -450,9 +484,18 @@ class Attempt:
                 note.temp = failure
             else:
                 note.perm = failure
-        leg.mx_query = None
+        leg.mx_queries.clear()
         leg.hosts.clear()
         leg.hops.clear()
+
+    def _note_all(self, leg: _Leg, failure: _Failure) -> None:
+        """A failure of one host of a route: noted for every active recipient, route goes on."""
+        for recipient in leg.active:
+            note = leg.note(recipient)
+            if failure.temporary:
+                note.temp = failure
+            else:
+                note.perm = failure
 
     def _settle_all(self, leg: _Leg, kind: Kind, failure: _Failure) -> None:
         for recipient in leg.active:

@@ -98,10 +98,17 @@ class Transport:
             await asyncio.gather(*self._closing, return_exceptions=True)
 
     async def transact(
-        self, hop: Hop, envelope: Envelope, *, credentials: Credentials | None = None
+        self,
+        hop: Hop,
+        envelope: Envelope,
+        *,
+        credentials: Credentials | None = None,
+        ignore_failure_cache: bool = False,
     ) -> TransactionResult:
         """One transaction to ``hop`` for all of ``envelope.recipients``; never raises for
-        network problems. ``credentials`` are used for smart host hops only."""
+        network problems. ``credentials`` are used for smart host hops only.
+        ``ignore_failure_cache`` connects even to a host that just failed (the planner asks
+        for it when every host of a failover list is cached as failed)."""
         cfg = self._cfg
         creds = credentials if hop.route is Route.SMARTHOST else None
         plan = plan_for(hop.route, cfg)
@@ -112,8 +119,10 @@ class Transport:
             creds.username if creds else None,
             hop.host.lower() if plan.verify else None,
         )
-        if self._failures.is_cached(key.destination):
-            cached = SessionFailure(Stage.CONNECT, CACHED_CONNECT_ERROR, status=STATUS_CONNECT)
+        if not ignore_failure_cache and self._failures.is_cached(key.destination):
+            cached = SessionFailure(
+                Stage.CONNECT, CACHED_CONNECT_ERROR, status=STATUS_CONNECT, cached=True
+            )
             return TransactionResult(hop, failure=cached)
         # POP-before-SMTP: the login must precede the session it authorises (it is reused for
         # valid_for, so this is a no-op for most transactions).

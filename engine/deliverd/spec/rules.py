@@ -256,14 +256,52 @@ def _same_address(a: str, b: str) -> bool:
         return False
 
 
-def _smarthost_is_self(v: _View) -> Iterator[Problem]:
+def _smarthost_names(v: _View) -> Iterator[tuple[PathParts, str]]:
+    """Every smart host name written: ``host``, or each entry of the ``hosts`` list."""
     host = v.text(*_SH, "host")
-    if host is None:
+    if host is not None:
+        yield (*_SH, "host"), host
+    for i in range(v.length(*_SH, "hosts")):
+        entry = v.maybe(*_SH, "hosts", i, "host")
+        if isinstance(entry, str):
+            yield (*_SH, "hosts", i, "host"), entry
+
+
+def _smarthost_target(v: _View) -> Iterator[Problem]:
+    if not v.present(*_SH):
         return
+    single, listed = v.present(*_SH, "host"), v.present(*_SH, "hosts")
+    if not single and not listed:
+        yield _error(
+            (*_SH, "host"),
+            "is required (or hosts, an ordered failover list)",
+            "a host name or an IP address (host: relay.example.com), or a failover list"
+            " (hosts: [{host: relay1.example.com, port: 587}, {host: relay2.example.com}])",
+        )
+    elif single and listed:
+        yield _error(
+            (*_SH, "hosts"),
+            "cannot be set together with host",
+            "move host and port into the hosts list as its first entry, or remove hosts",
+        )
+    elif listed and v.present(*_SH, "port"):
+        yield _warn(
+            (*_SH, "port"),
+            "is ignored when hosts is set: each entry of hosts has its own port",
+            "write the port on each entry of hosts and remove this one",
+        )
+
+
+def _smarthost_is_self(v: _View) -> Iterator[Problem]:
+    for path, host in _smarthost_names(v):
+        yield from _one_smarthost_is_self(v, path, host)
+
+
+def _one_smarthost_is_self(v: _View, path: PathParts, host: str) -> Iterator[Problem]:
     name = v.maybe("host", "name")
     if isinstance(name, str) and host.lower().rstrip(".") == name.lower().rstrip("."):
         yield _error(
-            (*_SH, "host"),
+            path,
             "is this host itself (host.name)",
             "a smart host must be another machine: mail sent to it would loop back here",
         )
@@ -272,7 +310,7 @@ def _smarthost_is_self(v: _View) -> Iterator[Problem]:
         own = v.maybe("host", "addresses", i)
         if isinstance(own, str) and _same_address(host, own):
             yield _error(
-                (*_SH, "host"),
+                path,
                 f"is one of this host's own addresses (host.addresses[{i}])",
                 "a smart host must be another machine: mail sent to it would loop back here",
             )
@@ -368,19 +406,22 @@ def _session_limits(v: _View) -> Iterator[Problem]:
 def _tls_port(v: _View) -> Iterator[Problem]:
     if not v.present(*_SH):
         return
-    tls, port = _effective_tls(v), v.number(*_SH, "port")
-    if tls == "tls" and port in (25, 587):
-        yield _warn(
-            (*_SH, "port"),
-            f"port {port} normally speaks STARTTLS, not implicit TLS (tls: tls)",
-            "implicit TLS is normally port 465; for port 25 or 587 use tls: starttls",
-        )
-    elif tls == "starttls" and port == 465:
-        yield _warn(
-            (*_SH, "tls"),
-            "port 465 normally expects implicit TLS, not STARTTLS",
-            "use tls: tls for port 465, or port 587 with tls: starttls",
-        )
+    tls = _effective_tls(v)
+    ports: list[PathParts] = [(*_SH, "hosts", i, "port") for i in range(v.length(*_SH, "hosts"))]
+    for path in ports or [(*_SH, "port")]:
+        port = v.number(*path)
+        if tls == "tls" and port in (25, 587):
+            yield _warn(
+                path,
+                f"port {port} normally speaks STARTTLS, not implicit TLS (tls: tls)",
+                "implicit TLS is normally port 465; for port 25 or 587 use tls: starttls",
+            )
+        elif tls == "starttls" and port == 465:
+            yield _warn(
+                (*_SH, "tls"),
+                "port 465 normally expects implicit TLS, not STARTTLS",
+                "use tls: tls for port 465, or port 587 with tls: starttls",
+            )
 
 
 def _host_name_fqdn(v: _View) -> Iterator[Problem]:
@@ -396,6 +437,7 @@ def _host_name_fqdn(v: _View) -> Iterator[Problem]:
 _RULES: tuple[Rule, ...] = (
     _smarthost_needed,
     _smarthost_ignored,
+    _smarthost_target,
     _plaintext_smtp_auth,
     _plaintext_pop,
     _unverified_tls,
