@@ -168,7 +168,7 @@ class Transport:
             await self._establish(session, plan, creds, cfg, tls=tls)
         except SessionError as err:
             await _close_after_failure(session, err.failure)
-            if err.failure.stage is Stage.CONNECT:
+            if _host_failed(err.failure):
                 self._failures.record(key.destination, cfg.limits.connection_failure_cache)
             return TransactionResult(hop, failure=err.failure, transcript=tuple(session.transcript))
         except BaseException:
@@ -386,6 +386,13 @@ def _result(hop: Hop, progress: _Progress, transcript: tuple[str, ...]) -> Trans
         transcript=transcript,
         aborted=progress.aborted,
     )
+
+
+def _host_failed(failure: SessionFailure) -> bool:
+    """A failure of the host itself, not of this message: it could not be reached, or it
+    would not talk (a timeout, 4xx or 5xx greeting). Such a host is skipped for
+    ``limits.connection_failure_cache``; refusals of a sender or recipient are not."""
+    return failure.stage in (Stage.CONNECT, Stage.GREETING) and not failure.loop
 
 
 async def _close_after_failure(session: SmtpSession, failure: SessionFailure) -> None:
