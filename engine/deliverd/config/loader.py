@@ -186,12 +186,15 @@ def _merge_secrets(
             problems += _merge_routing(tree, value, secrets_file)
         elif key == "accounts":
             problems += _merge_accounts(tree, value, config, secrets_file)
+        elif key == "routes":
+            problems += _merge_routes(tree, value, config, secrets_file)
         else:
             problems.append(
                 Problem(
                     pointer(key),
                     f"{secrets_file}: unknown table {key!r}",
-                    "a secrets file has only [routing.smarthost.*] and [accounts.\"ADDRESS\"]",
+                    "a secrets file has only [routing.smarthost.*], [routes.\"NAME\".smarthost.*]"
+                    " and [accounts.\"ADDRESS\"]",
                 )
             )
     return problems
@@ -213,6 +216,35 @@ def _merge_routing(tree: dict[str, Any], secrets: object, secrets_file: Path) ->
     if isinstance(routing, dict):
         _deep_merge(routing, secrets)
     return []
+
+
+def _merge_routes(
+    tree: dict[str, Any], secrets: object, config: Path, secrets_file: Path
+) -> list[Problem]:
+    """``[routes."NAME".smarthost.auth] password`` into the route of that name."""
+    not_passwords = _non_password_leaves(secrets, ("routes",))
+    if not_passwords:
+        return [
+            Problem(where, f"{secrets_file}: only passwords belong in the secrets file",
+                    "put every other setting in the config file")
+            for where in not_passwords
+        ]
+    assert isinstance(secrets, dict)  # a leaf would have been refused above
+    routes = tree.get("routes")
+    by_name = {r.get("name"): r for r in routes if isinstance(r, dict)} if isinstance(
+        routes, list) else {}
+    problems: list[Problem] = []
+    for name, subtree in secrets.items():
+        route = by_name.get(name)
+        if route is None:
+            problems.append(Problem(
+                pointer("routes", name),
+                f"{secrets_file}: a password for route {name!r}, which {config} does not have",
+                "render both files from the same spec with deliverd render",
+            ))
+        elif isinstance(subtree, dict):
+            _deep_merge(route, subtree)
+    return problems
 
 
 def _non_password_leaves(node: object, path: tuple[str, ...]) -> list[str]:

@@ -7,7 +7,7 @@ object printed in a log or traceback never shows one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -119,6 +119,25 @@ class RoutingConfig:
 
 
 @dataclass(frozen=True)
+class RouteMatch:
+    """What a message must match for a route: every non-empty field must match."""
+
+    sender: tuple[str, ...] = ()
+    sender_domain: tuple[str, ...] = ()
+    recipient_domain: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """One entry of ``routes[]``: first match wins, else ``routing``."""
+
+    name: str
+    match: RouteMatch
+    mode: RoutingMode = RoutingMode.DIRECT
+    smarthost: SmarthostConfig | None = None
+
+
+@dataclass(frozen=True)
 class Account:
     address: str
     smarthost_auth: Credentials | None = None
@@ -174,6 +193,7 @@ class Config:
     listen: tuple[Listener, ...] = (Listener("127.0.0.1"),)
     queue: QueueConfig = QueueConfig()
     routing: RoutingConfig = RoutingConfig()
+    routes: tuple[RouteConfig, ...] = ()
     accounts: tuple[Account, ...] = ()
     retry: RetryConfig = RetryConfig()
     limits: LimitsConfig = LimitsConfig()
@@ -183,14 +203,26 @@ class Config:
     def secrets(self) -> tuple[str, ...]:
         """Every password in this config: the log filter masks them all."""
         found: list[str | None] = []
-        sh = self.routing.smarthost
-        if sh is not None:
-            found.append(sh.auth.password if sh.auth else None)
-            found.append(sh.pop_before_smtp.password if sh.pop_before_smtp else None)
+        for sh in (self.routing.smarthost, *(r.smarthost for r in self.routes)):
+            if sh is not None:
+                found.append(sh.auth.password if sh.auth else None)
+                found.append(sh.pop_before_smtp.password if sh.pop_before_smtp else None)
         for account in self.accounts:
             found.append(account.smarthost_auth.password if account.smarthost_auth else None)
             found.append(account.mail_password)
         return tuple(sorted({s for s in found if s}))
+
+    def route(self, name: str) -> RouteConfig | None:
+        return next((r for r in self.routes if r.name == name), None)
+
+    def for_route(self, name: str | None) -> Config:
+        """This config as seen by mail on route ``name``: its mode and smart host in
+        ``routing``, everything else shared. ``None`` (or an unknown name) is the default."""
+        route = self.route(name) if name is not None else None
+        if route is None:
+            return self
+        routing = replace(self.routing, mode=route.mode, smarthost=route.smarthost)
+        return replace(self, routing=routing)
 
     def account_for(self, sender: str) -> Account | None:
         """The account whose address is the envelope sender (case-insensitive)."""
@@ -213,26 +245,33 @@ def _durations(d: dict[str, Any], *keys: str) -> dict[str, Any]:
     return {k: parse_duration(v) if k in keys else v for k, v in d.items()}
 
 
+def _smarthost(sh: dict[str, Any] | None) -> SmarthostConfig | None:
+    if sh is None:
+        return None
+    pop = sh.get("pop_before_smtp")
+    return SmarthostConfig(
+        **{k: v for k, v in sh.items() if k not in ("tls", "auth", "pop_before_smtp", "hosts")},
+        hosts=tuple(SmarthostHost(h["host"], h["port"]) for h in sh.get("hosts", ())),
+        tls=TlsPolicy(sh["tls"]),
+        auth=_creds(sh.get("auth")),
+        pop_before_smtp=None
+        if pop is None
+        else PopBeforeSmtp(
+            **_durations({k: v for k, v in pop.items() if k != "tls"}, "valid_for"),
+            tls=TlsPolicy(pop["tls"]),
+        ),
+    )
+
+
+def _route(r: dict[str, Any]) -> RouteConfig:
+    match = RouteMatch(**{k: tuple(v) for k, v in r["match"].items()})
+    return RouteConfig(r["name"], match, RoutingMode(r["mode"]), _smarthost(r.get("smarthost")))
+
+
 def config_from_spec(spec: dict[str, Any]) -> Config:
     """Typed config from a *normalised* spec (see ``deliverd.spec.normalise``)."""
     routing = spec["routing"]
-    sh = routing.get("smarthost")
-    smarthost = None
-    if sh is not None:
-        pop = sh.get("pop_before_smtp")
-        smarthost = SmarthostConfig(
-            **{k: v for k, v in sh.items()
-               if k not in ("tls", "auth", "pop_before_smtp", "hosts")},
-            hosts=tuple(SmarthostHost(h["host"], h["port"]) for h in sh.get("hosts", ())),
-            tls=TlsPolicy(sh["tls"]),
-            auth=_creds(sh.get("auth")),
-            pop_before_smtp=None
-            if pop is None
-            else PopBeforeSmtp(
-                **_durations({k: v for k, v in pop.items() if k != "tls"}, "valid_for"),
-                tls=TlsPolicy(pop["tls"]),
-            ),
-        )
+    smarthost = _smarthost(routing.get("smarthost"))
     limits = dict(spec["limits"])
     limits["max_message_size"] = parse_size(limits["max_message_size"])
     return Config(
@@ -248,6 +287,7 @@ def config_from_spec(spec: dict[str, Any]) -> Config:
             smarthost=smarthost,
             abort_on_rcpt_5xx=routing["abort_on_rcpt_5xx"],
         ),
+        routes=tuple(_route(r) for r in spec["routes"]),
         accounts=tuple(
             Account(a["address"], _creds(a.get("smarthost_auth")), a.get("mail_password"))
             for a in spec["accounts"]
@@ -270,6 +310,42 @@ def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if v is not None}
 
 
+def _smarthost_out(sh: SmarthostConfig) -> dict[str, Any]:
+    pop = sh.pop_before_smtp
+    return _drop_none({
+        "host": sh.host,
+        "port": sh.port,
+        "hosts": [{"host": h.host, "port": h.port} for h in sh.hosts] or None,
+        "resolve_mx": sh.resolve_mx,
+        "tls": sh.tls.value,
+        "verify_tls": sh.verify_tls,
+        "ca_file": sh.ca_file,
+        "allow_plaintext_auth": sh.allow_plaintext_auth,
+        "auth": _creds_out(sh.auth),
+        "pop_before_smtp": None
+        if pop is None
+        else {
+            "host": pop.host,
+            "port": pop.port,
+            "tls": pop.tls.value,
+            "username": pop.username,
+            "password": pop.password,
+            "valid_for": format_duration(pop.valid_for),
+        },
+        "per_account_auth": sh.per_account_auth,
+        "use_account_mail_passwords": sh.use_account_mail_passwords,
+        "bounce_on_5xx": sh.bounce_on_5xx,
+    })
+
+
+def _route_out(r: RouteConfig) -> dict[str, Any]:
+    match = {k: list(v) for k, v in vars(r.match).items() if v}
+    out: dict[str, Any] = {"name": r.name, "match": match, "mode": r.mode.value}
+    if r.smarthost is not None:
+        out["smarthost"] = _smarthost_out(r.smarthost)
+    return out
+
+
 def config_to_spec(cfg: Config) -> dict[str, Any]:
     """The normalised spec this config was built from."""
     sh = cfg.routing.smarthost
@@ -283,31 +359,7 @@ def config_to_spec(cfg: Config) -> dict[str, Any]:
         "abort_on_rcpt_5xx": cfg.routing.abort_on_rcpt_5xx,
     }
     if sh is not None:
-        pop = sh.pop_before_smtp
-        routing["smarthost"] = _drop_none({
-            "host": sh.host,
-            "port": sh.port,
-            "hosts": [{"host": h.host, "port": h.port} for h in sh.hosts] or None,
-            "resolve_mx": sh.resolve_mx,
-            "tls": sh.tls.value,
-            "verify_tls": sh.verify_tls,
-            "ca_file": sh.ca_file,
-            "allow_plaintext_auth": sh.allow_plaintext_auth,
-            "auth": _creds_out(sh.auth),
-            "pop_before_smtp": None
-            if pop is None
-            else {
-                "host": pop.host,
-                "port": pop.port,
-                "tls": pop.tls.value,
-                "username": pop.username,
-                "password": pop.password,
-                "valid_for": format_duration(pop.valid_for),
-            },
-            "per_account_auth": sh.per_account_auth,
-            "use_account_mail_passwords": sh.use_account_mail_passwords,
-            "bounce_on_5xx": sh.bounce_on_5xx,
-        })
+        routing["smarthost"] = _smarthost_out(sh)
     lim, tmo, rty = cfg.limits, cfg.timeouts, cfg.retry
     return {
         "version": cfg.version,
@@ -318,6 +370,7 @@ def config_to_spec(cfg: Config) -> dict[str, Any]:
         ],
         "queue": {"path": cfg.queue.path},
         "routing": routing,
+        "routes": [_route_out(r) for r in cfg.routes],
         "accounts": [
             _drop_none({
                 "address": a.address,

@@ -79,6 +79,7 @@ class Hop:
     port: int
     route: Route
     preference: int | None = None
+    route_name: str | None = None  # the routes[] entry this hop serves, if one matched
 
     @property
     def relay(self) -> str:
@@ -149,6 +150,7 @@ class Outcome:
     hop: Hop | None = None
     transcript: tuple[str, ...] = ()
     stage: Stage | None = None  # where a session failure happened, when one did
+    route_name: str | None = None  # the routes[] entry the recipient took, if one matched
 
     @property
     def relay(self) -> str:

@@ -54,7 +54,7 @@ from __future__ import annotations
 import random
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from deliverd.config.model import HostConfig, RoutingConfig, RoutingMode, SmarthostConfig
 from deliverd.core.outcomes import (
@@ -227,12 +227,14 @@ class Attempt:
         routing: RoutingConfig,
         host: HostConfig,
         rng: random.Random | None = None,
+        route_name: str | None = None,
     ) -> None:
         if routing.mode is not RoutingMode.DIRECT and routing.smarthost is None:
             raise ValueError(f"routing mode {routing.mode.value} needs routing.smarthost")
         self.domain = ascii_domain(domain)
         self.recipients = tuple(dict.fromkeys(recipients))
         self._routing = routing
+        self.route_name = route_name
         self._host = host
         self._own_addresses = frozenset(_canonical(a) for a in host.addresses)
         self._rng = rng if rng is not None else random.Random()  # noqa: S311 (not crypto)
@@ -254,7 +256,10 @@ class Attempt:
             if leg is not None:
                 leg.active = [r for r in leg.active if r not in self._final]
             if leg is None:
-                self._pending = Finished(tuple(self._final[r] for r in self.recipients))
+                final = (self._final[r] for r in self.recipients)
+                if self.route_name is not None:
+                    final = (replace(o, route_name=self.route_name) for o in final)
+                self._pending = Finished(tuple(final))
             elif leg.active and leg.exhausted() and self._retry_cached(leg):
                 continue
             elif not leg.active or leg.exhausted():
@@ -343,7 +348,7 @@ class Attempt:
                   found: Sequence[str]) -> None:
         ours = ascii_domain(name) == ascii_domain(self._host.name)
         for address in found:
-            hop = Hop(name, address, port, leg.route, pref)
+            hop = Hop(name, address, port, leg.route, pref, self.route_name)
             if ours or _canonical(address) in self._own_addresses:
                 self._loop(leg, _Failure("5.4.6", f"mail loop: {hop.relay} is this host", hop))
             elif (address, port) not in leg.tried:
@@ -400,6 +405,11 @@ class Attempt:
             leg.note(recipient).loop = failure
 
     # --- legs ----------------------------------------------------------------------------
+
+    @property
+    def routing(self) -> RoutingConfig:
+        """The routing this attempt follows: ``routing``, or its route's mode and smart host."""
+        return self._routing
 
     @property
     def _smarthost(self) -> SmarthostConfig:

@@ -15,11 +15,12 @@ import random
 import time
 from datetime import UTC, datetime
 
-from deliverd.config.model import Config, OnExpiry, RoutingMode
+from deliverd.config.model import Config, OnExpiry
 from deliverd.core.outcomes import Envelope, Kind, Outcome, Route, Stage
 from deliverd.delivery.attempt import run_attempt
 from deliverd.delivery.backoff import expired, next_attempt, retry_until
-from deliverd.delivery.router import Attempt, group_by_domain
+from deliverd.delivery.router import Attempt
+from deliverd.delivery.routes import split_by_route
 from deliverd.dns.resolver import Resolver
 from deliverd.ops.logline import dsn_sent, format_attempt, format_event
 from deliverd.ops.metrics import Metrics
@@ -183,21 +184,15 @@ class Scheduler:
         await self._settle(message, data, outcomes)
 
     async def _attempt_all(self, cfg: Config, envelope: Envelope) -> list[Outcome]:
-        if cfg.routing.mode is RoutingMode.SMARTHOST:
-            groups = {"": list(envelope.recipients)}
-        else:
-            groups = group_by_domain(envelope.recipients)
-        attempts = [
-            run_attempt(
-                Attempt(domain=domain, recipients=rcpts, routing=cfg.routing, host=cfg.host,
-                        rng=self._rng),
-                cfg=cfg,
-                envelope=envelope,
-                resolver=self.resolver,
-                transport=self.transport,
-            )
-            for domain, rcpts in groups.items()
-        ]
+        groups = split_by_route(cfg.routes, cfg.routing.mode, envelope.sender,
+                                envelope.recipients)
+        attempts = []
+        for (route_name, domain), rcpts in groups.items():
+            route_cfg = cfg.for_route(route_name)
+            attempt = Attempt(domain=domain, recipients=rcpts, routing=route_cfg.routing,
+                              host=cfg.host, rng=self._rng, route_name=route_name)
+            attempts.append(run_attempt(attempt, cfg=route_cfg, envelope=envelope,
+                                        resolver=self.resolver, transport=self.transport))
         results = await asyncio.gather(*attempts)
         return [outcome for group in results for outcome in group]
 
@@ -307,6 +302,7 @@ class Scheduler:
             outcome=outcome,
             delay=max(0.0, now - message.arrival),
             fmt=self.log_format,
+            extra={"route_name": outcome.route_name} if outcome.route_name else None,
         )
         level = logging.WARNING if outcome.kind in (Kind.BOUNCED, Kind.HELD) else logging.INFO
         log.log(level, line)

@@ -33,6 +33,7 @@ class SessionKey:
     route: Route
     username: str | None = None
     tls_name: str | None = None  # the name the certificate was verified for, if it was
+    route_name: str | None = None  # a route's sessions follow its own TLS and login settings
 
     @property
     def destination(self) -> Destination:

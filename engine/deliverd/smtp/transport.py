@@ -77,14 +77,34 @@ class Transport:
         self._contexts = ContextCache()
         self._reaper: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
-        self._pop = PopBeforeSmtp(cfg)
+        # Per route (None: routing.smarthost): its view of the config and its POP login.
+        self._route_cfgs: dict[str | None, Config] = {}
+        self._pops: dict[str | None, PopBeforeSmtp] = {None: PopBeforeSmtp(cfg)}
 
     def update_config(self, cfg: Config) -> None:
         """On reload: new sessions (and limits) follow ``cfg``; idle old ones are closed."""
         self._cfg = cfg
         self._contexts = ContextCache()
-        self._pop.update_config(cfg)
+        self._route_cfgs = {}
+        for name in list(self._pops):
+            if name is not None and cfg.route(name) is None:
+                del self._pops[name]  # the route is gone
+            else:
+                self._pops[name].update_config(cfg.for_route(name))
         self._close_later(self._pool.reconfigure(cfg.limits))
+
+    def _config_for(self, route_name: str | None) -> Config:
+        """The config as mail on ``route_name`` sees it (its own smart host and mode)."""
+        found = self._route_cfgs.get(route_name)
+        if found is None:
+            found = self._route_cfgs[route_name] = self._cfg.for_route(route_name)
+        return found
+
+    def _pop_for(self, route_name: str | None) -> PopBeforeSmtp:
+        pop = self._pops.get(route_name)
+        if pop is None:
+            pop = self._pops[route_name] = PopBeforeSmtp(self._config_for(route_name))
+        return pop
 
     async def close(self) -> None:
         """QUIT every idle session and stop the idle reaper."""
@@ -109,7 +129,7 @@ class Transport:
         network problems. ``credentials`` are used for smart host hops only.
         ``ignore_failure_cache`` connects even to a host that just failed (the planner asks
         for it when every host of a failover list is cached as failed)."""
-        cfg = self._cfg
+        cfg = self._config_for(hop.route_name)
         creds = credentials if hop.route is Route.SMARTHOST else None
         plan = plan_for(hop.route, cfg)
         key = SessionKey(
@@ -118,6 +138,7 @@ class Transport:
             hop.route,
             creds.username if creds else None,
             hop.host.lower() if plan.verify else None,
+            hop.route_name,
         )
         if not ignore_failure_cache and self._failures.is_cached(key.destination):
             cached = SessionFailure(
@@ -126,7 +147,8 @@ class Transport:
             return TransactionResult(hop, failure=cached)
         # POP-before-SMTP: the login must precede the session it authorises (it is reused for
         # valid_for, so this is a no-op for most transactions).
-        if hop.route is Route.SMARTHOST and (pop_failure := await self._pop.ensure()):
+        pop = self._pop_for(hop.route_name) if hop.route is Route.SMARTHOST else None
+        if pop is not None and (pop_failure := await pop.ensure()):
             return TransactionResult(hop, failure=pop_failure)
         async with self._pool.slot(key.destination):
             result = await self._attempt(hop, envelope, creds, plan, key, cfg, tls=True)

@@ -1,6 +1,6 @@
 """The semantic rules: what relates one field of a spec to another, beyond the schema.
 
-Each rule reads the spec through a ``_View`` that refuses (``_Skip``) values the schema or the
+Each rule reads the spec through a ``View`` that refuses (``Skip``) values the schema or the
 format checks already rejected, so one mistake is reported once. Credentials need TLS, a
 non-loopback listener needs ``allow_networks``, the smart host may not be this host, retry
 durations must be ordered, and so on: one small generator per rule, listed in ``_RULES``.
@@ -9,199 +9,117 @@ durations must be ordered, and so on: one small generator per rule, listed in ``
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 
 from deliverd.core.units import format_duration, parse_duration
 from deliverd.spec.problems import (
     PathParts,
     Problem,
-    Severity,
     Taint,
-    pointer,
     show,
 )
-from deliverd.spec.schema_fields import (
-    field_schema,
-)
+from deliverd.spec.route_rules import duplicate_route_names, route_modes, shadowed_routes
+from deliverd.spec.view import Rule, Skip, SmarthostRule, View, error, warn
 
 _SH: PathParts = ("routing", "smarthost")
-_POP: PathParts = (*_SH, "pop_before_smtp")
 
 
-class _Skip(Exception):
-    """A rule reads a field the schema already rejected: that mistake is reported once."""
-
-
-_MISSING = object()
-
-
-@dataclass(frozen=True)
-class _View:
-    """Read access for rules: a rejected value raises ``_Skip``, a missing one gives None."""
-
-    spec: Mapping[str, object]
-    bad: Taint
-
-    def _lookup(self, path: PathParts) -> object:
-        node: object = self.spec
-        for part in path:
-            if isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
-                node = node[part]
-            elif not isinstance(node, dict) or part not in node:
-                return _MISSING
-            else:
-                node = node[part]
-        return node
-
-    def present(self, *path: str | int) -> bool:
-        """Whether the field is written (its own content may still be wrong)."""
-        if self.bad.touches(path, below=False):
-            raise _Skip
-        return self._lookup(path) is not _MISSING
-
-    def get(self, *path: str | int) -> object:
-        if self.bad.touches(path):
-            raise _Skip
-        found = self._lookup(path)
-        return None if found is _MISSING else found
-
-    def maybe(self, *path: str | int) -> object:
-        """Like ``get``, but a rejected value counts as missing (for rules where that is safe)."""
-        try:
-            return self.get(*path)
-        except _Skip:
-            return None
-
-    def value(self, *path: str | int) -> object:
-        found = self.get(*path)
-        if found is None:
-            found = (field_schema(path) or {}).get("default")
-        return found
-
-    def flag(self, *path: str | int) -> bool:
-        return self.value(*path) is True
-
-    def text(self, *path: str | int) -> str | None:
-        found = self.value(*path)
-        return found if isinstance(found, str) else None
-
-    def number(self, *path: str | int) -> int | None:
-        found = self.value(*path)
-        return found if isinstance(found, int) and not isinstance(found, bool) else None
-
-    def length(self, *path: str | int) -> int:
-        found = self._lookup(path) if not self.bad.touches(path, below=False) else None
-        return len(found) if isinstance(found, list) else 0
-
-
-def _warn(path: PathParts, message: str, hint: str) -> Problem:
-    return Problem(pointer(*path), message, hint, Severity.WARNING)
-
-
-def _error(path: PathParts, message: str, hint: str) -> Problem:
-    return Problem(pointer(*path), message, hint)
-
-
-Rule = Callable[[_View], Iterator[Problem]]
-
-
-def _smarthost_needed(v: _View) -> Iterator[Problem]:
+def _smarthost_needed(v: View) -> Iterator[Problem]:
     mode = v.text("routing", "mode")
     if mode in ("smarthost", "direct_then_smarthost") and not v.present(*_SH):
-        yield _error(
+        yield error(
             _SH,
             f"is required when routing.mode is {mode}",
             "add the smart host, e.g. smarthost: {host: relay.example.com, port: 587}",
         )
 
 
-def _smarthost_ignored(v: _View) -> Iterator[Problem]:
+def _smarthost_ignored(v: View) -> Iterator[Problem]:
     if v.text("routing", "mode") == "direct" and v.present(*_SH):
-        yield _warn(
+        yield warn(
             _SH,
             "is ignored: routing.mode is direct",
             "set routing.mode to smarthost or direct_then_smarthost, or remove the smart host",
         )
 
 
-def _accounts_with(v: _View, field: str) -> bool:
+def _accounts_with(v: View, field: str) -> bool:
     return any(v.present("accounts", i, field) for i in range(v.length("accounts")))
 
 
-def _account_credentials(v: _View) -> bool:
+def _account_credentials(v: View, sh: PathParts) -> bool:
     """Whether some account brings its own smart host password (per-account auth only)."""
-    if not v.flag(*_SH, "per_account_auth"):
+    if not v.flag(*sh, "per_account_auth"):
         return False
     if _accounts_with(v, "smarthost_auth"):
         return True
-    return v.flag(*_SH, "use_account_mail_passwords") and _accounts_with(v, "mail_password")
+    return v.flag(*sh, "use_account_mail_passwords") and _accounts_with(v, "mail_password")
 
 
-def _smtp_credentials(v: _View) -> bool:
-    return v.present(*_SH, "auth") or _account_credentials(v)
+def _smtp_credentials(v: View, sh: PathParts) -> bool:
+    return v.present(*sh, "auth") or _account_credentials(v, sh)
 
 
-def _effective_tls(v: _View) -> str:
-    written = v.get(*_SH, "tls")
+def _effective_tls(v: View, sh: PathParts) -> str:
+    written = v.get(*sh, "tls")
     if isinstance(written, str):
         return written
-    return "starttls" if v.present(*_SH, "auth") else "opportunistic"
+    return "starttls" if v.present(*sh, "auth") else "opportunistic"
 
 
-def _plaintext_smtp_auth(v: _View) -> Iterator[Problem]:
-    if not v.present(*_SH) or not _smtp_credentials(v):
+def _plaintext_smtp_auth(v: View, sh: PathParts) -> Iterator[Problem]:
+    if not v.present(*sh) or not _smtp_credentials(v, sh):
         return
-    tls = _effective_tls(v)
+    tls = _effective_tls(v, sh)
     if tls not in ("none", "opportunistic"):
         return
     clear = "" if tls == "none" else " whenever the smart host does not offer STARTTLS"
-    setting = f"tls: {tls}" if v.present(*_SH, "tls") else f"the default tls ({tls})"
-    if v.flag(*_SH, "allow_plaintext_auth"):
-        yield _warn(
-            (*_SH, "allow_plaintext_auth"),
+    setting = f"tls: {tls}" if v.present(*sh, "tls") else f"the default tls ({tls})"
+    if v.flag(*sh, "allow_plaintext_auth"):
+        yield warn(
+            (*sh, "allow_plaintext_auth"),
             f"smart host passwords may cross the network in clear (tls: {tls})",
             "set tls: starttls (or tls: tls on port 465) and drop allow_plaintext_auth",
         )
         return
-    yield _error(
-        (*_SH, "tls"),
+    yield error(
+        (*sh, "tls"),
         f"{setting} sends smart host passwords without encryption{clear}",
         "set tls: starttls (or tls: tls on port 465); allow_plaintext_auth: true accepts "
         "passwords in clear",
     )
 
 
-def _plaintext_pop(v: _View) -> Iterator[Problem]:
-    if not v.present(*_POP) or v.text(*_POP, "tls") != "none":
+def _plaintext_pop(v: View, sh: PathParts) -> Iterator[Problem]:
+    if not v.present(*sh, "pop_before_smtp") or v.text(*sh, "pop_before_smtp", "tls") != "none":
         return
-    if v.flag(*_SH, "allow_plaintext_auth"):
-        yield _warn(
-            (*_POP, "tls"),
+    if v.flag(*sh, "allow_plaintext_auth"):
+        yield warn(
+            (*sh, "pop_before_smtp", "tls"),
             "the POP3 password crosses the network in clear (tls: none)",
             "use tls: starttls or tls: tls if the POP3 server offers it",
         )
         return
-    yield _error(
-        (*_POP, "tls"),
+    yield error(
+        (*sh, "pop_before_smtp", "tls"),
         "tls: none sends the POP3 password without encryption",
-        "use tls: starttls or tls: tls; routing.smarthost.allow_plaintext_auth: true accepts "
+        "use tls: starttls or tls: tls; the smart host's allow_plaintext_auth: true accepts "
         "passwords in clear",
     )
 
 
-def _unverified_tls(v: _View) -> Iterator[Problem]:
-    if not v.present(*_SH) or v.flag(*_SH, "verify_tls"):
+def _unverified_tls(v: View, sh: PathParts) -> Iterator[Problem]:
+    if not v.present(*sh) or v.flag(*sh, "verify_tls"):
         return
-    if _smtp_credentials(v) or v.present(*_POP):
-        yield _warn(
-            (*_SH, "verify_tls"),
+    if _smtp_credentials(v, sh) or v.present(*sh, "pop_before_smtp"):
+        yield warn(
+            (*sh, "verify_tls"),
             "passwords go to a server whose certificate is not verified",
             "keep verify_tls: true; for a private CA set ca_file instead",
         )
-    if v.present(*_SH, "ca_file"):
-        yield _warn(
-            (*_SH, "ca_file"),
+    if v.present(*sh, "ca_file"):
+        yield warn(
+            (*sh, "ca_file"),
             "is not used: verify_tls is false",
             "set verify_tls: true to verify the smart host against this CA",
         )
@@ -221,19 +139,19 @@ def _prefix_length(text: str) -> int | None:
         return None
 
 
-def _listener(v: _View, index: int) -> Iterator[Problem]:
+def _listener(v: View, index: int) -> Iterator[Problem]:
     nets = v.length("listen", index, "allow_networks")
     for j in range(nets):
         text = v.maybe("listen", index, "allow_networks", j)
         if isinstance(text, str) and _prefix_length(text) == 0:
-            yield _error(
+            yield error(
                 ("listen", index, "allow_networks", j),
                 f"{show(text)} lets every address relay: an open relay",
                 "list only the networks of the applications that submit mail",
             )
     address = v.text("listen", index, "address")
     if address is not None and not _is_loopback(address) and nets == 0:
-        yield _error(
+        yield error(
             ("listen", index, "allow_networks"),
             f"is required: {address} is not a loopback address",
             "list the client networks allowed to relay, e.g. allow_networks: [192.0.2.0/24]; "
@@ -241,11 +159,11 @@ def _listener(v: _View, index: int) -> Iterator[Problem]:
         )
 
 
-def _listeners(v: _View) -> Iterator[Problem]:
+def _listeners(v: View) -> Iterator[Problem]:
     for index in range(v.length("listen")):
         try:
             yield from list(_listener(v, index))
-        except _Skip:
+        except Skip:
             continue
 
 
@@ -256,51 +174,51 @@ def _same_address(a: str, b: str) -> bool:
         return False
 
 
-def _smarthost_names(v: _View) -> Iterator[tuple[PathParts, str]]:
+def _smarthost_names(v: View, sh: PathParts) -> Iterator[tuple[PathParts, str]]:
     """Every smart host name written: ``host``, or each entry of the ``hosts`` list."""
-    host = v.text(*_SH, "host")
+    host = v.text(*sh, "host")
     if host is not None:
-        yield (*_SH, "host"), host
-    for i in range(v.length(*_SH, "hosts")):
-        entry = v.maybe(*_SH, "hosts", i, "host")
+        yield (*sh, "host"), host
+    for i in range(v.length(*sh, "hosts")):
+        entry = v.maybe(*sh, "hosts", i, "host")
         if isinstance(entry, str):
-            yield (*_SH, "hosts", i, "host"), entry
+            yield (*sh, "hosts", i, "host"), entry
 
 
-def _smarthost_target(v: _View) -> Iterator[Problem]:
-    if not v.present(*_SH):
+def _smarthost_target(v: View, sh: PathParts) -> Iterator[Problem]:
+    if not v.present(*sh):
         return
-    single, listed = v.present(*_SH, "host"), v.present(*_SH, "hosts")
+    single, listed = v.present(*sh, "host"), v.present(*sh, "hosts")
     if not single and not listed:
-        yield _error(
-            (*_SH, "host"),
+        yield error(
+            (*sh, "host"),
             "is required (or hosts, an ordered failover list)",
             "a host name or an IP address (host: relay.example.com), or a failover list"
             " (hosts: [{host: relay1.example.com, port: 587}, {host: relay2.example.com}])",
         )
     elif single and listed:
-        yield _error(
-            (*_SH, "hosts"),
+        yield error(
+            (*sh, "hosts"),
             "cannot be set together with host",
             "move host and port into the hosts list as its first entry, or remove hosts",
         )
-    elif listed and v.present(*_SH, "port"):
-        yield _warn(
-            (*_SH, "port"),
+    elif listed and v.present(*sh, "port"):
+        yield warn(
+            (*sh, "port"),
             "is ignored when hosts is set: each entry of hosts has its own port",
             "write the port on each entry of hosts and remove this one",
         )
 
 
-def _smarthost_is_self(v: _View) -> Iterator[Problem]:
-    for path, host in _smarthost_names(v):
+def _smarthost_is_self(v: View, sh: PathParts) -> Iterator[Problem]:
+    for path, host in _smarthost_names(v, sh):
         yield from _one_smarthost_is_self(v, path, host)
 
 
-def _one_smarthost_is_self(v: _View, path: PathParts, host: str) -> Iterator[Problem]:
+def _one_smarthost_is_self(v: View, path: PathParts, host: str) -> Iterator[Problem]:
     name = v.maybe("host", "name")
     if isinstance(name, str) and host.lower().rstrip(".") == name.lower().rstrip("."):
-        yield _error(
+        yield error(
             path,
             "is this host itself (host.name)",
             "a smart host must be another machine: mail sent to it would loop back here",
@@ -309,7 +227,7 @@ def _one_smarthost_is_self(v: _View, path: PathParts, host: str) -> Iterator[Pro
     for i in range(v.length("host", "addresses")):
         own = v.maybe("host", "addresses", i)
         if isinstance(own, str) and _same_address(host, own):
-            yield _error(
+            yield error(
                 path,
                 f"is one of this host's own addresses (host.addresses[{i}])",
                 "a smart host must be another machine: mail sent to it would loop back here",
@@ -317,29 +235,29 @@ def _one_smarthost_is_self(v: _View, path: PathParts, host: str) -> Iterator[Pro
             return
 
 
-def _per_account_without_credentials(v: _View) -> Iterator[Problem]:
-    if not v.present(*_SH) or not v.flag(*_SH, "per_account_auth"):
+def _per_account_without_credentials(v: View, sh: PathParts) -> Iterator[Problem]:
+    if not v.present(*sh) or not v.flag(*sh, "per_account_auth"):
         return
-    if not _account_credentials(v):
-        yield _warn(
-            (*_SH, "per_account_auth"),
+    if not _account_credentials(v, sh):
+        yield warn(
+            (*sh, "per_account_auth"),
             "no account has its own credentials: every message uses the global auth",
             "give accounts a smarthost_auth (or mail_password with use_account_mail_passwords),"
             " or set per_account_auth: false",
         )
 
 
-def _account_mail_passwords(v: _View) -> Iterator[Problem]:
-    if not v.present(*_SH) or not v.flag(*_SH, "use_account_mail_passwords"):
+def _account_mail_passwords(v: View, sh: PathParts) -> Iterator[Problem]:
+    if not v.present(*sh) or not v.flag(*sh, "use_account_mail_passwords"):
         return
-    where = (*_SH, "use_account_mail_passwords")
-    yield _warn(
+    where = (*sh, "use_account_mail_passwords")
+    yield warn(
         where,
         "hands local mail passwords to the smart host",
         "prefer a smarthost_auth per account, made for relaying only",
     )
-    if not v.flag(*_SH, "per_account_auth"):
-        yield _warn(
+    if not v.flag(*sh, "per_account_auth"):
+        yield warn(
             where,
             "does nothing while per_account_auth is false",
             "set per_account_auth: true, or remove use_account_mail_passwords",
@@ -349,7 +267,7 @@ def _account_mail_passwords(v: _View) -> Iterator[Problem]:
 def _duration_order(first: str, second: str, *, strict: bool) -> Rule:
     """``retry.<first>`` must not exceed (``strict``: must be shorter than) ``retry.<second>``."""
 
-    def rule(v: _View) -> Iterator[Problem]:
+    def rule(v: View) -> Iterator[Problem]:
         a, b = v.text("retry", first), v.text("retry", second)
         if a is None or b is None:
             return
@@ -360,14 +278,14 @@ def _duration_order(first: str, second: str, *, strict: bool) -> Rule:
         # Point at the field the author wrote: that is the one they will want to change.
         if v.present("retry", first) or not v.present("retry", second):
             relation = "not shorter than" if strict else "longer than"
-            yield _error(
+            yield error(
                 ("retry", first),
                 f"{fa} is {relation} retry.{second} ({fb})",
                 f"make retry.{first} shorter than retry.{second}",
             )
         else:
             relation = "not longer than" if strict else "shorter than"
-            yield _error(
+            yield error(
                 ("retry", second),
                 f"{fb} is {relation} retry.{first} ({fa})",
                 f"make retry.{second} longer than retry.{first}",
@@ -376,7 +294,7 @@ def _duration_order(first: str, second: str, *, strict: bool) -> Rule:
     return rule
 
 
-def _duplicate_accounts(v: _View) -> Iterator[Problem]:
+def _duplicate_accounts(v: View) -> Iterator[Problem]:
     seen: dict[str, int] = {}
     for i in range(v.length("accounts")):
         address = v.maybe("accounts", i, "address")
@@ -384,7 +302,7 @@ def _duplicate_accounts(v: _View) -> Iterator[Problem]:
             continue
         key = address.lower()
         if key in seen:
-            yield _error(
+            yield error(
                 ("accounts", i, "address"),
                 f"repeats accounts[{seen[key]}].address",
                 "list each account once (addresses compare case-insensitively)",
@@ -393,74 +311,102 @@ def _duplicate_accounts(v: _View) -> Iterator[Problem]:
             seen[key] = i
 
 
-def _session_limits(v: _View) -> Iterator[Problem]:
+def _session_limits(v: View) -> Iterator[Problem]:
     per, total = v.number("limits", "per_destination"), v.number("limits", "max_sessions")
     if per is not None and total is not None and per > total:
-        yield _error(
+        yield error(
             ("limits", "per_destination"),
             f"{per} is more than limits.max_sessions ({total})",
             "per_destination must not exceed max_sessions",
         )
 
 
-def _tls_port(v: _View) -> Iterator[Problem]:
-    if not v.present(*_SH):
+def _tls_port(v: View, sh: PathParts) -> Iterator[Problem]:
+    if not v.present(*sh):
         return
-    tls = _effective_tls(v)
-    ports: list[PathParts] = [(*_SH, "hosts", i, "port") for i in range(v.length(*_SH, "hosts"))]
-    for path in ports or [(*_SH, "port")]:
+    tls = _effective_tls(v, sh)
+    ports: list[PathParts] = [(*sh, "hosts", i, "port") for i in range(v.length(*sh, "hosts"))]
+    for path in ports or [(*sh, "port")]:
         port = v.number(*path)
         if tls == "tls" and port in (25, 587):
-            yield _warn(
+            yield warn(
                 path,
                 f"port {port} normally speaks STARTTLS, not implicit TLS (tls: tls)",
                 "implicit TLS is normally port 465; for port 25 or 587 use tls: starttls",
             )
         elif tls == "starttls" and port == 465:
-            yield _warn(
-                (*_SH, "tls"),
+            yield warn(
+                (*sh, "tls"),
                 "port 465 normally expects implicit TLS, not STARTTLS",
                 "use tls: tls for port 465, or port 587 with tls: starttls",
             )
 
 
-def _host_name_fqdn(v: _View) -> Iterator[Problem]:
+def _host_name_fqdn(v: View) -> Iterator[Problem]:
     name = v.text("host", "name")
     if name is not None and "." not in name.rstrip("."):
-        yield _warn(
+        yield warn(
             ("host", "name"),
             f"{show(name)} is not a fully qualified domain name",
             "use the name other servers know this host by, such as mail.example.com",
         )
 
 
+def smarthost_paths(v: View) -> list[PathParts]:
+    """Where smart hosts are written: routing.smarthost and each route's smarthost."""
+    paths = [_SH] if v.present(*_SH) else []
+    for i in range(v.length("routes")):
+        try:
+            if v.present("routes", i, "smarthost"):
+                paths.append(("routes", i, "smarthost"))
+        except Skip:
+            continue
+    return paths
+
+
+def _for_each_smarthost(rule: SmarthostRule) -> Rule:
+    """A smart host rule applied to every smart host of the spec, each judged on its own."""
+
+    def each(v: View) -> Iterator[Problem]:
+        for sh in smarthost_paths(v):
+            try:
+                yield from list(rule(v, sh))
+            except Skip:
+                continue
+
+    return each
+
+
 _RULES: tuple[Rule, ...] = (
     _smarthost_needed,
     _smarthost_ignored,
-    _smarthost_target,
-    _plaintext_smtp_auth,
-    _plaintext_pop,
-    _unverified_tls,
+    _for_each_smarthost(_smarthost_target),
+    _for_each_smarthost(_plaintext_smtp_auth),
+    _for_each_smarthost(_plaintext_pop),
+    _for_each_smarthost(_unverified_tls),
     _listeners,
-    _smarthost_is_self,
-    _per_account_without_credentials,
-    _account_mail_passwords,
+    _for_each_smarthost(_smarthost_is_self),
+    _for_each_smarthost(_per_account_without_credentials),
+    _for_each_smarthost(_account_mail_passwords),
     _duration_order("interval", "max_interval", strict=False),
     _duration_order("temp_error_delay", "expire_after", strict=False),
     _duration_order("interval", "expire_after", strict=True),
     _duplicate_accounts,
     _session_limits,
-    _tls_port,
+    _for_each_smarthost(_tls_port),
     _host_name_fqdn,
+    duplicate_route_names,
+    route_modes,
+    shadowed_routes,
 )
 
 
 def semantic_problems(spec: Mapping[str, object], bad: Taint) -> list[Problem]:
-    view = _View(spec, bad)
+    view = View(spec, bad)
     problems: list[Problem] = []
     for rule in _RULES:
         try:
             problems.extend(rule(view))
-        except _Skip:
+        except Skip:
             continue
     return problems
