@@ -16,7 +16,7 @@ from deliverd.spec.normalise import normalise
 from deliverd.spec.render import write_rendered
 from tests.fixtures.dns import DnsServer
 from tests.fixtures.mailservers import SMARTHOST_USERS, SmarthostLab
-from tests.fixtures.smtp_sink import SinkFactory
+from tests.fixtures.smtp_sink import SinkFactory, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -200,3 +200,50 @@ def test_probe_without_smarthost_is_a_config_error(tmp_path: Path) -> None:
 
     assert done.returncode == 2
     assert "routing.smarthost is not configured" in done.stderr
+
+
+@pytest.mark.slow
+def test_probe_checks_every_host_of_a_list_and_every_route_in_one_table(
+    postfix_smarthost: SmarthostLab, relay_dns: DnsServer, tmp_path: Path,
+) -> None:
+    lab = postfix_smarthost
+    good = relay_smarthost(lab)
+    listed = {k: v for k, v in good.items() if k not in ("host", "port")}
+    listed["hosts"] = [{"host": "relay.test", "port": lab.port},
+                       {"host": "relay.test", "port": free_port()}]  # nothing listens there
+    spec = {
+        "version": 1, "host": {"name": "deliverd.test"},
+        "queue": {"path": str(tmp_path / "queue")},
+        "routing": {"mode": "smarthost", "smarthost": listed},
+        "routes": [{"name": "billing", "match": {"sender_domain": ["billing.test"]},
+                    "smarthost": relay_smarthost(lab, "alice",
+                                                 password="Wrong-Smtp-Password-5")}],
+        "timeouts": {"connect": "3s", "greeting": "5s", "command": "5s", "dns": "2s"},
+        "dns": {"nameservers": [relay_dns.nameserver]},
+    }
+    config, _ = write_rendered(normalise(spec), tmp_path / "etc")
+
+    done = run_probe(config, "--json")
+
+    assert done.returncode == 1, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    hosts = [(h["route"], h["smarthost"], h["ok"]) for h in report["hosts"]]
+    assert hosts == [(None, f"relay.test:{lab.port}", True),
+                     (None, f"relay.test:{listed['hosts'][1]['port']}", False),
+                     ("billing", f"relay.test:{lab.port}", False)]
+    billing = {s["name"]: s for s in report["hosts"][2]["steps"]}
+    assert billing["auth"]["ok"] is False and billing["tls"]["ok"] is True
+    assert report["ok"] is False
+
+    table = run_probe(config).stdout.splitlines()
+    assert table[0].split() == ["route", "smart", "host", "resolve", "pop", "connect", "tls",
+                                "auth"]
+    assert table[1].split() == ["(default)", f"relay.test:{lab.port}", "ok", "-", "ok", "ok", "ok"]
+    assert table[2].split()[2:5] == ["ok", "-", "FAIL"]
+    assert table[3].split() == ["billing", f"relay.test:{lab.port}", "ok", "-", "ok", "ok", "FAIL"]
+
+    only = run_probe(config, "--json", "--route", "billing")
+    assert only.returncode == 1
+    assert [h["route"] for h in json.loads(only.stdout)["hosts"]] == ["billing"]
+    unknown = run_probe(config, "--route", "nosuch")
+    assert unknown.returncode == 2 and "no route 'nosuch' (routes: billing)" in unknown.stderr

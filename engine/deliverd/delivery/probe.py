@@ -61,6 +61,7 @@ class ProbeStep:
 class ProbeReport:
     smarthost: str  # host:port as configured
     steps: tuple[ProbeStep, ...]
+    route: str | None = None  # the routes[] entry whose smart host this is; None: routing
 
     @property
     def ok(self) -> bool:
@@ -69,15 +70,21 @@ class ProbeReport:
     def as_dict(self) -> dict[str, object]:
         return {
             "ok": self.ok,
+            "route": self.route,
             "smarthost": self.smarthost,
             "steps": [step.as_dict() for step in self.steps],
         }
 
     def as_text(self) -> str:
-        lines = [f"smart host {self.smarthost}"]
+        where = f" (route {self.route})" if self.route else ""
+        lines = [f"smart host {self.smarthost}{where}"]
         lines += [f"  {'ok  ' if s.ok else 'FAIL'} {s.name:8} {s.detail}" for s in self.steps]
-        lines.append("probe passed" if self.ok else "probe FAILED")
         return "\n".join(lines) + "\n"
+
+    def result(self, name: str) -> str:
+        """``ok``, ``FAIL`` or ``-`` (not reached, or not needed) for the step ``name``."""
+        found = next((s for s in self.steps if s.name == name), None)
+        return "-" if found is None else ("ok" if found.ok else "FAIL")
 
 
 class ProbeConfigError(Exception):
