@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -163,3 +164,67 @@ def test_verbose_diff_runs_never_print_a_password_and_check_mode_changes_nothing
             assert password not in output
     assert not etc.exists()
     assert not (prefix / "var" / "spool" / "deliverd").exists()
+
+
+def _rollback(tmp: Path, prefix: Path, spec: dict[str, object]) -> str:
+    variables = {"deliverd_prefix": str(prefix), "deliverd_spec": spec,
+                 "ansible_python_interpreter": sys.executable}
+    vars_file = tmp / "rollback-vars.json"
+    vars_file.write_text(json.dumps(variables), encoding="utf-8")
+    playbook = tmp / "rollback.yml"
+    playbook.write_text(yaml.safe_dump([{
+        "name": "Roll back", "hosts": "localhost", "gather_facts": False,
+        "tasks": [{"name": "Roll back", "ansible.builtin.include_role": {
+            "name": "deliverd", "tasks_from": "rollback"}}],
+    }]), encoding="utf-8")
+    proc = subprocess.run(
+        [str(BIN / "ansible-playbook"), "-i", "localhost,", "-c", "local",
+         "-e", f"@{vars_file}", str(playbook)],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600, check=False,
+    )
+    return proc.stdout + proc.stderr + f"\nrc={proc.returncode}"
+
+
+def test_the_role_keeps_the_previous_config_and_secrets_as_a_pair_and_rolls_back(
+    tmp_path: Path, prefix: Path
+) -> None:
+    port = _free_port()
+    etc = prefix / "etc" / "deliverd"
+    config, secrets = etc / "deliverd.toml", etc / "secrets.toml"
+    previous_config = etc / "deliverd.toml.previous"
+    previous_secrets = etc / "secrets.toml.previous"
+    first, second = _spec(prefix, port), _spec(prefix, port, suffix="-2", delay="2m")
+    third = _spec(prefix, port, suffix="-2", delay="3m")  # the config changes, the secrets not
+    try:
+        _play(tmp_path, prefix, first)
+        assert not previous_config.exists()  # one config so far: nothing to roll back to
+        refused = _rollback(tmp_path, prefix, first)
+        assert "rc=0" not in refused and "nothing to roll back to" in refused
+        first_digests = (_digest(config), _digest(secrets))
+
+        _play(tmp_path, prefix, second)
+        assert (_digest(previous_config), _digest(previous_secrets)) == first_digests
+        assert previous_secrets.stat().st_mode & 0o777 == 0o600
+        assert not list(etc.glob("*~"))  # the template modules' own backups are gone
+        second_digests = (_digest(config), _digest(secrets))
+
+        _play(tmp_path, prefix, third)
+        # The pair that ran before: the second config with the secrets it ran with.
+        assert (_digest(previous_config), _digest(previous_secrets)) == second_digests
+        assert _recap_changed(_play(tmp_path, prefix, third)) == 0
+        log = prefix / "var" / "log" / "deliverd" / "deliverd.log"
+        reloads = log.read_text().count("reloaded: mode=")
+
+        rolled = _rollback(tmp_path, prefix, third)
+        assert "rc=0" in rolled, rolled[-3000:]
+        assert (_digest(config), _digest(secrets)) == second_digests
+        assert 'temp_error_delay = "2m"' in config.read_text()
+        deadline = time.monotonic() + 15
+        while log.read_text().count("reloaded: mode=") == reloads and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert log.read_text().count("reloaded: mode=") == reloads + 1  # the engine took it
+        for password in PASSWORDS:
+            assert password not in rolled
+    finally:
+        _play(tmp_path, prefix, first, state="absent")
+    assert not etc.exists()

@@ -97,8 +97,14 @@ def listeners(draw: st.DrawFn) -> list[dict[str, Any]]:
 
 @st.composite
 def smarthosts(draw: st.DrawFn) -> dict[str, Any]:
-    sh: dict[str, Any] = {"host": draw(hostnames)}
-    _maybe(draw, "port", ports, sh)
+    if draw(st.booleans()):
+        sh: dict[str, Any] = {"host": draw(hostnames)}
+        _maybe(draw, "port", ports, sh)
+    else:  # a failover list
+        entries = draw(st.lists(hostnames, min_size=1, max_size=3))
+        sh = {"hosts": [{"host": h} for h in entries]}
+        for entry in sh["hosts"]:
+            _maybe(draw, "port", ports, entry)
     _maybe(draw, "resolve_mx", st.booleans(), sh)
     _maybe(draw, "verify_tls", st.booleans(), sh)
     _maybe(draw, "ca_file", paths, sh)
@@ -133,6 +139,30 @@ def smarthosts(draw: st.DrawFn) -> dict[str, Any]:
     else:
         _maybe(draw, "allow_plaintext_auth", st.booleans(), sh)
     return sh
+
+
+_domain_patterns = st.builds(lambda dot, h: dot + h, st.sampled_from(["", "."]), hostnames)
+
+
+@st.composite
+def routes(draw: st.DrawFn) -> list[dict[str, Any]]:
+    names = draw(st.lists(_label, max_size=3, unique=True))
+    result = []
+    for name in names:
+        match: dict[str, Any] = {}
+        _maybe(draw, "sender", st.lists(st.builds(lambda a, h: f"{a}@{h}", _label, hostnames),
+                                        min_size=1, max_size=2), match)
+        _maybe(draw, "sender_domain", st.lists(_domain_patterns, min_size=1, max_size=2), match)
+        if not match or draw(st.booleans()):
+            match["recipient_domain"] = draw(st.lists(_domain_patterns, min_size=1, max_size=2))
+        route: dict[str, Any] = {"name": name, "match": match}
+        if draw(st.booleans()):
+            route["smarthost"] = draw(smarthosts())
+            _maybe(draw, "mode", st.sampled_from(["smarthost", "direct_then_smarthost"]), route)
+        else:
+            _maybe(draw, "mode", st.just("direct"), route)
+        result.append(route)
+    return result
 
 
 @st.composite
@@ -177,6 +207,7 @@ def specs(draw: st.DrawFn) -> dict[str, Any]:
     _maybe(draw, "abort_on_rcpt_5xx", st.booleans(), routing)
     if routing or draw(st.booleans()):
         spec["routing"] = routing
+    _maybe(draw, "routes", routes(), spec)
     _maybe(draw, "accounts", accounts(), spec)
     if draw(st.booleans()):
         delay, interval, cap, expire = _ordered(draw, 4)

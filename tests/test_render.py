@@ -23,7 +23,7 @@ from deliverd.spec.specfile import load_spec_file
 from deliverd.spec.validation import check_spec
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
-EXAMPLES = ["direct", "smarthost", "fallback"]
+EXAMPLES = ["direct", "smarthost", "fallback", "routes"]
 HEADER = "# managed by deliverd; rendered from the delivery spec\n"
 
 

@@ -603,7 +603,7 @@ def test_check_spec_returns_no_spec_when_invalid() -> None:
     assert [p.pointer for p in problems] == ["/version"]
 
 
-@pytest.mark.parametrize("name", ["direct.yml", "smarthost.yml", "fallback.yml"])
+@pytest.mark.parametrize("name", ["direct.yml", "smarthost.yml", "fallback.yml", "routes.yml"])
 def test_example_spec_validates_without_errors(name: str) -> None:
     spec = load_spec_file(EXAMPLES / name)
 

@@ -18,6 +18,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from email.parser import BytesHeaderParser
 from email.utils import formatdate, make_msgid
 from pathlib import Path
 from typing import TextIO, TypeVar
@@ -325,8 +326,16 @@ def _send(args: argparse.Namespace, cfg: Config) -> int:
     woke = wake_daemon(cfg.queue.path)
     held = f" (held: {hold_reason})" if hold_reason else ""
     _emit(args, f"{queue_id}{held}\n",
-          {"queue_id": queue_id, "held": hold_reason is not None, "daemon_signalled": woke})
+          {"queue_id": queue_id, "message_id": _message_id(body),
+           "held": hold_reason is not None, "daemon_signalled": woke})
     return EXIT_OK
+
+
+def _message_id(message: bytes) -> str | None:
+    """The message's Message-ID, so a caller can find it at the far end (a fleet change's
+    probe message); None when it has none."""
+    found = BytesHeaderParser().parsebytes(message).get("Message-ID")
+    return str(found).strip() if found else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
     labcheck.py received --sinks DIR --sink NAME --message-id ID [--timeout S]
         wait until sink NAME recorded the message, and check that no other sink did
+    labcheck.py arrived --sinks DIR MESSAGE_ID
+        some sink has recorded the message now (no waiting: the caller retries)
     labcheck.py sasl --maillog FILE --message-id ID --user USER
         Postfix accepted that message from a client authenticated as USER
     labcheck.py pop-before-sasl --dovecot-log FILE --pop-user P --sasl-user U
@@ -52,6 +54,14 @@ def received(sinks: Path, sink: str, message_id: str, timeout: float) -> dict[st
     return found[0]
 
 
+def arrived(sinks: Path, message_id: str) -> dict[str, Any]:
+    for sink in sorted(p for p in sinks.iterdir() if p.is_dir()):
+        found = [r for r in _records(sink) if r["message_id"] == message_id]
+        if found:
+            return {"sink": sink.name, **found[0]}
+    raise CheckFailed(f"no sink has {message_id} yet")
+
+
 def sasl_user(maillog: Path, message_id: str, user: str) -> dict[str, Any]:
     text = maillog.read_text(errors="replace")
     queued = re.search(rf"\b([0-9A-F]+): message-id={re.escape(message_id)}", text)
@@ -96,6 +106,9 @@ def main() -> int:
     r.add_argument("--sink", required=True)
     r.add_argument("--message-id", required=True)
     r.add_argument("--timeout", type=float, default=60.0)
+    a = sub.add_parser("arrived")
+    a.add_argument("--sinks", type=Path, required=True)
+    a.add_argument("message_id")
     s = sub.add_parser("sasl")
     s.add_argument("--maillog", type=Path, required=True)
     s.add_argument("--message-id", required=True)
@@ -108,6 +121,8 @@ def main() -> int:
     try:
         if args.check == "received":
             result = received(args.sinks, args.sink, args.message_id, args.timeout)
+        elif args.check == "arrived":
+            result = arrived(args.sinks, args.message_id)
         elif args.check == "sasl":
             result = sasl_user(args.maillog, args.message_id, args.user)
         else:

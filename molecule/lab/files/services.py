@@ -129,6 +129,7 @@ class Lab:
         pid_file = self.root / "sinks.pid"
         argv = [sys.executable, str(HERE / "sink.py"), "--dir", str(self.sink_dir),
                 "--pid-file", str(pid_file)]
+        argv += [f"--lose={s['name']}={s['lose']}" for s in self.config["sinks"] if "lose" in s]
         argv += [f"{s['name']}={s['address']}:{s['port']}" for s in self.config["sinks"]]
         with (self.root / "sinks.log").open("ab") as log:
             process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
