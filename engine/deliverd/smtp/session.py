@@ -3,8 +3,8 @@
 aiosmtplib's high-level ``sendmail`` hides the per-command replies the router needs, so this
 module speaks at the command level (``execute_command``) and keeps a Postfix-style transcript
 ("<<< 250 ok", ">>> RCPT TO:<a@b>"). Every network step runs inside ``map_errors``; a failing
-step raises ``SessionError`` carrying the ``SessionFailure``. Decisions live in ``smtp_policy``
-and ``tls_policy``; ``transport`` sequences the steps.
+step raises ``SessionError`` carrying the ``SessionFailure``. Decisions live in ``policy``
+and ``tls`` (this folder); ``transport`` sequences the steps.
 """
 
 from __future__ import annotations
