@@ -488,12 +488,7 @@ class Attempt:
 
     def _fail_leg(self, leg: _Leg, failure: _Failure) -> None:
         """A route-wide failure (its DNS): noted for every active recipient, route over."""
-        for recipient in leg.active:
-            note = leg.note(recipient)
-            if failure.temporary:
-                note.temp = failure
-            else:
-                note.perm = failure
+        self._note_all(leg, failure)
         leg.mx_queries.clear()
         leg.hosts.clear()
         leg.hops.clear()
