@@ -85,6 +85,14 @@ class RecipientUpdate:
     relay: str | None = None
 
 
+@dataclass(frozen=True)
+class QueueDepth:
+    recipients: dict[str, int]  # open state -> count
+    messages: int
+    oldest_arrival: float | None
+    oldest_deferred_arrival: float | None
+
+
 class QueueError(Exception):
     """The queue database failed in a way that is not the caller's fault."""
 
@@ -644,6 +652,42 @@ class QueueDB:
 
     def count(self) -> int:
         return int(self._read(lambda c: c.execute("SELECT COUNT(*) FROM messages").fetchone())[0])
+
+    def depth(self) -> QueueDepth:
+        """Recipients by open state, messages, and the oldest arrivals: what a metrics scrape
+        reads. Counts walk the state index (no table rows); the oldest arrivals walk messages
+        in queue id order, which is arrival order, and stop at the first match."""
+
+        def op(c: sqlite3.Connection) -> QueueDepth:
+            by_state = {
+                state: int(n) for state, n in c.execute(
+                    "SELECT state, COUNT(*) FROM recipients WHERE state IN (?, ?, ?)"
+                    " GROUP BY state",
+                    (RcptState.PENDING.value, RcptState.DEFERRED.value, RcptState.HELD.value),
+                )
+            }
+            (messages,) = c.execute("SELECT COUNT(*) FROM messages").fetchone()
+            oldest = c.execute(
+                "SELECT arrival FROM messages ORDER BY queue_id LIMIT 1"
+            ).fetchone()
+            oldest_deferred = None
+            if by_state.get(RcptState.DEFERRED.value):
+                oldest_deferred = c.execute(
+                    "SELECT m.arrival FROM messages m WHERE EXISTS (SELECT 1 FROM recipients r"
+                    " WHERE r.queue_id = m.queue_id AND r.state = ?)"
+                    " ORDER BY m.queue_id LIMIT 1",
+                    (RcptState.DEFERRED.value,),
+                ).fetchone()
+            return QueueDepth(
+                recipients=by_state,
+                messages=int(messages),
+                oldest_arrival=None if oldest is None else float(oldest[0]),
+                oldest_deferred_arrival=(
+                    None if oldest_deferred is None else float(oldest_deferred[0])
+                ),
+            )
+
+        return self._read(op)
 
 
 def _delete(c: sqlite3.Connection, queue_id: str) -> bool:
