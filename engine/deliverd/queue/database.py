@@ -650,6 +650,79 @@ class QueueDB:
 
         return self._read(op)
 
+    def iter_messages(
+        self,
+        *,
+        state: RcptState | None = None,
+        domain: str | None = None,
+        arrived_before: float | None = None,
+        limit: int | None = None,
+        chunk: int = _ID_CHUNK,
+    ) -> Iterator[QueuedMessage]:
+        """Queued messages oldest first, read ``chunk`` at a time: memory stays flat whatever
+        the queue's size, and the first message comes out at once.
+
+        Filters: a recipient in ``state`` (and, with ``domain``, that same recipient at that
+        domain, case-insensitive), arrival before ``arrived_before``. Each chunk is its own
+        read transaction, so a long listing never holds a snapshot open; a message settled
+        meanwhile is simply not shown.
+        """
+        where, params = ["m.queue_id > ?"], list[float]()
+        if arrived_before is not None:
+            where.append("m.arrival < ?")
+            params.append(arrived_before)
+        rcpt_where, rcpt_params = list[str](), list[str]()
+        if state is not None:
+            rcpt_where.append("r.state = ?")
+            rcpt_params.append(state.value)
+        if domain is not None:
+            rcpt_where.append("lower(r.address) LIKE ? ESCAPE '\\'")
+            rcpt_params.append(f"%@{_like_literal(domain.lower())}")
+        if rcpt_where:
+            where.append(
+                "EXISTS (SELECT 1 FROM recipients r WHERE r.queue_id = m.queue_id AND "  # noqa: S608
+                + " AND ".join(rcpt_where) + ")"
+            )
+        sql = (
+            f"SELECT {_MSG_COLS} FROM messages m WHERE {' AND '.join(where)}"  # noqa: S608
+            " ORDER BY m.queue_id LIMIT ?"
+        )
+        after, left = "", limit
+        while left is None or left > 0:
+            size = chunk if left is None else min(chunk, left)
+            args: list[object] = [after, *params, *rcpt_params, size]
+
+            def page(c: sqlite3.Connection, args: list[object] = args) -> list[QueuedMessage]:
+                return _with_recipients(c, list(c.execute(sql, args)))
+
+            batch = self._read(page)
+            yield from batch
+            if len(batch) < size:
+                return
+            after = batch[-1].queue_id
+            if left is not None:
+                left -= len(batch)
+
+    def recipients_by_domain_and_age(
+        self, now: float, states: Sequence[RcptState], bounds: Sequence[float]
+    ) -> list[tuple[str, int, int]]:
+        """(domain, age bucket, recipients) for recipients in ``states``: bucket ``i`` holds
+        messages younger than ``bounds[i]`` seconds (and not younger than ``bounds[i-1]``),
+        bucket ``len(bounds)`` the older ones. Counted by SQLite in one pass, never held."""
+        cases = " ".join(
+            f"WHEN ? - m.arrival < {float(b)!r} THEN {i}" for i, b in enumerate(bounds)
+        )
+        sql = (
+            "SELECT lower(substr(r.address, instr(r.address, '@') + 1)) AS domain,"  # noqa: S608
+            f" CASE {cases} ELSE {len(bounds)} END AS bucket, COUNT(*)"
+            " FROM recipients r JOIN messages m ON m.queue_id = r.queue_id"
+            f" WHERE r.state IN ({','.join('?' * len(states))})"
+            " GROUP BY domain, bucket"
+        )
+        args = [now] * len(bounds) + [s.value for s in states]
+        rows = self._read(lambda c: list(c.execute(sql, args)))
+        return [(str(d), int(b), int(n)) for d, b, n in rows]
+
     def count(self) -> int:
         return int(self._read(lambda c: c.execute("SELECT COUNT(*) FROM messages").fetchone())[0])
 
@@ -696,6 +769,26 @@ def _delete(c: sqlite3.Connection, queue_id: str) -> bool:
     c.execute("DELETE FROM recipients WHERE queue_id = ?", (queue_id,))
     c.execute("DELETE FROM bodies WHERE queue_id = ?", (queue_id,))
     return c.execute("DELETE FROM messages WHERE queue_id = ?", (queue_id,)).rowcount > 0
+
+
+def _like_literal(text: str) -> str:
+    """``text`` matched literally by LIKE ... ESCAPE '\\' (its wildcards escaped)."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _with_recipients(c: sqlite3.Connection, rows: list[_MsgRow]) -> list[QueuedMessage]:
+    """Messages from their rows, with their recipients read in one query."""
+    if not rows:
+        return []
+    marks = ",".join("?" * len(rows))
+    rcpts: dict[str, list[QueuedRecipient]] = {}
+    for rrow in c.execute(
+        f"SELECT {_RCPT_COLS} FROM recipients WHERE queue_id IN ({marks})"  # noqa: S608
+        " ORDER BY queue_id, idx",
+        [row[0] for row in rows],
+    ):
+        rcpts.setdefault(rrow[0], []).append(_recipient(rrow))
+    return [_message(row, rcpts.get(row[0], ())) for row in rows]
 
 
 def _fetch(c: sqlite3.Connection, ids: Sequence[str]) -> list[QueuedMessage]:
