@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from deliverd.cli.queue import write_json_list
+from deliverd.cli.queue import message_json, write_json_lines
 from deliverd.queue.database import QueueDB, RcptState, RecipientUpdate
 from deliverd.queue.summary import AGE_BOUNDS_MINUTES, format_summary, summarise, summary_json
 from deliverd.spec.normalise import normalise
@@ -117,11 +117,30 @@ def test_paging_returns_each_message_once_across_chunk_borders(tmp_path: Path) -
             "r0@d0.test", "r1@d1.test"]
 
 
-@pytest.mark.parametrize("items", [[], [{"a": 1}], [{"a": [1, 2]}, {"b": {"c": None}}, 3]])
-def test_streamed_json_is_the_same_document_as_a_dumped_list(items: list[object]) -> None:
+@pytest.mark.parametrize("documents", [[], ['{"a":1}'], ['{"a":[1,2]}', '{"b":{"c":null}}']])
+def test_streamed_json_lines_make_one_array(documents: list[str]) -> None:
     out = io.StringIO()
-    write_json_list(iter(items), out)
-    assert out.getvalue() == json.dumps(items, indent=2) + "\n"
+    write_json_lines(iter(documents), out)
+    assert json.loads(out.getvalue()) == [json.loads(d) for d in documents]
+    lines = out.getvalue().splitlines()
+    # "[", one line per document, "]"; or "[]" alone
+    assert len(lines) == (len(documents) + 2 if documents else 1)
+
+
+def test_sqlite_rendered_json_equals_the_python_view_of_every_message(tmp_path: Path) -> None:
+    with QueueDB.open(tmp_path / "q") as db:
+        plain = db.enqueue("a@x.test", ["b@y.test", "c@y.test"], b"x", now=NOW + 0.123456789)
+        db.enqueue("", ["postmaster@x.test"], b"x", is_dsn=True, now=NOW + 1)
+        db.enqueue("ü@x.test", ["ñ@y.test"], b"x", smtputf8=True, eightbit=True,
+                   hold_reason='loop "quoted"\\', now=NOW + 2)
+        db.record(plain, [RecipientUpdate("c@y.test", RcptState.DEFERRED, NOW + 600.5, "4.4.1",
+                                          "smtp; 421 4.4.1 \"busy\"\ttab", "mx[192.0.2.1]:25")])
+        db.mark_delay_notified(plain)
+        python_view = [message_json(m) for m in db.iter_messages()]
+        sqlite_view = [json.loads(text) for text in db.iter_json(chunk=2)]
+    assert sqlite_view == python_view
+    assert [list(m) for m in sqlite_view] == [list(m) for m in python_view]  # key order too
+    assert sqlite_view[0]["arrival"] == NOW + 0.123456789  # floats read back exactly
 
 
 # --- summary -----------------------------------------------------------------------------------

@@ -252,14 +252,12 @@ def write_table(messages: Iterable[QueuedMessage], out: TextIO) -> None:
         out.write(f"-- {count} messages, {nrcpt} recipients\n")
 
 
-def write_json_list(items: Iterable[object], out: TextIO) -> None:
-    """A JSON array written item by item: the same document ``json.dumps(list, indent=2)``
-    gives, without the list."""
+def write_json_lines(documents: Iterable[str], out: TextIO) -> None:
+    """A JSON array of already-encoded documents, one per line, written as they come."""
     first = True
     out.write("[")
-    for item in items:
-        text = json.dumps(item, indent=2).replace("\n", "\n  ")
-        out.write(("\n  " if first else ",\n  ") + text)
+    for text in documents:
+        out.write(("\n" if first else ",\n") + text)
         first = False
     out.write("]\n" if first else "\n]\n")
 
@@ -303,22 +301,19 @@ def _list(args: argparse.Namespace, cfg: Config, out: TextIO | None = None) -> i
     """Streams: each message is written as it is read (constant memory on any queue)."""
     out = out or sys.stdout
     db = _open(cfg, create=False)
-    messages: Iterable[QueuedMessage] = ()
-    if db is not None:
-        messages = db.iter_messages(
-            state=RcptState(args.state) if args.state else None,
-            domain=args.domain,
-            arrived_before=None if args.older_than is None else time.time() - args.older_than,
-            limit=args.limit,
-        )
-    try:
+    if db is None:
+        out.write("[]\n" if args.json else format_table(()))
+        return EXIT_OK
+    state = RcptState(args.state) if args.state else None
+    before = None if args.older_than is None else time.time() - args.older_than
+    with db:
         if args.json:
-            write_json_list((message_json(m) for m in messages), out)
+            # SQLite renders each message's JSON: a million in seconds, one line each.
+            write_json_lines(db.iter_json(state=state, domain=args.domain,
+                                          arrived_before=before, limit=args.limit), out)
         else:
-            write_table(messages, out)
-    finally:
-        if db is not None:
-            db.close()
+            write_table(db.iter_messages(state=state, domain=args.domain,
+                                         arrived_before=before, limit=args.limit), out)
     return EXIT_OK
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
+_P = TypeVar("_P")
 
 DB_NAME = "queue.db"
 SCHEMA_VERSION = 1
@@ -202,6 +203,25 @@ _MSG_COLS = (
 )
 _RCPT_COLS = (
     "queue_id, address, state, attempts, next_attempt, last_status, last_diagnostic, last_relay"
+)
+
+# One message as JSON, built by SQLite: the keys and order of QueuedMessage and
+# QueuedRecipient; REALs printed with 17 significant digits so they read back as the same float.
+_RCPT_JSON = (
+    "json_object('address', r.address, 'state', r.state, 'attempts', r.attempts,"
+    " 'next_attempt', json(printf('%!.17g', r.next_attempt)), 'last_status', r.last_status,"
+    " 'last_diagnostic', r.last_diagnostic, 'last_relay', r.last_relay)"
+)
+_MSG_JSON = (  # constant text: no value is interpolated
+    "json_object('queue_id', m.queue_id, 'sender', m.sender,"  # noqa: S608
+    " 'arrival', json(printf('%!.17g', m.arrival)), 'size', m.size,"
+    f" 'recipients', (SELECT json_group_array(json({_RCPT_JSON})) FROM"
+    " (SELECT * FROM recipients WHERE queue_id = m.queue_id ORDER BY idx) r),"
+    " 'smtputf8', json(iif(m.smtputf8, 'true', 'false')),"
+    " 'eightbit', json(iif(m.eightbit, 'true', 'false')),"
+    " 'is_dsn', json(iif(m.is_dsn, 'true', 'false')),"
+    " 'held', json(iif(m.held, 'true', 'false')), 'hold_reason', m.hold_reason,"
+    " 'delay_notified', json(iif(m.delay_notified, 'true', 'false')))"
 )
 
 _MsgRow = tuple[str, str, float, int, int, int, int, int, "str | None", int]
@@ -667,39 +687,62 @@ class QueueDB:
         read transaction, so a long listing never holds a snapshot open; a message settled
         meanwhile is simply not shown.
         """
-        where, params = ["m.queue_id > ?"], list[float]()
-        if arrived_before is not None:
-            where.append("m.arrival < ?")
-            params.append(arrived_before)
-        rcpt_where, rcpt_params = list[str](), list[str]()
-        if state is not None:
-            rcpt_where.append("r.state = ?")
-            rcpt_params.append(state.value)
-        if domain is not None:
-            rcpt_where.append("lower(r.address) LIKE ? ESCAPE '\\'")
-            rcpt_params.append(f"%@{_like_literal(domain.lower())}")
-        if rcpt_where:
-            where.append(
-                "EXISTS (SELECT 1 FROM recipients r WHERE r.queue_id = m.queue_id AND "  # noqa: S608
-                + " AND ".join(rcpt_where) + ")"
-            )
+        where, params = _list_filter(state, domain, arrived_before)
+        sql = f"SELECT {_MSG_COLS} FROM messages m WHERE {where} ORDER BY m.queue_id LIMIT ?"  # noqa: S608
+
+        def page(c: sqlite3.Connection, after: str, size: int) -> list[QueuedMessage]:
+            return _with_recipients(c, list(c.execute(sql, [after, *params, size])))
+
+        for batch in self._pages(page, lambda m: m.queue_id, limit, chunk):
+            yield from batch
+
+    def iter_json(
+        self,
+        *,
+        state: RcptState | None = None,
+        domain: str | None = None,
+        arrived_before: float | None = None,
+        limit: int | None = None,
+        chunk: int = 5000,
+    ) -> Iterator[str]:
+        """Like ``iter_messages``, but each message as one line of JSON rendered by SQLite
+        itself: the fields and values of ``QueuedMessage`` (booleans as booleans, floats
+        printed to round-trip exactly), at a small fraction of the cost of building the
+        objects in Python (``queue list --json`` over a million messages)."""
+        where, params = _list_filter(state, domain, arrived_before)
         sql = (
-            f"SELECT {_MSG_COLS} FROM messages m WHERE {' AND '.join(where)}"  # noqa: S608
+            f"SELECT m.queue_id, {_MSG_JSON} FROM messages m WHERE {where}"  # noqa: S608
             " ORDER BY m.queue_id LIMIT ?"
         )
+
+        def page(c: sqlite3.Connection, after: str, size: int) -> list[tuple[str, str]]:
+            return list(c.execute(sql, [after, *params, size]))
+
+        for batch in self._pages(page, lambda row: row[0], limit, chunk):
+            for _qid, text in batch:
+                yield text
+
+    def _pages(
+        self,
+        page: Callable[[sqlite3.Connection, str, int], list[_P]],
+        queue_id: Callable[[_P], str],
+        limit: int | None,
+        chunk: int,
+    ) -> Iterator[list[_P]]:
+        """Keyset paging by queue id: each page one read transaction of at most ``chunk``."""
         after, left = "", limit
         while left is None or left > 0:
             size = chunk if left is None else min(chunk, left)
-            args: list[object] = [after, *params, *rcpt_params, size]
 
-            def page(c: sqlite3.Connection, args: list[object] = args) -> list[QueuedMessage]:
-                return _with_recipients(c, list(c.execute(sql, args)))
+            def one_page(c: sqlite3.Connection, after: str = after, size: int = size) -> list[_P]:
+                return page(c, after, size)
 
-            batch = self._read(page)
-            yield from batch
+            batch = self._read(one_page)
+            if batch:
+                yield batch
             if len(batch) < size:
                 return
-            after = batch[-1].queue_id
+            after = queue_id(batch[-1])
             if left is not None:
                 left -= len(batch)
 
@@ -769,6 +812,29 @@ def _delete(c: sqlite3.Connection, queue_id: str) -> bool:
     c.execute("DELETE FROM recipients WHERE queue_id = ?", (queue_id,))
     c.execute("DELETE FROM bodies WHERE queue_id = ?", (queue_id,))
     return c.execute("DELETE FROM messages WHERE queue_id = ?", (queue_id,)).rowcount > 0
+
+
+def _list_filter(
+    state: RcptState | None, domain: str | None, arrived_before: float | None
+) -> tuple[str, list[object]]:
+    """The WHERE clause (after ``m.queue_id > ?``) and parameters of a filtered listing."""
+    where, params = ["m.queue_id > ?"], list[object]()
+    if arrived_before is not None:
+        where.append("m.arrival < ?")
+        params.append(arrived_before)
+    rcpt_where = []
+    if state is not None:
+        rcpt_where.append("r.state = ?")
+        params.append(state.value)
+    if domain is not None:
+        rcpt_where.append("lower(r.address) LIKE ? ESCAPE '\\'")
+        params.append(f"%@{_like_literal(domain.lower())}")
+    if rcpt_where:
+        where.append(
+            "EXISTS (SELECT 1 FROM recipients r WHERE r.queue_id = m.queue_id AND "  # noqa: S608
+            + " AND ".join(rcpt_where) + ")"
+        )
+    return " AND ".join(where), params
 
 
 def _like_literal(text: str) -> str:
