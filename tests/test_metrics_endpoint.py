@@ -152,3 +152,21 @@ def test_promtool_accepts_the_live_endpoint(
         pytest.skip(str(exc))
     assert result.returncode == 0, result.stderr.decode() + result.stdout.decode()
     assert not result.stdout.strip() and not result.stderr.strip(), result
+
+
+def test_reload_to_a_taken_address_is_refused_and_the_old_endpoint_answers(
+    engine_factory: Callable[..., Engine], smtp_sink: Callable[..., Sink]
+) -> None:
+    sink = smtp_sink()
+    engine = engine_factory(spec(sink.port, free_port()))
+    first = engine.spec["metrics"]["listen"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        engine.reconfigure({"metrics": {"listen": f"127.0.0.1:{taken.getsockname()[1]}"}})
+        engine.signal(signal.SIGHUP)
+        engine.wait_for(lambda: "cannot serve metrics" in engine.log_text(), what="refusal")
+    engine.spec["metrics"]["listen"] = first  # scrape where the daemon still serves
+    found = samples(engine.scrape())
+    assert metric(found, "deliverd_config_last_reload_successful") == 0
+    assert metric(found, "deliverd_config_generation") == 1

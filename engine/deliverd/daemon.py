@@ -178,9 +178,12 @@ class Daemon:
             return False
         old = self.cfg
         self._configure_logging(new)
-        if new.listen != old.listen and not await self._rebind(new, old):
+        metrics_moved = new.metrics != old.metrics
+        if metrics_moved and not await self._rebind_metrics(new, old):
             return False
-        if new.metrics != old.metrics and not self._rebind_metrics(new):
+        if new.listen != old.listen and not await self._rebind(new, old):
+            if metrics_moved:
+                await self._rebind_metrics(old, new)
             return False
         self.cfg = new
         assert self.scheduler is not None
@@ -199,16 +202,20 @@ class Daemon:
             self._servers = await start_listeners(old, self.store, self._enqueued)
             return False
 
-    def _rebind_metrics(self, new: Config) -> bool:
-        old_server = self.metrics_server
-        if old_server is not None:
-            old_server.close()
+    async def _rebind_metrics(self, new: Config, old: Config) -> bool:
+        # In a thread: stopping the HTTP server waits for its poll loop to notice.
+        if self.metrics_server is not None:
+            await asyncio.to_thread(self.metrics_server.close)
+            self.metrics_server = None
         try:
             self.metrics_server = self._serve_metrics(new)
             return True
         except OSError as exc:
             log.error("reload refused: cannot serve metrics on %s: %s", new.metrics.listen, exc)
-            self.metrics_server = self._serve_metrics(self.cfg)
+            try:
+                self.metrics_server = self._serve_metrics(old)
+            except OSError as again:  # taken meanwhile: delivery goes on without an endpoint
+                log.error("cannot serve metrics on %s again: %s", old.metrics.listen, again)
             return False
 
     async def _close_servers(self) -> None:
