@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import sqlite3
 import subprocess
 import sys
 import time
@@ -198,3 +199,22 @@ def test_summary_command_in_text_and_json(config: Path, queue: dict[str, str]) -
     assert top1["other_domains"]["count"] == 2
     text = deliverd(config, "summary").stdout
     assert text.splitlines()[1].split()[:2] == ["TOTAL", "4"]
+
+
+def test_state_filter_looks_up_each_message_by_its_key_not_through_the_state_index(
+    tmp_path: Path,
+) -> None:
+    # Through the (state, next_attempt) index, the per-message check walks every recipient in
+    # that state: quadratic in the queue's size (seconds for --limit 100 at 100,000 queued).
+    from deliverd.queue.database import _MSG_COLS, _list_filter
+
+    with QueueDB.open(tmp_path / "q") as db:
+        db.enqueue("a@x.test", ["b@y.test"], b"x")
+    where, params = _list_filter(RcptState.DEFERRED, "y.test", None)
+    conn = sqlite3.connect(tmp_path / "q" / "queue.db")
+    plan = [row[3] for row in conn.execute(
+        f"EXPLAIN QUERY PLAN SELECT {_MSG_COLS} FROM messages m WHERE {where}"
+        " ORDER BY m.queue_id LIMIT ?", ["", *params, 100])]
+    conn.close()
+    assert not any("recipients_due" in step for step in plan), plan
+    assert any("(queue_id=?)" in step for step in plan), plan

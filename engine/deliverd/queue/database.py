@@ -824,7 +824,9 @@ def _list_filter(
         params.append(arrived_before)
     rcpt_where = []
     if state is not None:
-        rcpt_where.append("r.state = ?")
+        # "+" keeps SQLite on the (queue_id, idx) key for this per-message check: through the
+        # state index it would walk every recipient in that state for each message.
+        rcpt_where.append("+r.state = ?")
         params.append(state.value)
     if domain is not None:
         rcpt_where.append("lower(r.address) LIKE ? ESCAPE '\\'")
