@@ -12,6 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from deliverd_lab.prometheus import PrometheusMissing, promtool
+from tests.fixtures.dns import DnsServer
 from tests.fixtures.engine import Engine, free_port
 from tests.fixtures.smtp_sink import Sink
 
@@ -170,3 +171,40 @@ def test_reload_to_a_taken_address_is_refused_and_the_old_endpoint_answers(
     found = samples(engine.scrape())
     assert metric(found, "deliverd_config_last_reload_successful") == 0
     assert metric(found, "deliverd_config_generation") == 1
+
+
+def test_dns_failures_are_counted_by_kind(
+    engine_factory: Callable[..., Engine], lab_dns: DnsServer
+) -> None:
+    engine = engine_factory({"metrics": {"listen": f"127.0.0.1:{free_port()}"}},
+                            nameserver=lab_dns.nameserver)
+    # The null sender: a bounce is held, never sent, so no DSN needs a route.
+    engine.submit("", ["a@nxdomain.test", "b@nullmx.test", "c@servfail.example",
+                       "d@mxnoaddr.test"])
+    for rcpt in ("a@nxdomain.test", "b@nullmx.test", "c@servfail.example", "d@mxnoaddr.test"):
+        engine.wait_for(lambda rcpt=rcpt: engine.attempts(rcpt), what=f"attempt for {rcpt}")
+    found = samples(engine.scrape())
+    for kind in ("nxdomain", "null_mx", "temporary", "no_address"):
+        assert metric(found, "deliverd_dns_failures_total", kind=kind) >= 1, kind
+    # Refused by DNS before any host was tried: no route, and held (a bounce of a bounce).
+    assert metric(found, "deliverd_recipients_total", status="held", route="none") >= 2
+
+
+def test_tls_sessions_are_counted_by_result(
+    engine_factory: Callable[..., Engine], smtp_sink: Callable[..., Sink], ca_file: str
+) -> None:
+    sink = smtp_sink(starttls=True)
+    trusted = engine_factory(spec(sink.port, free_port(), tls="starttls", ca_file=ca_file))
+    trusted.submit(SENDER, ["bob@example.net"])
+    trusted.wait_status("bob@example.net", "sent")
+    found = samples(trusted.scrape())
+    assert metric(found, "deliverd_tls_sessions_total", result="established") == 1
+    assert metric(found, "deliverd_tls_sessions_total", result="failed") == 0
+    # Without the private CA the certificate does not verify: TLS failed, mail deferred.
+    untrusted = engine_factory(spec(sink.port, free_port(), tls="starttls"))
+    untrusted.submit(SENDER, ["carol@example.net"])
+    untrusted.wait_status("carol@example.net", "deferred")
+    found = samples(untrusted.scrape())
+    assert metric(found, "deliverd_tls_sessions_total", result="failed") >= 1
+    assert metric(found, "deliverd_tls_sessions_total", result="established") == 0
+    assert metric(found, "deliverd_smarthost_failures_total", stage="tls") >= 1
