@@ -208,3 +208,20 @@ def test_tls_sessions_are_counted_by_result(
     assert metric(found, "deliverd_tls_sessions_total", result="failed") >= 1
     assert metric(found, "deliverd_tls_sessions_total", result="established") == 0
     assert metric(found, "deliverd_smarthost_failures_total", stage="tls") >= 1
+
+
+def test_an_expired_recipient_counts_as_expired_once_with_its_whole_delay(
+    engine_factory: Callable[..., Engine], smtp_sink: Callable[..., Sink]
+) -> None:
+    sink = smtp_sink(rcpt={"later@example.net": "451 4.3.0 try again"})
+    engine = engine_factory({**spec(sink.port, free_port()),
+                             "retry": {"expire_after": "3s"}})
+    engine.submit(SENDER, ["later@example.net"])
+    engine.wait_status("later@example.net", "bounced")
+    engine.wait_status(SENDER, "sent")  # the expiry DSN
+    found = samples(engine.scrape())
+    assert metric(found, "deliverd_recipients_total", status="expired", route="smarthost") == 1
+    assert metric(found, "deliverd_recipients_total", status="bounced", route="smarthost") == 0
+    assert metric(found, "deliverd_delivery_delay_seconds_count", status="expired") == 1
+    assert metric(found, "deliverd_delivery_delay_seconds_sum", status="expired") >= 3
+    assert metric(found, "deliverd_delivery_attempts_total", result="deferred") >= 1
