@@ -100,6 +100,7 @@ def test_reloads_move_the_generation_and_a_refused_one_is_flagged(
 ) -> None:
     sink = smtp_sink()
     engine = engine_factory(spec(sink.port, free_port()))
+    engine.wait_ready()  # SIGHUP before the handlers are installed would stop the daemon
     engine.signal(signal.SIGHUP)
     engine.wait_for(lambda: metric(samples(engine.scrape()), "deliverd_config_generation") == 2,
                     what="generation 2")
@@ -119,6 +120,7 @@ def test_reload_moves_the_endpoint_to_its_new_address(
     sink = smtp_sink()
     first, second = free_port(), free_port()
     engine = engine_factory(spec(sink.port, first))
+    engine.wait_ready()
     engine.reconfigure({"metrics": {"listen": f"127.0.0.1:{second}"}})
     engine.signal(signal.SIGHUP)
     engine.wait_for(lambda: "reloaded" in engine.log_text(), what="reload")
@@ -161,6 +163,7 @@ def test_reload_to_a_taken_address_is_refused_and_the_old_endpoint_answers(
     sink = smtp_sink()
     engine = engine_factory(spec(sink.port, free_port()))
     first = engine.spec["metrics"]["listen"]
+    engine.wait_ready()
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

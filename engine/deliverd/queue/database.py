@@ -206,7 +206,8 @@ _RCPT_COLS = (
 )
 
 # One message as JSON, built by SQLite: the keys and order of QueuedMessage and
-# QueuedRecipient; REALs printed with 17 significant digits so they read back as the same float.
+# QueuedRecipient; REALs printed with 17 significant digits so they read back as the same float;
+# json('true') is a constant SQLite computes once per statement, not once per row.
 _RCPT_JSON = (
     "json_object('address', r.address, 'state', r.state, 'attempts', r.attempts,"
     " 'next_attempt', json(printf('%!.17g', r.next_attempt)), 'last_status', r.last_status,"
@@ -215,13 +216,13 @@ _RCPT_JSON = (
 _MSG_JSON = (  # constant text: no value is interpolated
     "json_object('queue_id', m.queue_id, 'sender', m.sender,"  # noqa: S608
     " 'arrival', json(printf('%!.17g', m.arrival)), 'size', m.size,"
-    f" 'recipients', (SELECT json_group_array(json({_RCPT_JSON})) FROM"
+    f" 'recipients', (SELECT json_group_array({_RCPT_JSON}) FROM"
     " (SELECT * FROM recipients WHERE queue_id = m.queue_id ORDER BY idx) r),"
-    " 'smtputf8', json(iif(m.smtputf8, 'true', 'false')),"
-    " 'eightbit', json(iif(m.eightbit, 'true', 'false')),"
-    " 'is_dsn', json(iif(m.is_dsn, 'true', 'false')),"
-    " 'held', json(iif(m.held, 'true', 'false')), 'hold_reason', m.hold_reason,"
-    " 'delay_notified', json(iif(m.delay_notified, 'true', 'false')))"
+    " 'smtputf8', iif(m.smtputf8, json('true'), json('false')),"
+    " 'eightbit', iif(m.eightbit, json('true'), json('false')),"
+    " 'is_dsn', iif(m.is_dsn, json('true'), json('false')),"
+    " 'held', iif(m.held, json('true'), json('false')), 'hold_reason', m.hold_reason,"
+    " 'delay_notified', iif(m.delay_notified, json('true'), json('false')))"
 )
 
 _MsgRow = tuple[str, str, float, int, int, int, int, int, "str | None", int]
