@@ -172,12 +172,13 @@ class Metrics:
         self._last_reload_ok = True
         self._last_reload_time = self.started
         self._queue_source: Callable[[], QueueShape] | None = None
-        self._queue_lock = threading.Lock()
+        self._queue_lock = threading.Lock()  # held during a scrape's read of the queue
+        self._config_lock = threading.Lock()  # never held long: the event loop takes it
         r.register(_ScrapeCollector(self))
 
     def _init_labels(self) -> None:
         # Every known series exists from the start at 0, so rate() and absent() work at once.
-        for way in WAYS_IN[:1]:
+        for way in WAYS_IN[:1]:  # "sendmail" appears with the first message it brings
             self.received.labels(way)
         for status in FINAL_STATUSES:
             self.delay.labels(status)
@@ -228,7 +229,7 @@ class Metrics:
         self.dsn.labels(kind).inc()
 
     def config_reloaded(self, ok: bool) -> None:
-        with self._queue_lock:
+        with self._config_lock:
             self._last_reload_ok = ok
             if ok:
                 self._generation += 1
@@ -282,7 +283,7 @@ class Metrics:
                 value=shape.disk_free_bytes)
 
     def collect_config(self) -> Iterable[Metric]:
-        with self._queue_lock:
+        with self._config_lock:
             generation, ok, when = self._generation, self._last_reload_ok, self._last_reload_time
         yield GaugeMetricFamily(
             "deliverd_config_generation",
