@@ -7,8 +7,9 @@ says ``scheduler ready`` (the listener is bound before that, and the line is wri
 scheduler's first ``due`` query has returned). The daemon's RSS is read then (VmRSS, VmHWM),
 and one scrape of its Prometheus endpoint is timed (the queue gauges are read at scrape time).
 Then ``deliverd queue list --json`` runs with its output read as it comes: the time to the first
-message, the time to the end of the whole JSON, and the command's peak RSS (``wait4``'s
-ru_maxrss); ``queue list --state deferred --limit 100`` and ``queue summary`` are timed too.
+message, the time to the end of the whole JSON, the command's CPU time and peak RSS
+(``wait4``'s rusage); ``queue list --state deferred --limit 100`` and ``queue summary`` are
+timed too.
 The fill uses ``synchronous=OFF``: it is set-up, not what is measured.
 """
 
@@ -146,6 +147,7 @@ def measure(workdir: Path, count: int) -> dict[str, Any]:
             "rss_mb": rss_mb, "hwm_mb": hwm_mb, "metrics_scrape_s": scrape_s,
             "queue_list_first_s": listing["first_s"], "queue_list_json_s": listing["whole_s"],
             "queue_list_rss_mb": listing["rss_mb"], "queue_list_json_mb": listing["mb"],
+            "queue_list_cpu_s": listing["cpu_s"],
             "queue_list_filtered_s": filtered_s, "queue_summary_s": summary_s}
 
 
@@ -183,6 +185,7 @@ def stream_list(config: Path) -> dict[str, float]:
     if proc.returncode != 0:
         raise RuntimeError(f"queue list exited {proc.returncode}")
     return {"first_s": first_s, "whole_s": whole_s, "entries": entries,
+            "cpu_s": usage.ru_utime + usage.ru_stime,
             "rss_mb": usage.ru_maxrss / 1024, "mb": size / 2**20}
 
 
@@ -203,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"restart to ready {result['ready_s']:6.2f} s, RSS {result['rss_mb']:6.1f} MB "
                   f"(peak {result['hwm_mb']:.1f}), scrape {result['metrics_scrape_s']:.3f} s; "
                   f"queue list --json: first message {result['queue_list_first_s']:.3f} s, "
-                  f"whole {result['queue_list_json_s']:6.1f} s, "
+                  f"whole {result['queue_list_json_s']:6.1f} s "
+                  f"(CPU {result['queue_list_cpu_s']:.1f} s), "
                   f"RSS {result['queue_list_rss_mb']:.1f} MB; "
                   f"--state deferred --limit 100 {result['queue_list_filtered_s']:.2f} s; "
                   f"summary {result['queue_summary_s']:.1f} s", flush=True)
