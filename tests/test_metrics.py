@@ -4,6 +4,7 @@ endpoint's access rule and the textfile output, and promtool's verdict on the ex
 from __future__ import annotations
 
 import ipaddress
+import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from deliverd import __version__
 from deliverd.ops.metrics import (
     TEXTFILE_NAME,
     Metrics,
@@ -167,8 +169,6 @@ def test_config_generation_grows_on_reload_and_a_refused_reload_shows() -> None:
 
 
 def test_build_info_names_the_version() -> None:
-    from deliverd import __version__
-
     info = families(Metrics().exposition().decode())["deliverd_build_info"]
     [sample] = info.samples  # type: ignore[attr-defined]
     assert sample.labels["version"] == __version__ and sample.value == 1
@@ -255,3 +255,16 @@ def test_promtool_accepts_the_exposition() -> None:
     assert result.returncode == 0, result.stderr.decode() + result.stdout.decode()
     # promtool prints lint findings (missing _total, non-base units...) even with exit 0.
     assert not result.stdout.strip() and not result.stderr.strip(), result
+
+
+def test_endpoint_serves_on_ipv6_loopback() -> None:
+    with socket.socket(socket.AF_INET6) as probe:
+        probe.bind(("::1", 0))
+        port = probe.getsockname()[1]
+    server = MetricsServer.start(busy_metrics(), "::1", port)
+    try:
+        assert server.where == f"[::1]:{port}"
+        with urllib.request.urlopen(f"http://[::1]:{port}/metrics", timeout=10) as reply:
+            assert b"deliverd_build_info" in reply.read()
+    finally:
+        server.close()
