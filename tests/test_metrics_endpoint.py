@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -228,3 +229,31 @@ def test_an_expired_recipient_counts_as_expired_once_with_its_whole_delay(
     assert metric(found, "deliverd_delivery_delay_seconds_count", status="expired") == 1
     assert metric(found, "deliverd_delivery_delay_seconds_sum", status="expired") >= 3
     assert metric(found, "deliverd_delivery_attempts_total", result="deferred") >= 1
+
+
+def test_endpoint_answers_throughout_a_burst_and_its_counters_only_grow(
+    engine_factory: Callable[..., Engine], smtp_sink: Callable[..., Sink]
+) -> None:
+    sink = smtp_sink()
+    engine = engine_factory(spec(sink.port, free_port()))
+    engine.wait_ready()
+    seen: list[float] = []
+    stop = threading.Event()
+
+    def scrape_until_stopped() -> None:
+        while not stop.is_set():
+            found = samples(engine.scrape())
+            seen.append(metric(found, "deliverd_recipients_total", status="sent",
+                               route="smarthost"))
+
+    scraper = threading.Thread(target=scrape_until_stopped)
+    scraper.start()
+    try:
+        for i in range(40):
+            engine.submit(SENDER, [f"r{i}@example.net"])
+        engine.wait_for(lambda: len(sink.messages) == 40, what="40 messages at the sink")
+        engine.wait_for(lambda: seen and seen[-1] == 40, what="the scrape to show 40 sent")
+    finally:
+        stop.set()
+        scraper.join(30)
+    assert seen == sorted(seen) and len(seen) >= 2
