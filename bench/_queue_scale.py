@@ -4,15 +4,20 @@ For each size N: fill a fresh queue with N deferred messages (1 KiB each, due to
 batched inserts straight into the queue database (schema made by ``QueueDB.open``); then
 start ``deliverd run`` on it and time restart-to-ready: from spawning the process until its log
 says ``scheduler ready`` (the listener is bound before that, and the line is written once the
-scheduler's first ``due`` query has returned). The daemon's RSS is read then (VmRSS, VmHWM);
-finally ``deliverd queue list --json`` is timed (it reads every message). The fill uses
-``synchronous=OFF``: it is set-up, not what is measured.
+scheduler's first ``due`` query has returned). The daemon's RSS is read then (VmRSS, VmHWM),
+and one scrape of its Prometheus endpoint is timed (the queue gauges are read at scrape time).
+Then ``deliverd queue list --json`` runs with its output read as it comes: the time to the first
+message, the time to the end of the whole JSON, the command's CPU time and peak RSS
+(``wait4``'s rusage); ``queue list --state deferred --limit 100`` and ``queue summary`` are
+timed too.
+The fill uses ``synchronous=OFF``: it is set-up, not what is measured.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import socket
@@ -21,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +80,7 @@ def fill(queue_dir: Path, count: int) -> float:
     return time.monotonic() - started
 
 
-def render(workdir: Path, port: int) -> Path:
+def render(workdir: Path, port: int, metrics_port: int) -> Path:
     spec: dict[str, Any] = {
         "version": 1,
         "host": {"name": "deliverd.bench"},
@@ -83,6 +89,7 @@ def render(workdir: Path, port: int) -> Path:
         # Nothing is due, so nothing is sent; a closed loopback port if something were.
         "routing": {"mode": "smarthost",
                     "smarthost": {"host": LOOPBACK, "port": free_port(), "tls": "none"}},
+        "metrics": {"listen": f"{LOOPBACK}:{metrics_port}"},
     }
     write_rendered(normalise(spec), workdir / "etc")
     return workdir / "etc" / "deliverd.toml"
@@ -92,8 +99,8 @@ def measure(workdir: Path, count: int) -> dict[str, Any]:
     workdir.mkdir()
     fill_s = fill(workdir / "queue", count)
     db_mb = (workdir / "queue" / DB_NAME).stat().st_size / 2**20
-    port = free_port()
-    config = render(workdir, port)
+    port, metrics_port = free_port(), free_port()
+    config = render(workdir, port, metrics_port)
     log_path = workdir / "deliverd.log"
     with log_path.open("wb") as log:
         started = time.monotonic()
@@ -111,21 +118,75 @@ def measure(workdir: Path, count: int) -> dict[str, Any]:
             pass  # listening, as the ready line promises
         rss_mb = status_kb(proc.pid, "VmRSS") / 1024
         hwm_mb = status_kb(proc.pid, "VmHWM") / 1024
+        scrape_s, deferred = scrape(metrics_port)
+        listing = stream_list(config)
         t0 = time.monotonic()
-        listed = subprocess.run(
-            [sys.executable, "-m", "deliverd", "queue", "-c", str(config), "list", "--json"],
+        filtered = subprocess.run(
+            [sys.executable, "-m", "deliverd", "queue", "-c", str(config), "list", "--json",
+             "--state", "deferred", "--limit", "100"],
             capture_output=True, check=True,
         )
-        list_s = time.monotonic() - t0
-        entries = len(json.loads(listed.stdout))
+        filtered_s = time.monotonic() - t0
+        t0 = time.monotonic()
+        summary = subprocess.run(
+            [sys.executable, "-m", "deliverd", "queue", "-c", str(config), "summary", "--json"],
+            capture_output=True, check=True,
+        )
+        summary_s = time.monotonic() - t0
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
-    if entries != count:
-        raise RuntimeError(f"queue list shows {entries} messages, expected {count}")
+    if listing["entries"] != count or deferred != count:
+        raise RuntimeError(f"queue list shows {listing['entries']} messages and the metrics "
+                           f"{deferred} deferred recipients, expected {count}")
+    if len(json.loads(filtered.stdout)) != min(100, count):
+        raise RuntimeError("queue list --limit 100 did not stop at 100")
+    if json.loads(summary.stdout)["total"]["total"] != count:
+        raise RuntimeError("queue summary does not count every recipient")
     return {"messages": count, "fill_s": fill_s, "db_mb": db_mb, "ready_s": ready_s,
-            "rss_mb": rss_mb, "hwm_mb": hwm_mb, "queue_list_json_s": list_s,
-            "queue_list_json_mb": len(listed.stdout) / 2**20}
+            "rss_mb": rss_mb, "hwm_mb": hwm_mb, "metrics_scrape_s": scrape_s,
+            "queue_list_first_s": listing["first_s"], "queue_list_json_s": listing["whole_s"],
+            "queue_list_rss_mb": listing["rss_mb"], "queue_list_json_mb": listing["mb"],
+            "queue_list_cpu_s": listing["cpu_s"],
+            "queue_list_filtered_s": filtered_s, "queue_summary_s": summary_s}
+
+
+def scrape(port: int) -> tuple[float, float]:
+    """Seconds for one scrape of /metrics, and the deferred recipients it reports."""
+    t0 = time.monotonic()
+    with urllib.request.urlopen(f"http://{LOOPBACK}:{port}/metrics", timeout=60) as reply:
+        text = reply.read().decode()
+    took = time.monotonic() - t0
+    for line in text.splitlines():
+        if line.startswith('deliverd_queue_recipients{state="deferred"}'):
+            return took, float(line.split()[-1])
+    raise RuntimeError("no deliverd_queue_recipients in the scrape")
+
+
+def stream_list(config: Path) -> dict[str, float]:
+    """Run ``queue list --json`` reading its output as it comes, never holding it."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deliverd", "queue", "-c", str(config), "list", "--json"],
+        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None
+    first_s = 0.0
+    entries = size = 0
+    for line in proc.stdout:
+        size += len(line)
+        if line.startswith(b'{"queue_id"'):
+            entries += 1
+            if entries == 1:
+                first_s = time.monotonic() - t0
+    whole_s = time.monotonic() - t0
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"queue list exited {proc.returncode}")
+    return {"first_s": first_s, "whole_s": whole_s, "entries": entries,
+            "cpu_s": usage.ru_utime + usage.ru_stime,
+            "rss_mb": usage.ru_maxrss / 1024, "mb": size / 2**20}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,8 +204,13 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result)
             print(f"{count:>9,} queued: fill {result['fill_s']:6.1f} s, "
                   f"restart to ready {result['ready_s']:6.2f} s, RSS {result['rss_mb']:6.1f} MB "
-                  f"(peak {result['hwm_mb']:.1f}), queue list --json "
-                  f"{result['queue_list_json_s']:6.1f} s", flush=True)
+                  f"(peak {result['hwm_mb']:.1f}), scrape {result['metrics_scrape_s']:.3f} s; "
+                  f"queue list --json: first message {result['queue_list_first_s']:.3f} s, "
+                  f"whole {result['queue_list_json_s']:6.1f} s "
+                  f"(CPU {result['queue_list_cpu_s']:.1f} s), "
+                  f"RSS {result['queue_list_rss_mb']:.1f} MB; "
+                  f"--state deferred --limit 100 {result['queue_list_filtered_s']:.2f} s; "
+                  f"summary {result['queue_summary_s']:.1f} s", flush=True)
             shutil.rmtree(base / f"q{count}", ignore_errors=True)
     finally:
         shutil.rmtree(base, ignore_errors=True)

@@ -241,6 +241,14 @@ def specs(draw: st.DrawFn) -> dict[str, Any]:
     )
     _maybe(draw, "dns", st.lists(nameservers, max_size=3, unique=True)
            .map(lambda ns: {"nameservers": ns}), spec)
+    if draw(st.booleans()):
+        metrics: dict[str, Any] = {}
+        address = draw(st.one_of(loopback_ips, public_ips))
+        shown = f"[{address}]" if ":" in address else address
+        _maybe(draw, "listen", ports.map(lambda p: f"{shown}:{p}"), metrics)
+        if not ipaddress.ip_address(address).is_loopback:
+            metrics["allow_networks"] = ["192.0.2.0/24"]
+        spec["metrics"] = metrics
     return spec
 
 

@@ -3,13 +3,13 @@ against a running engine (smart host mode to a local sink, so no DNS is involved
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fixtures.engine import Engine
 from tests.fixtures.smtp_sink import Sink, free_port
@@ -24,6 +24,15 @@ def relay_spec(port: int, **smarthost: Any) -> dict[str, Any]:
         "routing": {"mode": "smarthost",
                     "smarthost": {"host": "127.0.0.1", "port": port, "tls": "none", **smarthost}},
         "dsn": {"notify_delayed": False},
+    }
+
+
+def textfile_samples(engine: Engine) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """``<queue>/deliverd.prom`` (Prometheus text format) as {(name, labels): value}."""
+    text = (engine.workdir / "queue" / "deliverd.prom").read_text()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text) for sample in family.samples
     }
 
 
@@ -149,12 +158,14 @@ def test_send_command_enqueues_into_the_running_engine(engine_factory: Callable[
     assert sink.messages[0].mail_from == SENDER
 
 
-def test_metrics_file_counts_attempts_and_survives_a_stop(engine_factory: Callable[..., Engine],
-                                                          smtp_sink: Callable[..., Sink]) -> None:
+def test_metrics_textfile_counts_attempts_and_survives_a_stop(
+    engine_factory: Callable[..., Engine], smtp_sink: Callable[..., Sink]
+) -> None:
     sink = smtp_sink()
     engine = engine_factory(relay_spec(sink.port))
     engine.submit(SENDER, ["bob@example.net", "carol@example.net"])
     engine.wait_status("carol@example.net", "sent")
     assert engine.stop() == 0
-    written = json.loads((engine.workdir / "queue" / "metrics.json").read_text())
-    assert written["counters"]["attempts.sent"] == 2
+    written = textfile_samples(engine)
+    assert written[("deliverd_delivery_attempts_total", (("result", "sent"),))] == 2
+    assert written[("deliverd_recipients_total", (("route", "smarthost"), ("status", "sent")))] == 2

@@ -184,12 +184,13 @@ def test_config_errors_exit_2(tmp_path: Path, content: str | None) -> None:
 # -- waking the daemon -------------------------------------------------------------------------
 
 # Stands in for the daemon: its command line names deliverd, it writes the pid file the way
-# deliverd.daemon does and reports each SIGUSR1 on stdout.
+# deliverd.daemon does and reports each SIGUSR1 and SIGUSR2 on stdout.
 _FAKE_DAEMON = textwrap.dedent(
     """
     # deliverd stand-in
     import os, signal, sys, time
     signal.signal(signal.SIGUSR1, lambda *_: print("SIGUSR1", flush=True))
+    signal.signal(signal.SIGUSR2, lambda *_: print("SIGUSR2", flush=True))
     with open(os.path.join(sys.argv[1], "deliverd.pid"), "w") as fh:
         fh.write(f"{os.getpid()}\\n")
     print("ready", flush=True)
@@ -217,7 +218,7 @@ def test_flush_release_and_send_signal_the_running_daemon(
     assert fake_daemon.stdout.readline() == "SIGUSR1\n"
     flushed = deliverd("queue", "-c", str(config), "flush")
     assert flushed.returncode == EXIT_OK and "daemon signalled" in flushed.stdout
-    assert fake_daemon.stdout.readline() == "SIGUSR1\n"
+    assert fake_daemon.stdout.readline() == "SIGUSR2\n"  # flush: also forget failed hosts
     held = deliverd("queue", "-c", str(config), "hold", qid)
     assert held.returncode == EXIT_OK, held.stdout + held.stderr
     released = deliverd("queue", "-c", str(config), "release", qid, "--json")

@@ -88,6 +88,7 @@ def test_one_message_is_split_over_a_recipient_route_a_sender_route_and_the_defa
                            "auth": {"username": "alice", "password": default.users["alice"]}}},
         ],
         "dsn": {"notify_delayed": False},
+        "metrics": {"listen": f"127.0.0.1:{free_port()}"},
     }, nameserver=nameserver)
 
     engine.submit("invoices@billing.test",
@@ -112,3 +113,8 @@ def test_one_message_is_split_over_a_recipient_route_a_sender_route_and_the_defa
     assert wait_for(default.postfix.sasl_users) == ["relay"]
     log = engine.log_text()
     assert default.users["alice"] not in log and default.users["relay"] not in log
+    # Named routes are counted by name on the Prometheus endpoint.
+    scraped = engine.scrape()
+    assert 'deliverd_route_recipients_total{route_name="billing",status="sent"} 1.0' in scraped
+    assert 'deliverd_route_recipients_total{route_name="partner",status="sent"} 1.0' in scraped
+    assert 'route_name=""' not in scraped

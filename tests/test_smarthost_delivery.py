@@ -7,12 +7,12 @@ test_pop_before_smtp.py; here scripted doubles prove every branch of the rules.
 from __future__ import annotations
 
 import email
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fixtures.dns import DnsServer
 from tests.fixtures.engine import Engine, deep_merge
@@ -203,13 +203,16 @@ def test_wrong_password_defers_and_never_bounces(start: Callable[..., Engine],
     assert "535" in record["reply"]
     assert not relay.messages and not sender_mx.messages
     assert PASSWORD not in engine.log_text()
-    # loudly (an error naming the smart host) and counted (metrics.json)
+    # loudly (an error naming the smart host) and counted (the metrics textfile)
     errors = [r for r in engine.log_records() if r.get("level") == "error"]
     assert any("smart host AUTH failed" in r["message"] for r in errors), errors
     engine.stop()
-    metrics = json.loads((engine.workdir / "queue" / "metrics.json").read_text())
-    assert metrics["counters"]["smarthost.auth_failures"] >= 1
-    assert metrics["counters"]["attempts.deferred"] >= 1
+    text = (engine.workdir / "queue" / "deliverd.prom").read_text()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples[("deliverd_smarthost_failures_total", (("stage", "auth"),))] >= 1
+    assert samples[("deliverd_delivery_attempts_total", (("result", "deferred"),))] >= 1
+    assert samples[("deliverd_deferred_attempts_total", (("status_class", "4.7"),))] >= 1
 
 
 def test_plaintext_auth_only_when_allowed(start: Callable[..., Engine],

@@ -3,7 +3,9 @@
 Signals: SIGHUP reloads (the new config is validated first; a bad one is logged and the old one
 kept; the queue is never touched), SIGTERM/SIGINT stop (listeners close at once, in-flight
 deliveries get a grace period, anything unfinished stays queued), SIGUSR1 wakes the scheduler
-(``deliverd queue flush`` sends it).
+(``release`` and ``send`` send it), SIGUSR2 also forgets which hosts just failed, so a flushed
+message is really tried again (``deliverd queue flush`` sends it, as Postfix's flush revives
+dead destinations).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from deliverd.delivery.scheduler import Scheduler
 from deliverd.dns.resolver import Resolver
 from deliverd.ops import eventloop
 from deliverd.ops.logline import configure_logging, format_event
-from deliverd.ops.metrics import Metrics
+from deliverd.ops.metrics import Metrics, MetricsServer, QueueShape, split_listen
+from deliverd.queue.database import QueueDB
 from deliverd.queue.store import QueueStore
 from deliverd.smtp.transport import Transport
 from deliverd.submission.listener import start_listeners
@@ -54,6 +57,8 @@ class Daemon:
         self.log_level = log_level
         self.stop_grace = STOP_GRACE
         self.metrics = Metrics()
+        self.metrics_server: MetricsServer | None = None
+        self._depth_db: QueueDB | None = None  # the scrape thread's own read connection
         self._stop = asyncio.Event()
         self._servers: list[asyncio.base_events.Server] = []
         self.store: QueueStore | None = None
@@ -62,17 +67,20 @@ class Daemon:
     async def serve(self) -> int:
         self.store = await QueueStore.open(self.cfg.queue.path)
         pid_file = Path(self.cfg.queue.path) / PID_NAME
-        transport = Transport(self.cfg)
+        transport = Transport(self.cfg, on_session=self.metrics.tls_session)
         self.scheduler = Scheduler(
             self.cfg, self.store, make_resolver(self.cfg), transport, log_format=self.log_format,
             metrics=self.metrics,
         )
         try:
-            self._servers = await start_listeners(self.cfg, self.store, self.scheduler.wake)
+            self._servers = await start_listeners(self.cfg, self.store, self._enqueued)
+            self.metrics_server = self._serve_metrics(self.cfg)
         except OSError as exc:
             log.error("cannot listen: %s", exc)
+            await self._close_servers()
             await self.store.close()
             return 1
+        self.metrics.watch_queue(self._queue_shape)
         pid_file.write_text(f"{os.getpid()}\n", encoding="ascii")
         self._install_signals()
         where = ", ".join(f"{x.address}:{x.port}" for x in self.cfg.listen)
@@ -89,6 +97,7 @@ class Daemon:
             await runner
         await transport.close()
         self._write_metrics()
+        self._close_metrics()
         await self.store.close()
         with contextlib.suppress(FileNotFoundError):
             pid_file.unlink()
@@ -97,8 +106,45 @@ class Daemon:
 
     async def _write_metrics_every(self, seconds: float) -> None:
         while True:
-            self._write_metrics()
+            # Off the loop: the file includes the queue gauges, read from the database.
+            await asyncio.to_thread(self._write_metrics)
             await asyncio.sleep(seconds)
+
+    def _enqueued(self, queue_id: str) -> None:
+        self.metrics.message_received("listener")
+        if self.scheduler is not None:
+            self.scheduler.wake(queue_id)
+
+    def _serve_metrics(self, cfg: Config) -> MetricsServer | None:
+        if cfg.metrics.listen is None:
+            return None
+        address, port = split_listen(cfg.metrics.listen)
+        server = MetricsServer.start(self.metrics, address, port, cfg.metrics.allow_networks)
+        log.info("metrics on http://%s/metrics", server.where)
+        return server
+
+    def _queue_shape(self) -> QueueShape:
+        """Called by the metrics collector at scrape time, from the scraping thread."""
+        if self._depth_db is None:
+            self._depth_db = QueueDB.open(self.cfg.queue.path, create=False)
+        depth = self._depth_db.depth()
+        stat = os.statvfs(self.cfg.queue.path)
+        return QueueShape(
+            recipients=depth.recipients,
+            messages=depth.messages,
+            oldest_arrival=depth.oldest_arrival,
+            oldest_deferred_arrival=depth.oldest_deferred_arrival,
+            disk_free_bytes=stat.f_bavail * stat.f_frsize,
+        )
+
+    def _close_metrics(self) -> None:
+        self.metrics.watch_queue(None)
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
+        if self._depth_db is not None:
+            self._depth_db.close()
+            self._depth_db = None
 
     def _write_metrics(self) -> None:
         try:
@@ -112,13 +158,24 @@ class Daemon:
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
         loop.add_signal_handler(signal.SIGUSR1, self._wake)
+        loop.add_signal_handler(signal.SIGUSR2, self._flush)
 
     def _wake(self) -> None:
         if self.scheduler is not None:
             self.scheduler.wake()
 
+    def _flush(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.transport.forget_failures()
+        self._wake()
+
     async def reload(self) -> bool:
         """Load, validate and apply the config; keep the running one when anything is wrong."""
+        applied = await self._reload()
+        self.metrics.config_reloaded(applied)
+        return applied
+
+    async def _reload(self) -> bool:
         try:
             new = await asyncio.to_thread(load_config, self.config_path, self.secrets_path)
         except ConfigError as exc:
@@ -129,7 +186,12 @@ class Daemon:
             return False
         old = self.cfg
         self._configure_logging(new)
+        metrics_moved = new.metrics != old.metrics
+        if metrics_moved and not await self._rebind_metrics(new, old):
+            return False
         if new.listen != old.listen and not await self._rebind(new, old):
+            if metrics_moved:
+                await self._rebind_metrics(old, new)
             return False
         self.cfg = new
         assert self.scheduler is not None
@@ -141,11 +203,27 @@ class Daemon:
         assert self.store is not None and self.scheduler is not None
         await self._close_servers()
         try:
-            self._servers = await start_listeners(new, self.store, self.scheduler.wake)
+            self._servers = await start_listeners(new, self.store, self._enqueued)
             return True
         except OSError as exc:
             log.error("reload refused: cannot listen on the new addresses: %s", exc)
-            self._servers = await start_listeners(old, self.store, self.scheduler.wake)
+            self._servers = await start_listeners(old, self.store, self._enqueued)
+            return False
+
+    async def _rebind_metrics(self, new: Config, old: Config) -> bool:
+        # In a thread: stopping the HTTP server waits for its poll loop to notice.
+        if self.metrics_server is not None:
+            await asyncio.to_thread(self.metrics_server.close)
+            self.metrics_server = None
+        try:
+            self.metrics_server = self._serve_metrics(new)
+            return True
+        except OSError as exc:
+            log.error("reload refused: cannot serve metrics on %s: %s", new.metrics.listen, exc)
+            try:
+                self.metrics_server = self._serve_metrics(old)
+            except OSError as again:  # taken meanwhile: delivery goes on without an endpoint
+                log.error("cannot serve metrics on %s again: %s", old.metrics.listen, again)
             return False
 
     async def _close_servers(self) -> None:

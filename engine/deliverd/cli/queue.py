@@ -1,4 +1,4 @@
-"""``deliverd queue list|show|flush|hold|release|delete`` and ``deliverd send``.
+"""``deliverd queue list|summary|show|flush|hold|release|delete`` and ``deliverd send``.
 
 Both work on the queue database directly (its own connection; the daemon may be running: WAL
 lets both in), then nudge a running daemon with SIGUSR1 so a flush, release or new message is
@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import os
 import re
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from email.parser import BytesHeaderParser
 from email.utils import formatdate, make_msgid
 from pathlib import Path
@@ -25,14 +26,17 @@ from typing import TextIO, TypeVar
 
 from deliverd.config.loader import ConfigError, load_config
 from deliverd.config.model import Config
+from deliverd.core.units import parse_duration
 from deliverd.queue.database import (
     QueueDB,
     QueuedMessage,
     QueuedRecipient,
     QueueError,
     QueueMissingError,
+    RcptState,
     new_queue_id,
 )
+from deliverd.queue.summary import AGE_BOUNDS_MINUTES, format_summary, summarise, summary_json
 from deliverd.submission.listener import count_received, has_8bit, header_block, loop_hold_reason
 
 DEFAULT_CONFIG = Path("/etc/deliverd/deliverd.toml")
@@ -55,8 +59,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     q = sub.add_parser("queue", help="inspect and manage the delivery queue")
     _common(q, top=True)
     actions = q.add_subparsers(dest="queue_action", required=True, metavar="ACTION")
+    parsers: dict[str, argparse.ArgumentParser] = {}
     for name, func, help_text, takes_id in (
-        ("list", _list, "every queued message with its recipients' state", False),
+        ("list", _list, "queued messages with their recipients' state, oldest first", False),
+        ("summary", _summary, "recipients by destination domain and age (qshape)", False),
         ("show", _show, "one message: envelope, recipients and headers", True),
         ("flush", _flush, "make every deferred recipient due now", False),
         ("hold", _hold, "hold a message until released", True),
@@ -68,6 +74,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         if takes_id:
             p.add_argument("queue_id", metavar="ID")
         p.set_defaults(func=_with_config(func))
+        parsers[name] = p
+    _list_options(parsers["list"])
+    _summary_options(parsers["summary"])
 
     s = sub.add_parser("send", help="queue a message directly (no SMTP) and wake the daemon")
     _common(s, top=True)
@@ -92,6 +101,40 @@ def _common(p: argparse.ArgumentParser, *, top: bool) -> None:
                    help="secrets file (default: secrets.toml beside the config)")
     p.add_argument("--json", action="store_true", default=False if top else argparse.SUPPRESS,
                    help="machine-readable output")
+
+
+_OPEN_STATES = (RcptState.PENDING, RcptState.DEFERRED, RcptState.HELD)
+
+
+def _list_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state", choices=[s.value for s in _OPEN_STATES],
+                   help="only messages with a recipient in this state")
+    p.add_argument("--domain", metavar="DOMAIN",
+                   help="only messages with a recipient at this domain (with --state: that "
+                        "same recipient)")
+    p.add_argument("--older-than", type=_duration, metavar="DURATION",
+                   help="only messages that arrived longer ago than this (90s, 15m, 4h, 2d)")
+    p.add_argument("--limit", type=_positive, metavar="N", help="at most N messages")
+
+
+def _summary_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state", action="append", choices=[s.value for s in _OPEN_STATES],
+                   help="recipients in this state (repeatable; default: pending and deferred)")
+    p.add_argument("--top", type=int, default=10, metavar="N",
+                   help="the N domains with the most recipients (0: all; default 10)")
+
+
+def _duration(text: str) -> float:
+    try:
+        return float(parse_duration(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return int(text)
 
 
 def _with_config(action: _Action) -> Callable[[argparse.Namespace], int]:
@@ -122,8 +165,9 @@ def _open(cfg: Config, *, create: bool) -> QueueDB | None:
         return None
 
 
-def wake_daemon(queue_path: str | Path) -> bool:
-    """SIGUSR1 to the daemon named by ``<queue>/deliverd.pid`` if it is alive; True if sent."""
+def wake_daemon(queue_path: str | Path, sig: signal.Signals = signal.SIGUSR1) -> bool:
+    """``sig`` (SIGUSR1: look at the queue; SIGUSR2: also forget failed hosts) to the daemon
+    named by ``<queue>/deliverd.pid`` if it is alive; True if sent."""
     pid_file = Path(queue_path) / PID_NAME
     try:
         pid = int(pid_file.read_text(encoding="ascii").strip())
@@ -132,7 +176,7 @@ def wake_daemon(queue_path: str | Path) -> bool:
     if pid <= 0 or not _is_deliverd(pid):
         return False
     try:
-        os.kill(pid, signal.SIGUSR1)
+        os.kill(pid, sig)
     except OSError:
         return False
     return True
@@ -178,15 +222,23 @@ def message_json(msg: QueuedMessage) -> dict[str, object]:
     return out
 
 
-def format_table(messages: list[QueuedMessage]) -> str:
-    if not messages:
-        return "Mail queue is empty\n"
-    lines = [f"{'QUEUE ID':<14} {'ARRIVAL':<19} {'SIZE':>9}  SENDER"]
-    nrcpt = 0
+def format_table(messages: Iterable[QueuedMessage]) -> str:
+    out = io.StringIO()
+    write_table(messages, out)
+    return out.getvalue()
+
+
+def write_table(messages: Iterable[QueuedMessage], out: TextIO) -> None:
+    """The listing, a message at a time (the header once the first one is known)."""
+    count = nrcpt = 0
     for m in messages:
+        if count == 0:
+            out.write(f"{'QUEUE ID':<14} {'ARRIVAL':<19} {'SIZE':>9}  SENDER\n")
+        count += 1
+        lines = []
         held = f"  HELD ({m.hold_reason or 'operator'})" if m.held else ""
         lines.append(f"{m.queue_id:<14} {_when(m.arrival):<19} {m.size:>9}  "
-                      f"<{m.sender}>{held}")
+                     f"<{m.sender}>{held}")
         for r in m.recipients:
             nrcpt += 1
             detail = f"  attempts={r.attempts}" if r.attempts else ""
@@ -195,8 +247,21 @@ def format_table(messages: list[QueuedMessage]) -> str:
             lines.append(f"    <{r.address}>  {r.state.value}{detail}")
             if r.last_diagnostic:
                 lines.append(f"        ({r.last_diagnostic})")
-    lines.append(f"-- {len(messages)} messages, {nrcpt} recipients")
-    return "\n".join(lines) + "\n"
+        out.write("\n".join(lines) + "\n")
+    if count == 0:
+        out.write("Mail queue is empty\n")
+    else:
+        out.write(f"-- {count} messages, {nrcpt} recipients\n")
+
+
+def write_json_lines(documents: Iterable[str], out: TextIO) -> None:
+    """A JSON array of already-encoded documents, one per line, written as they come."""
+    first = True
+    out.write("[")
+    for text in documents:
+        out.write(("\n" if first else ",\n") + text)
+        first = False
+    out.write("]\n" if first else "\n]\n")
 
 
 def format_message(msg: QueuedMessage, headers: str) -> str:
@@ -234,14 +299,34 @@ def _emit(args: argparse.Namespace, text: str, data: object, out: TextIO = sys.s
 # Actions
 
 
-def _list(args: argparse.Namespace, cfg: Config) -> int:
+def _list(args: argparse.Namespace, cfg: Config, out: TextIO | None = None) -> int:
+    """Streams: each message is written as it is read (constant memory on any queue)."""
+    out = out or sys.stdout
     db = _open(cfg, create=False)
-    messages = [] if db is None else _closing(db, db.list_messages)
-    # Render only the format asked for: the other one costs as much again on a big queue.
-    if args.json:
-        _emit(args, "", [message_json(m) for m in messages])
-    else:
-        _emit(args, format_table(messages), None)
+    if db is None:
+        out.write("[]\n" if args.json else format_table(()))
+        return EXIT_OK
+    state = RcptState(args.state) if args.state else None
+    before = None if args.older_than is None else time.time() - args.older_than
+    with db:
+        if args.json:
+            # SQLite renders each message's JSON: a million in seconds, one line each.
+            write_json_lines(db.iter_json(state=state, domain=args.domain,
+                                          arrived_before=before, limit=args.limit), out)
+        else:
+            write_table(db.iter_messages(state=state, domain=args.domain,
+                                         arrived_before=before, limit=args.limit), out)
+    return EXIT_OK
+
+
+def _summary(args: argparse.Namespace, cfg: Config) -> int:
+    db = _open(cfg, create=False)
+    states = [RcptState(s) for s in args.state or ("pending", "deferred")]
+    bounds = [60.0 * m for m in AGE_BOUNDS_MINUTES]
+    counts = [] if db is None else _closing(
+        db, lambda: db.recipients_by_domain_and_age(time.time(), states, bounds))
+    summary = summarise(counts, top=args.top)
+    _emit(args, format_summary(summary), summary_json(summary))
     return EXIT_OK
 
 
@@ -265,7 +350,7 @@ def _show(args: argparse.Namespace, cfg: Config) -> int:
 def _flush(args: argparse.Namespace, cfg: Config) -> int:
     db = _open(cfg, create=False)
     count = 0 if db is None else _closing(db, db.flush)
-    woke = wake_daemon(cfg.queue.path)
+    woke = wake_daemon(cfg.queue.path, signal.SIGUSR2)
     _emit(args, f"{count} deferred recipients due now{_woke(woke)}\n",
           {"flushed": count, "daemon_signalled": woke})
     return EXIT_OK

@@ -172,6 +172,14 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """The Prometheus endpoint: ``listen`` is ``address:port``, None when off."""
+
+    listen: str | None = None
+    allow_networks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class TimeoutsConfig:
     connect: int = 30
     greeting: int = 60
@@ -197,6 +205,7 @@ class Config:
     accounts: tuple[Account, ...] = ()
     retry: RetryConfig = RetryConfig()
     limits: LimitsConfig = LimitsConfig()
+    metrics: MetricsConfig = MetricsConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()
     dns: DnsConfig = DnsConfig()
 
@@ -301,6 +310,9 @@ def config_from_spec(spec: dict[str, Any]) -> Config:
         ),
         dsn=DsnConfig(**spec["dsn"]),
         limits=LimitsConfig(**_durations(limits, "connection_failure_cache")),
+        metrics=MetricsConfig(
+            spec["metrics"].get("listen"), tuple(spec["metrics"]["allow_networks"])
+        ),
         timeouts=TimeoutsConfig(**_durations(spec["timeouts"], *spec["timeouts"].keys())),
         dns=DnsConfig(tuple(spec["dns"]["nameservers"])),
     )
@@ -400,6 +412,10 @@ def config_to_spec(cfg: Config) -> dict[str, Any]:
             "max_hops": lim.max_hops,
             "max_message_size": format_size(lim.max_message_size),
         },
+        "metrics": _drop_none({
+            "listen": cfg.metrics.listen,
+            "allow_networks": list(cfg.metrics.allow_networks),
+        }),
         "timeouts": {k: format_duration(getattr(tmo, k)) for k in
                      ("connect", "greeting", "command", "data_response", "dns")},
         "dns": {"nameservers": list(cfg.dns.nameservers)},

@@ -7,11 +7,20 @@ what it is told: DNS through the resolver, SMTP through the transport.
 from __future__ import annotations
 
 from deliverd.config.model import Config
-from deliverd.core.outcomes import Envelope, Outcome, Route
+from deliverd.core.outcomes import Envelope, Outcome, Route, Stage, TransactionResult
 from deliverd.delivery.credentials import credentials_for
 from deliverd.delivery.router import Attempt, Finished, ResolveAddresses, ResolveMx, Transact
-from deliverd.dns.resolver import Resolver
-from deliverd.smtp.transport import Transport
+from deliverd.dns.resolver import (
+    AddressResult,
+    DnsTempFailure,
+    MxResult,
+    NoAddresses,
+    NullMx,
+    NxDomain,
+    Resolver,
+)
+from deliverd.ops.metrics import Metrics, connection_failure_kind
+from deliverd.smtp.transport import CACHED_CONNECT_ERROR, Transport
 
 
 async def run_attempt(
@@ -21,16 +30,24 @@ async def run_attempt(
     envelope: Envelope,
     resolver: Resolver,
     transport: Transport,
+    metrics: Metrics,
 ) -> tuple[Outcome, ...]:
-    """Run ``attempt`` to its end; returns exactly one outcome per recipient."""
+    """Run ``attempt`` to its end; returns exactly one outcome per recipient.
+
+    ``metrics`` counts what only this loop sees: DNS failures and failed connections.
+    """
     while True:
         action = attempt.next_action()
         if isinstance(action, Finished):
             return action.outcomes
         if isinstance(action, ResolveMx):
-            attempt.on_mx(action.domain, await resolver.mx(action.domain))
+            mx = await resolver.mx(action.domain)
+            _count_dns(metrics, mx)
+            attempt.on_mx(action.domain, mx)
         elif isinstance(action, ResolveAddresses):
-            attempt.on_addresses(action.host, await resolver.addresses(action.host))
+            addresses = await resolver.addresses(action.host)
+            _count_dns(metrics, addresses)
+            attempt.on_addresses(action.host, addresses)
         elif isinstance(action, Transact):
             subset = Envelope(
                 sender=envelope.sender,
@@ -44,9 +61,37 @@ async def run_attempt(
                 if action.hop.route is Route.SMARTHOST
                 else None
             )
-            attempt.on_transaction(await transport.transact(
+            result = await transport.transact(
                 action.hop, subset, credentials=creds,
                 ignore_failure_cache=action.ignore_failure_cache,
-            ))
+            )
+            _count_connection(metrics, result)
+            attempt.on_transaction(result)
         else:  # pragma: no cover - the planner only emits the four actions above
             raise TypeError(f"unknown planner action {action!r}")
+
+
+_DNS_FAILURE_KINDS: tuple[tuple[type, str], ...] = (
+    (NxDomain, "nxdomain"), (NullMx, "null_mx"), (NoAddresses, "no_address"),
+    (DnsTempFailure, "temporary"),
+)
+
+
+def _count_dns(metrics: Metrics, result: MxResult | AddressResult) -> None:
+    for kind, label in _DNS_FAILURE_KINDS:
+        if isinstance(result, kind):
+            metrics.dns_failure(label)
+            return
+
+
+def _count_connection(metrics: Metrics, result: TransactionResult) -> None:
+    failure = result.failure
+    if failure is None or failure.error == CACHED_CONNECT_ERROR:
+        return
+    if failure.stage is Stage.CONNECT:
+        metrics.connection_failure(connection_failure_kind(failure.error))
+    elif failure.stage is Stage.GREETING:
+        rejected = failure.reply is not None
+        metrics.connection_failure(
+            "greeting" if rejected else connection_failure_kind(failure.error)
+        )

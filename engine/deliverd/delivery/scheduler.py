@@ -13,6 +13,7 @@ import contextlib
 import logging
 import random
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from deliverd.config.model import Config, OnExpiry
@@ -42,6 +43,11 @@ _OPERATOR_FAILURES = {Stage.AUTH: "auth", Stage.STARTTLS: "tls", Stage.POP: "pop
 # A message whose outcome could not be written (the queue's disk is full) waits this long before
 # it is tried again, instead of being re-delivered in a tight loop.
 _STORAGE_COOLDOWN = 30.0
+
+# Final states as the metrics name them (a held recipient stays held until an operator acts).
+_FINAL_STATUS = {
+    RcptState.DELIVERED: "sent", RcptState.BOUNCED: "bounced", RcptState.HELD: "held",
+}
 
 _POLL_CAP = 5.0  # re-read the queue at least this often (operator CLI changes, clock jumps)
 # While deliveries are in flight their completions wake the loop anyway; a short fixed cap then
@@ -192,7 +198,8 @@ class Scheduler:
             attempt = Attempt(domain=domain, recipients=rcpts, routing=route_cfg.routing,
                               host=cfg.host, rng=self._rng, route_name=route_name)
             attempts.append(run_attempt(attempt, cfg=route_cfg, envelope=envelope,
-                                        resolver=self.resolver, transport=self.transport))
+                                        resolver=self.resolver, transport=self.transport,
+                                        metrics=self.metrics))
         results = await asyncio.gather(*attempts)
         return [outcome for group in results for outcome in group]
 
@@ -203,8 +210,15 @@ class Scheduler:
         updates: list[RecipientUpdate] = []
         failed: list[Outcome] = []
         delayed: list[Outcome] = []
+        routes: dict[str, Route | None] = {}
+        route_names: dict[str, str | None] = {}
+        expired_now: set[str] = set()
         for outcome in outcomes:
-            outcome = self._expire(outcome) if is_expired else outcome
+            if is_expired and outcome.kind is Kind.DEFERRED:
+                expired_now.add(outcome.recipient)
+                outcome = self._expire(outcome)
+            routes[outcome.recipient] = outcome.route
+            route_names[outcome.recipient] = outcome.route_name
             self._log(message, outcome, now)
             state, when = self._next_state(
                 outcome, attempts.get(outcome.recipient, 0), now, message.arrival
@@ -232,16 +246,32 @@ class Scheduler:
         # One write for both: the outcome and the removal of a completed message commit
         # together (no crash window between them, one group-commit job per message).
         await self.store.settle(message.queue_id, updates)
+        self._count_final(message, updates, routes, route_names, expired_now, now)
+
+    def _count_final(
+        self, message: QueuedMessage, updates: list[RecipientUpdate],
+        routes: dict[str, Route | None], route_names: dict[str, str | None],
+        expired_now: set[str], now: float,
+    ) -> None:
+        """Once per recipient reaching a final status, after it is recorded."""
+        for update in updates:
+            status = _FINAL_STATUS.get(update.state)
+            if status is None:
+                continue
+            if update.address in expired_now:
+                status = "expired"
+            route = routes.get(update.address)
+            self.metrics.recipient_final(
+                status, route.value if route else None, now - message.arrival,
+                route_names.get(update.address),
+            )
 
     def _expire(self, outcome: Outcome) -> Outcome:
         if outcome.kind is not Kind.DEFERRED:
             return outcome
         kind = Kind.BOUNCED if self.cfg.retry.on_expiry is OnExpiry.BOUNCE else Kind.HELD
-        return Outcome(
-            outcome.recipient, kind, "4.4.7",
-            f"{outcome.diagnostic} (message expired in queue)", outcome.hop, outcome.transcript,
-            outcome.stage,
-        )
+        return replace(outcome, kind=kind, status="4.4.7",
+                       diagnostic=f"{outcome.diagnostic} (message expired in queue)")
 
     def _next_state(
         self, outcome: Outcome, attempts: int, now: float, arrival: float
@@ -291,7 +321,7 @@ class Scheduler:
             dsn_id = await self.store.enqueue(
                 "", [to], report, is_dsn=True, smtputf8=requires_smtputf8(report)
             )
-            self.metrics.count(f"dsn.{kind.value}")
+            self.metrics.dsn_sent(kind.value)
             log.info(dsn_sent(message.queue_id, dsn_id, delay_notice=kind is DsnKind.DELAY,
                               fmt=self.log_format))
         self.wake()
@@ -306,7 +336,7 @@ class Scheduler:
         )
         level = logging.WARNING if outcome.kind in (Kind.BOUNCED, Kind.HELD) else logging.INFO
         log.log(level, line)
-        self.metrics.count(f"attempts.{outcome.kind.value}")
+        self.metrics.attempt(outcome.kind.value, outcome.status)
         self._operator_failure(message.queue_id, outcome)
 
     def _operator_failure(self, queue_id: str, outcome: Outcome) -> None:
@@ -314,7 +344,7 @@ class Scheduler:
         what = _OPERATOR_FAILURES.get(outcome.stage) if outcome.stage else None
         if what is None or outcome.route is not Route.SMARTHOST:
             return
-        self.metrics.count(f"smarthost.{what}_failures")
+        self.metrics.smarthost_failure(what)
         log.error(format_event(
             queue_id,
             f"smart host {what.upper()} failed at {outcome.relay}: mail is deferred, not bounced;"

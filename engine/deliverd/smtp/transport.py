@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from deliverd.config.model import Config, Credentials
@@ -70,8 +71,16 @@ class _Progress:
 class Transport:
     """SMTP transactions over pooled sessions, under the limits of the current config."""
 
-    def __init__(self, cfg: Config, *, idle_timeout: float = IDLE_TIMEOUT) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        idle_timeout: float = IDLE_TIMEOUT,
+        on_session: Callable[[str], None] | None = None,
+    ) -> None:
         self._cfg = cfg
+        # Told how each new session was secured: "established", "cleartext" or "failed".
+        self._on_session = on_session
         self._pool = SessionPool(cfg.limits, idle_timeout)
         self._failures = FailureCache()
         self._contexts = ContextCache()
@@ -92,6 +101,10 @@ class Transport:
             else:
                 self._pops[name].update_config(cfg.for_route(name))
         self._close_later(self._pool.reconfigure(cfg.limits))
+
+    def forget_failures(self) -> None:
+        """An operator's flush: every host is worth a try again."""
+        self._failures = FailureCache()
 
     def _config_for(self, route_name: str | None) -> Config:
         """The config as mail on ``route_name`` sees it (its own smart host and mode)."""
@@ -189,6 +202,8 @@ class Transport:
         try:
             await self._establish(session, plan, creds, cfg, tls=tls)
         except SessionError as err:
+            if err.failure.stage is Stage.STARTTLS and err.failure.reply is None:
+                self._session_secured("failed")
             await _close_after_failure(session, err.failure)
             if _host_failed(err.failure):
                 self._failures.record(key.destination, cfg.limits.connection_failure_cache)
@@ -196,9 +211,14 @@ class Transport:
         except BaseException:
             session.abort()  # cancelled (or a bug) half-way through the handshake
             raise
+        self._session_secured("established" if session.tls_active else "cleartext")
         pooled = PooledSession(key, session, self._pool.generation)
         progress, transcript = await self._run(pooled, envelope, cfg)
         return _result(hop, progress, transcript)
+
+    def _session_secured(self, result: str) -> None:
+        if self._on_session is not None:
+            self._on_session(result)
 
     async def _establish(
         self,

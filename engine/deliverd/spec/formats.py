@@ -59,6 +59,19 @@ def _check_nameserver(text: str) -> str | None:
     return None
 
 
+def _check_listen_address(text: str) -> str | None:
+    if text.startswith("["):
+        address, _, rest = text[1:].partition("]")
+        port = rest[1:]
+    else:
+        address, _, port = text.rpartition(":")
+    if _check_ip(address) is not None:
+        return f"{show(text)} is not an IP address and port"
+    if not (_INDEX.fullmatch(port) and 1 <= int(port) <= 65535):
+        return f"{show(text)} has a port outside 1..65535"
+    return None
+
+
 def _check_host_or_ip(text: str) -> str | None:
     # The pattern admits anything made of hex digits, dots and colons: "cafe.de:25" included.
     if ":" in text and _check_ip(text) is not None:
@@ -72,6 +85,7 @@ _FORMATS: dict[str, Callable[[str], str | None]] = {
     "ip": _check_ip,
     "cidr": _check_cidr,
     "nameserver": _check_nameserver,
+    "listen_address": _check_listen_address,
     "host_or_ip": _check_host_or_ip,
 }
 

@@ -167,6 +167,29 @@ def _listeners(v: View) -> Iterator[Problem]:
             continue
 
 
+def _metrics_endpoint(v: View) -> Iterator[Problem]:
+    """The Prometheus endpoint follows the listeners' rule: loopback, or named networks."""
+    nets = v.length("metrics", "allow_networks")
+    for j in range(nets):
+        text = v.maybe("metrics", "allow_networks", j)
+        if isinstance(text, str) and _prefix_length(text) == 0:
+            yield error(
+                ("metrics", "allow_networks", j),
+                f"{show(text)} lets every address read the metrics",
+                "list only the networks of the Prometheus servers that scrape this host",
+            )
+    listen = v.text("metrics", "listen")
+    if listen is None:
+        return
+    address = listen[1:].partition("]")[0] if listen.startswith("[") else listen.rpartition(":")[0]
+    if not _is_loopback(address) and nets == 0:
+        yield error(
+            ("metrics", "allow_networks"),
+            f"is required: {address} is not a loopback address",
+            "list the networks of the Prometheus servers, e.g. allow_networks: [192.0.2.0/24]",
+        )
+
+
 def _same_address(a: str, b: str) -> bool:
     try:
         return ipaddress.ip_address(a) == ipaddress.ip_address(b)
@@ -385,6 +408,7 @@ _RULES: tuple[Rule, ...] = (
     _for_each_smarthost(_plaintext_pop),
     _for_each_smarthost(_unverified_tls),
     _listeners,
+    _metrics_endpoint,
     _for_each_smarthost(_smarthost_is_self),
     _for_each_smarthost(_per_account_without_credentials),
     _for_each_smarthost(_account_mail_passwords),
