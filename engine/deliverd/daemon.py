@@ -68,7 +68,9 @@ class Daemon:
             metrics=self.metrics,
         )
         try:
-            self._servers = await start_listeners(self.cfg, self.store, self.scheduler.wake)
+            self._servers = await start_listeners(
+                self.cfg, self.store, self.scheduler.wake, current=self._current
+            )
         except OSError as exc:
             log.error("cannot listen: %s", exc)
             await self.store.close()
@@ -94,6 +96,9 @@ class Daemon:
             pid_file.unlink()
         self._event("stopped")
         return 0
+
+    def _current(self) -> Config:
+        return self.cfg
 
     async def _write_metrics_every(self, seconds: float) -> None:
         while True:
@@ -141,11 +146,15 @@ class Daemon:
         assert self.store is not None and self.scheduler is not None
         await self._close_servers()
         try:
-            self._servers = await start_listeners(new, self.store, self.scheduler.wake)
+            self._servers = await start_listeners(
+                new, self.store, self.scheduler.wake, current=self._current
+            )
             return True
         except OSError as exc:
             log.error("reload refused: cannot listen on the new addresses: %s", exc)
-            self._servers = await start_listeners(old, self.store, self.scheduler.wake)
+            self._servers = await start_listeners(
+                old, self.store, self.scheduler.wake, current=self._current
+            )
             return False
 
     async def _close_servers(self) -> None:

@@ -21,6 +21,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from deliverd.config.model import Config, Listener
 from deliverd.queue.store import QueueStore, new_queue_id
+from deliverd.submission.local import LocalPolicy, UnknownLocalUser, local_policy
 
 log = logging.getLogger(__name__)
 
@@ -165,14 +166,21 @@ class _SubmissionHandler:
         trust_loopback: bool,
         max_hops: int,
         min_free: int,
+        current: Callable[[], Config],
     ) -> None:
         self.store = store
+        self.current = current
         self.min_free = min_free
         self.on_enqueued = on_enqueued
         self.hostname = hostname
         self.allow_networks = allow_networks
         self.trust_loopback = trust_loopback
         self.max_hops = max_hops
+
+    def policy(self) -> LocalPolicy:
+        """Local users' rules of the running config (a reload may change the aliases)."""
+        cfg = self.current()
+        return local_policy(cfg.local, cfg.masquerade)
 
     def _short_of_space(self, size: int) -> bool:
         """Refuse before the disk is full: the queue keeps room to record deliveries and to
@@ -201,7 +209,13 @@ class _SubmissionHandler:
         if not relay_allowed(peer_ip, self.allow_networks, trust_loopback=self.trust_loopback):
             log.warning("relay denied: client=[%s] to=<%s>", peer_ip, address)
             return REPLY_RELAY_DENIED
-        envelope.rcpt_tos.append(address)
+        try:
+            targets = self.policy().resolve_recipient(address)
+        except UnknownLocalUser as exc:
+            log.warning("refused: client=[%s] to=<%s>: local user without an alias",
+                        peer_ip, address)
+            return exc.smtp_reply
+        envelope.rcpt_tos.extend(t for t in targets if t not in envelope.rcpt_tos)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"
 
@@ -210,7 +224,9 @@ class _SubmissionHandler:
         if not isinstance(content, bytes) or not envelope.rcpt_tos or envelope.mail_from is None:
             return REPLY_ERROR
         peer_ip = _peer_ip(session)
-        sender = envelope_sender(envelope.mail_from)
+        policy = self.policy()
+        sender = policy.sender(envelope_sender(envelope.mail_from))
+        content = policy.rewrite_message(content)
         rcpts = list(envelope.rcpt_tos)
         smtputf8 = bool(envelope.smtp_utf8)
         eightbit = "BODY=8BITMIME" in envelope.mail_options or has_8bit(content)
@@ -258,7 +274,7 @@ def _peer_ip(session: Session) -> str:
 
 def _handler_for(
     listener: Listener, cfg: Config, store: QueueStore, on_enqueued: Callable[[str], None],
-    hostname: str, trust_loopback: bool,
+    hostname: str, trust_loopback: bool, current: Callable[[], Config],
 ) -> _SubmissionHandler:
     return _SubmissionHandler(
         store=store,
@@ -268,6 +284,7 @@ def _handler_for(
         trust_loopback=trust_loopback,
         max_hops=cfg.limits.max_hops,
         min_free=min_free_bytes(cfg.limits.max_message_size),
+        current=current,
     )
 
 
@@ -278,18 +295,24 @@ async def start_listeners(
     *,
     hostname: str | None = None,
     trust_loopback: bool = True,
+    current: Callable[[], Config] | None = None,
 ) -> list[asyncio.base_events.Server]:
     """Bind every ``cfg.listen`` entry on the running loop; the caller closes the servers.
 
     ``on_enqueued(queue_id)`` is called after each message is durably queued (held ones
     included). ``trust_loopback=False`` lets tests refuse a loopback client by network.
+    ``current()`` gives the running config for the local users' rules (aliases,
+    masquerading), which a reload changes without rebinding; by default ``cfg``'s.
     """
+    now = current if current is not None else (lambda: cfg)
     loop = asyncio.get_running_loop()
     name = hostname or cfg.host.name
     servers: list[asyncio.base_events.Server] = []
     try:
         for listener in cfg.listen:
-            handler = _handler_for(listener, cfg, store, on_enqueued, name, trust_loopback)
+            handler = _handler_for(
+                listener, cfg, store, on_enqueued, name, trust_loopback, now
+            )
 
             def factory(handler: _SubmissionHandler = handler) -> SMTP:
                 return _SubmissionSMTP(
