@@ -23,9 +23,11 @@ from deliverd.dns.resolver import Resolver
 from deliverd.ops import eventloop
 from deliverd.ops.logline import configure_logging, format_event
 from deliverd.ops.metrics import Metrics
+from deliverd.queue import showq
 from deliverd.queue.store import QueueStore
 from deliverd.smtp.transport import Transport
 from deliverd.submission.listener import start_listeners
+from deliverd.submission.pickup import Pickup
 
 log = logging.getLogger("deliverd")
 
@@ -80,11 +82,19 @@ class Daemon:
         where = ", ".join(f"{x.address}:{x.port}" for x in self.cfg.listen)
         self._event(f"ready: listening on {where}, mode={self.cfg.routing.mode.value}")
         runner = asyncio.create_task(self.scheduler.run())
+        pickup = asyncio.create_task(
+            Pickup(self.cfg.queue.path, self.store, self.scheduler.wake, self._current).run()
+        )
+        showq_server = await showq.serve(self.cfg.queue.path, self.store)
         reporter = asyncio.create_task(self._write_metrics_every(METRICS_EVERY))
         await self._stop.wait()
         reporter.cancel()
         self._event("stopping: closing listeners, finishing in-flight deliveries")
         await self._close_servers()
+        pickup.cancel()
+        showq_server.close()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pickup
         await self.scheduler.stop(self.stop_grace)
         runner.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -20,6 +20,8 @@ from typing import AnyStr
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from deliverd.config.model import Config, Listener
+from deliverd.queue.space import WAL_HEADROOM as WAL_HEADROOM
+from deliverd.queue.space import min_free_bytes
 from deliverd.queue.store import QueueStore, new_queue_id
 from deliverd.submission.local import LocalPolicy, UnknownLocalUser, local_policy
 
@@ -122,18 +124,6 @@ def protocol_name(esmtp: bool, smtputf8: bool) -> str:
     if smtputf8:
         return "UTF8SMTP"
     return "ESMTP" if esmtp else "SMTP"
-
-
-# SQLite's write-ahead log grows to about 1000 pages (4 MiB) between checkpoints before it is
-# reused; recording deliveries and removing messages writes to it, so that much must stay free.
-WAL_HEADROOM = 8 * 1024 * 1024
-
-
-def min_free_bytes(max_message_size: int) -> int:
-    """Free space the listener leaves on the queue's filesystem: 1.5 x the largest message it
-    accepts (as Postfix's smtpd does) plus room for the queue's write-ahead log, so deliveries
-    can always be recorded and bounces queued."""
-    return max_message_size * 3 // 2 + WAL_HEADROOM
 
 
 def envelope_sender(mail_from: str) -> str:
