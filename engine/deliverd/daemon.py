@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -48,7 +49,9 @@ class Daemon:
         cfg: Config,
         log_format: str,
         log_level: str,
+        prebound: dict[tuple[str, int], socket.socket] | None = None,
     ) -> None:
+        self.prebound = prebound or {}
         self.config_path = config_path
         self.secrets_path = secrets_path
         self.cfg = cfg
@@ -71,7 +74,8 @@ class Daemon:
         )
         try:
             self._servers = await start_listeners(
-                self.cfg, self.store, self.scheduler.wake, current=self._current
+                self.cfg, self.store, self.scheduler.wake, current=self._current,
+                prebound=self.prebound,
             )
         except OSError as exc:
             log.error("cannot listen: %s", exc)
@@ -157,13 +161,15 @@ class Daemon:
         await self._close_servers()
         try:
             self._servers = await start_listeners(
-                new, self.store, self.scheduler.wake, current=self._current
+                new, self.store, self.scheduler.wake, current=self._current,
+                prebound=self.prebound,
             )
             return True
         except OSError as exc:
             log.error("reload refused: cannot listen on the new addresses: %s", exc)
             self._servers = await start_listeners(
-                old, self.store, self.scheduler.wake, current=self._current
+                old, self.store, self.scheduler.wake, current=self._current,
+                prebound=self.prebound,
             )
             return False
 
@@ -191,14 +197,16 @@ def run(
     log_level: str,
     *,
     stop_grace: float = STOP_GRACE,
+    prebound: dict[tuple[str, int], socket.socket] | None = None,
 ) -> int:
+    """Run the daemon until stopped; ``prebound``: sockets bound before dropping root."""
     configure_logging(log_format, log_level, sys.stderr)
     try:
         cfg = load_config(config_path, secrets_path)
     except ConfigError as exc:
         log.error("%s", exc)
         return 1
-    daemon = Daemon(config_path, secrets_path, cfg, log_format, log_level)
+    daemon = Daemon(config_path, secrets_path, cfg, log_format, log_level, prebound)
     daemon.stop_grace = stop_grace
     daemon._configure_logging(cfg)
     return eventloop.run(daemon.serve())

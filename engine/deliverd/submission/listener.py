@@ -12,7 +12,8 @@ import asyncio
 import ipaddress
 import logging
 import re
-from collections.abc import Callable, Iterable, Sequence
+import socket
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import AnyStr
@@ -286,6 +287,7 @@ async def start_listeners(
     hostname: str | None = None,
     trust_loopback: bool = True,
     current: Callable[[], Config] | None = None,
+    prebound: Mapping[tuple[str, int], socket.socket] | None = None,
 ) -> list[asyncio.base_events.Server]:
     """Bind every ``cfg.listen`` entry on the running loop; the caller closes the servers.
 
@@ -293,6 +295,9 @@ async def start_listeners(
     included). ``trust_loopback=False`` lets tests refuse a loopback client by network.
     ``current()`` gives the running config for the local users' rules (aliases,
     masquerading), which a reload changes without rebinding; by default ``cfg``'s.
+    ``prebound`` holds sockets bound before the process gave up root (ports below 1024, see
+    ``bind_privileged``); a listener on one of them serves a duplicate of it, so a reload
+    that closes the servers leaves the bound socket to the next ones.
     """
     now = current if current is not None else (lambda: cfg)
     loop = asyncio.get_running_loop()
@@ -316,7 +321,13 @@ async def start_listeners(
                     loop=loop,
                 )
 
-            server = await loop.create_server(factory, host=listener.address, port=listener.port)
+            bound = (prebound or {}).get((listener.address, listener.port))
+            if bound is not None:
+                server = await loop.create_server(factory, sock=bound.dup())
+            else:
+                server = await loop.create_server(
+                    factory, host=listener.address, port=listener.port
+                )
             servers.append(server)
             log.info("listening on %s port %d", listener.address, listener.port)
     except BaseException:
@@ -324,3 +335,34 @@ async def start_listeners(
             server.close()
         raise
     return servers
+
+
+PRIVILEGED_PORTS = 1024
+
+
+def bind_privileged(listeners: Iterable[Listener]) -> dict[tuple[str, int], socket.socket]:
+    """Listening sockets for the listeners on ports below 1024, bound now (as root, before the
+    process becomes its own user) for ``start_listeners(prebound=...)``. OSError if one
+    cannot be bound; the ones already bound are closed."""
+    bound: dict[tuple[str, int], socket.socket] = {}
+    try:
+        for listener in listeners:
+            if listener.port >= PRIVILEGED_PORTS:
+                continue
+            family, kind, proto, _, address = socket.getaddrinfo(
+                listener.address, listener.port, type=socket.SOCK_STREAM,
+                flags=socket.AI_NUMERICHOST | socket.AI_PASSIVE,
+            )[0]
+            sock = socket.socket(family, kind, proto)
+            bound[(listener.address, listener.port)] = sock
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(100)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in bound.values():
+            sock.close()
+        raise
+    return bound
