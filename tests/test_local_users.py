@@ -299,3 +299,39 @@ async def test_listener_resolves_aliases_masquerades_and_refuses_unknown_users(
         for server in servers:
             server.close()
         await asyncio.gather(*(s.wait_closed() for s in servers))
+
+
+# -- deliverd send -------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_deliverd_send_applies_aliases_and_masquerading_and_refuses_unknown_users(
+    tmp_path: Path,
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from deliverd.spec.render import write_rendered
+
+    spec = _spec(queue={"path": str(tmp_path / "queue")},
+                 local={"aliases": {"root": ["ops@example.com"]}},
+                 masquerade={"domain": "example.com"})
+    config, _ = write_rendered(normalise(spec), tmp_path / "etc")
+
+    def send(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "deliverd", "send", "-c", str(config),
+                               "--json", *args], capture_output=True, text=True, check=False,
+                              timeout=60)
+
+    ok = send("--from", f"cron@{HOST}", "--to", "root@localhost")
+    assert ok.returncode == 0, ok.stderr
+    listed = subprocess.run([sys.executable, "-m", "deliverd", "queue", "-c", str(config),
+                             "list", "--json"], capture_output=True, text=True, check=True,
+                            timeout=60)
+    [message] = json.loads(listed.stdout)
+    assert message["sender"] == "cron@example.com"
+    assert [r["address"] for r in message["recipients"]] == ["ops@example.com"]
+    refused = send("--from", "app@example.org", "--to", "bob@localhost")
+    assert refused.returncode == 2
+    assert "local.aliases.bob" in refused.stderr
