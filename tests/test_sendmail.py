@@ -311,3 +311,18 @@ def test_mailq_lists_a_deferred_message_for_a_non_root_user(mta_host: type[MtaHo
     out = listing.stdout.decode()
     assert "<x@example.org>  deferred" in out and "451 4.3.0 try later" in out
     assert "secret subject" not in out and "body" not in out
+
+
+def test_a_config_rendered_before_the_local_keys_gets_their_defaults(tmp_path: Path) -> None:
+    from deliverd.cli.sendmail import load_settings
+    from deliverd.spec.normalise import normalise
+    from deliverd.spec.render import render_config
+
+    text, _ = render_config(normalise({"version": 1, "host": {"name": HOST}}))
+    old = tmp_path / "deliverd.toml"
+    old.write_text(text.split("\n[local]\n")[0], encoding="utf-8")
+    assert "[local" not in old.read_text() and "[masquerade" not in old.read_text()
+    settings = load_settings(str(old))
+    assert settings.policy.domains == frozenset({"localhost", HOST})
+    assert settings.policy.qualify("root") == f"root@{HOST}"
+    assert settings.queue_path == "/var/spool/deliverd"
