@@ -326,3 +326,13 @@ def test_a_config_rendered_before_the_local_keys_gets_their_defaults(tmp_path: P
     assert settings.policy.domains == frozenset({"localhost", HOST})
     assert settings.policy.qualify("root") == f"root@{HOST}"
     assert settings.queue_path == "/var/spool/deliverd"
+
+
+def test_deliverd_sendmail_subcommand_takes_sendmails_flags(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from deliverd.cli.main import main
+
+    assert main(["sendmail", "-Z"]) == 64
+    assert capsys.readouterr().err == "sendmail: unknown option -Z\n"
+    assert main(["sendmail", "-bp", "-C", "/nonexistent/deliverd.toml"]) == 78
