@@ -239,6 +239,10 @@ def test_two_users_submit_200_messages_while_the_daemon_is_down_each_delivered_o
     assert host.run(bob, str(next(p for p in drops if p.stat().st_uid == host.uid(alice))),
                     program="/bin/cat").returncode != 0
     assert host.run(eve, str(host.queue / "queue.db"), program="/bin/cat").returncode != 0
+    # The queue's owner sees what waits, with the daemon down.
+    waiting = host.run(None, program="mailq")
+    assert waiting.returncode == 0
+    assert b"-- 200 more in the maildrop, not yet queued" in waiting.stdout
 
     host.engine.start()
     assert host.sink.wait_for(200, timeout=90), len(host.sink.messages)

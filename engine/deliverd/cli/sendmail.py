@@ -35,7 +35,13 @@ from deliverd.submission.local import (
     header_addresses,
     local_policy,
 )
-from deliverd.submission.maildrop import DropEnvelope, DropError, poke, write_drop
+from deliverd.submission.maildrop import (
+    DropEnvelope,
+    DropError,
+    poke,
+    waiting_in_maildrop,
+    write_drop,
+)
 from deliverd.submission.message_input import InputError, MessageInput, complete_header
 
 DEFAULT_CONFIG = "/etc/deliverd/deliverd.toml"
@@ -391,6 +397,10 @@ def list_queue(settings: Settings) -> int:
     except ShowqUnavailable as exc:
         raise Failure(EX_UNAVAILABLE, f"queue report unavailable: {exc}") from None
     sys.stdout.write(format_table(messages))
+    waiting = waiting_in_maildrop(settings.queue_path)
+    if waiting:
+        sys.stdout.write(f"-- {waiting} more in the maildrop, not yet queued "
+                         "(the daemon takes them in when it runs)\n")
     return EX_OK
 
 

@@ -159,6 +159,14 @@ def write_drop(
     return name
 
 
+def waiting_in_maildrop(queue_path: str | Path) -> int:
+    """Files waiting for the pickup; 0 for whoever may not list the maildrop."""
+    try:
+        return sum(1 for name in os.listdir(maildrop_dir(queue_path)) if not is_temp_name(name))
+    except OSError:
+        return 0
+
+
 def poke(queue_path: str | Path) -> bool:
     """Wake a running daemon's pickup; False when no daemon listens (the mail waits)."""
     try:
