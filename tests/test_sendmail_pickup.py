@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -147,3 +148,29 @@ async def test_temp_files_of_a_dead_sendmail_are_removed_only_when_stale(
     os.utime(stale, (old, old))
     assert await _pickup(queue).scan() == 0
     assert not stale.exists() and fresh.exists()
+
+
+async def test_a_file_queued_before_a_crash_stopped_its_delete_is_not_queued_twice(
+    queue: tuple[Path, QueueStore, list[str]], tmp_path: Path,
+) -> None:
+    path, store, woken = queue
+    drop = _drop(path, DropEnvelope("root", ("x@example.org",)))
+    saved = tmp_path / "saved"
+    shutil.copy2(drop, saved)  # same bytes, owner and mtime: what a crash would leave
+    assert await _pickup(queue).scan() == 1
+    shutil.copy2(saved, drop)  # the delete after the commit never happened
+    assert await _pickup(queue).scan() == 0
+    assert not _lexists(drop)
+    assert len(woken) == 1 and len(await store.list_messages()) == 1
+
+
+async def test_files_in_the_same_millisecond_are_each_queued(
+    queue: tuple[Path, QueueStore, list[str]],
+) -> None:
+    path, store, _ = queue
+    drops = [_drop(path, DropEnvelope("root", ("x@example.org",))) for _ in range(50)]
+    stamp = drops[0].stat().st_mtime_ns
+    for drop in drops:
+        os.utime(drop, ns=(stamp, stamp))
+    assert await _pickup(queue).scan() == 50
+    assert len(await store.list_messages()) == 50

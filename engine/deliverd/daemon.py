@@ -85,10 +85,10 @@ class Daemon:
         self._install_signals()
         where = ", ".join(f"{x.address}:{x.port}" for x in self.cfg.listen)
         self._event(f"ready: listening on {where}, mode={self.cfg.routing.mode.value}")
+        maildrop = Pickup(self.cfg.queue.path, self.store, self.scheduler.wake, self._current)
+        await maildrop.start()
         runner = asyncio.create_task(self.scheduler.run())
-        pickup = asyncio.create_task(
-            Pickup(self.cfg.queue.path, self.store, self.scheduler.wake, self._current).run()
-        )
+        pickup = asyncio.create_task(maildrop.run())
         showq_server = await showq.serve(self.cfg.queue.path, self.store)
         reporter = asyncio.create_task(self._write_metrics_every(METRICS_EVERY))
         await self._stop.wait()

@@ -6,8 +6,8 @@ file is read, its recipients resolved and its sender masqueraded with the runnin
 rules ``sendmail`` applied already; a file written by other means gets them too), traced with
 the uid that owns it, queued, and deleted only after the queue's commit. A file that is not a
 drop file, or can never be queued, is moved to ``corrupt/`` with a log line; nothing is lost
-in silence. A crash between the commit and the delete sends that message twice, never zero
-times.
+in silence. A message's queue id is derived from its file (owner, name, time), so after a
+crash between the commit and the delete the next scan finds it queued and only deletes it.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from email.utils import format_datetime
 from pathlib import Path
 
 from deliverd.config.model import Config
+from deliverd.queue.database import derived_queue_id
 from deliverd.queue.store import QueueStore, new_queue_id
 from deliverd.submission.listener import count_received, has_8bit, loop_hold_reason
 from deliverd.submission.local import UnknownLocalUser, local_policy
@@ -51,6 +52,7 @@ class _Corrupt(Exception):
 @dataclass(frozen=True)
 class _Drop:
     uid: int
+    mtime_ns: int
     envelope: DropEnvelope
     data: bytes
 
@@ -73,7 +75,7 @@ def read_drop(path: Path, max_size: int) -> _Drop:
         data = fh.read()
     if len(data) > max_size:
         raise _Corrupt(f"larger than limits.max_message_size ({len(data)} bytes)")
-    return _Drop(info.st_uid, envelope, data)
+    return _Drop(info.st_uid, info.st_mtime_ns, envelope, data)
 
 
 def pickup_trace(host: str, uid: int, queue_id: str, when: datetime) -> bytes:
@@ -103,25 +105,34 @@ class Pickup:
     def wake(self) -> None:
         self._wake.set()
 
-    async def run(self) -> None:
-        """Prepare the maildrop, then scan on every wake-up and every ``scan_every`` seconds."""
+    async def start(self) -> None:
+        """Prepare the maildrop, listen for wake-ups, and queue what waits; the daemon awaits
+        this before its scheduler runs, so a message queued before a crash is found queued
+        (and its file deleted) before it can be delivered and removed from the queue."""
         try:
             await asyncio.to_thread(prepare, self.queue_path)
         except OSError as exc:
             log.error("maildrop: cannot prepare %s: %s; sendmail submissions wait until it "
                       "can be", maildrop_dir(self.queue_path), exc)
         self._listen_fifo()
+        await self._scan_logged()
+
+    async def run(self) -> None:
+        """Scan on every wake-up and every ``scan_every`` seconds (after ``start``)."""
         try:
             while True:
-                try:
-                    await self.scan()
-                except OSError as exc:
-                    log.error("maildrop: scan failed: %s", exc)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.scan_every)
                 self._wake.clear()
+                await self._scan_logged()
         finally:
             self._close_fifo()
+
+    async def _scan_logged(self) -> None:
+        try:
+            await self.scan()
+        except OSError as exc:
+            log.error("maildrop: scan failed: %s", exc)
 
     def _listen_fifo(self) -> None:
         fifo = pickup_fifo(self.queue_path)
@@ -186,7 +197,20 @@ class Pickup:
             return False
         sender = policy.sender(drop.envelope.sender)
         data = policy.rewrite_message(drop.data)
-        queue_id = new_queue_id()
+        queue_id = derived_queue_id(drop.mtime_ns // 1_000_000,
+                                    f"{drop.uid}/{path.name}".encode("utf-8", "surrogateescape"))
+        try:
+            existing = await self.store.get(queue_id)
+        except Exception as exc:  # the file stays; the next scan tries again
+            log.error("maildrop: %s: cannot read the queue: %s", path.name, exc)
+            return False
+        if existing is not None:
+            if (existing.sender, [r.address for r in existing.recipients]) == (sender, recipients):
+                # Queued before a crash stopped the delete: once is enough.
+                log.info("%s: %s was queued already; removing it", queue_id, path.name)
+                await asyncio.to_thread(_unlink, path)
+                return False
+            queue_id = new_queue_id()  # a different message that happens to share the id
         trace = pickup_trace(cfg.host.name, drop.uid, queue_id, datetime.now(UTC).astimezone())
         hold_reason = loop_hold_reason(count_received(data), cfg.limits.max_hops)
         smtputf8 = not all(a.isascii() for a in (sender, *recipients))
