@@ -96,7 +96,8 @@ class Daemon:
         self._event("stopping: closing listeners, finishing in-flight deliveries")
         await self._close_servers()
         pickup.cancel()
-        showq_server.close()
+        if showq_server is not None:
+            showq_server.close()
         with contextlib.suppress(asyncio.CancelledError):
             await pickup
         await self.scheduler.stop(self.stop_grace)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import socket
 from pathlib import Path
@@ -27,6 +28,8 @@ from deliverd.queue.database import (
     RcptState,
 )
 from deliverd.queue.store import QueueStore
+
+log = logging.getLogger(__name__)
 
 PUBLIC = "public"
 SHOWQ = "showq"
@@ -94,12 +97,26 @@ def read_queue(queue_path: str | Path) -> list[QueuedMessage]:
         raise ShowqUnavailable(f"bad answer from the daemon: {exc}") from None
 
 
-async def serve(queue_path: str | Path, store: QueueStore) -> asyncio.AbstractServer:
-    """Answer on ``public/showq`` until the returned server is closed."""
-    path = socket_path(queue_path)
+async def serve(queue_path: str | Path, store: QueueStore) -> asyncio.AbstractServer | None:
+    """Answer on ``public/showq`` until the returned server is closed; None (logged) when
+    the socket cannot be made: delivery goes on, ``mailq`` works for the queue's owner only."""
+    try:
+        return await _serve(socket_path(queue_path), store)
+    except OSError as exc:
+        log.warning("showq: cannot serve %s: %s; mailq works for the queue's owner only",
+                    socket_path(queue_path), exc)
+        return None
+
+
+def _clear(path: Path) -> None:
+    """The socket's directory made, a socket left by an earlier daemon removed."""
     path.parent.mkdir(mode=0o755, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
+
+
+async def _serve(path: Path, store: QueueStore) -> asyncio.AbstractServer:
+    _clear(path)
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
