@@ -340,3 +340,22 @@ def test_deliverd_sendmail_subcommand_takes_sendmails_flags(
     assert main(["sendmail", "-Z"]) == 64
     assert capsys.readouterr().err == "sendmail: unknown option -Z\n"
     assert main(["sendmail", "-bp", "-C", "/nonexistent/deliverd.toml"]) == 78
+
+
+@integration
+def test_bs_refuses_a_message_over_the_size_limit_and_stays_in_step(
+    mta_host: type[MtaHost],
+) -> None:
+    host = mta_host({"limits": {"max_message_size": "1KB"}})
+    host.make_maildrop()
+    big = b"Subject: big\r\n\r\n" + b"x" * 100 + b"\r\n" * 30 + b"y" * 2000 + b"\r\n.\r\n"
+    dialogue = (b"HELO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
+                + big + b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
+                b"Subject: small\r\n\r\nok\r\n.\r\nQUIT\r\n")
+    result = host.run(host.users[0], "-bs", stdin=dialogue)
+    assert result.returncode == 0
+    replies = [line[:9] for line in result.stdout.decode().splitlines()]
+    assert replies[5] == "552 5.3.4", replies
+    assert replies[-2].startswith("250 2.0.0") and replies[-1].startswith("221")
+    [drop] = host.drop_files()
+    assert b"Subject: small" in drop.read_bytes()

@@ -42,7 +42,12 @@ from deliverd.submission.maildrop import (
     waiting_in_maildrop,
     write_drop,
 )
-from deliverd.submission.message_input import InputError, MessageInput, complete_header
+from deliverd.submission.message_input import (
+    InputError,
+    MessageInput,
+    TooBig,
+    complete_header,
+)
 
 DEFAULT_CONFIG = "/etc/deliverd/deliverd.toml"
 CONFIG_ENV = "DELIVERD_CONFIG"
@@ -353,7 +358,8 @@ class _Session:
             if not source.ended:
                 _drain(source)
             code = exc.code if isinstance(exc, Failure) else exc.exit_code
-            status = "452 4.3.1" if code == EX_TEMPFAIL else "554 5.3.0"
+            status = ("552 5.3.4" if isinstance(exc, TooBig)
+                      else "452 4.3.1" if code == EX_TEMPFAIL else "554 5.3.0")
             self.reply(f"{status} Error: {exc}")
         else:
             self.reply(f"250 2.0.0 Ok: queued as {name}")

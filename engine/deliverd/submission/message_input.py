@@ -29,6 +29,10 @@ class InputError(Exception):
         super().__init__(message)
 
 
+class TooBig(InputError):
+    """Larger than ``limits.max_message_size``."""
+
+
 class MessageInput:
     """Lines of the message from a binary stream, CRLF-terminated, with the size limit."""
 
@@ -65,8 +69,8 @@ class MessageInput:
             text = text[1:]
         self.size += len(text) + 2
         if self.size > self.max_size:
-            raise InputError(EX_DATAERR,
-                          f"message larger than limits.max_message_size ({self.max_size} bytes)")
+            raise TooBig(EX_DATAERR,
+                         f"message larger than limits.max_message_size ({self.max_size} bytes)")
         return text + b"\r\n"
 
     def header(self) -> bytes:
