@@ -8,4 +8,5 @@ pytest_plugins = [
     "tests.fixtures.engine",
     "tests.fixtures.mailservers",
     "tests.fixtures.prometheus",
+    "tests.fixtures.mta",
 ]

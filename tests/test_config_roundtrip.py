@@ -249,6 +249,19 @@ def specs(draw: st.DrawFn) -> dict[str, Any]:
         if not ipaddress.ip_address(address).is_loopback:
             metrics["allow_networks"] = ["192.0.2.0/24"]
         spec["metrics"] = metrics
+    users = st.from_regex(r"\A[a-z_][a-z0-9._-]{0,15}\Z")
+    local: dict[str, Any] = {}
+    _maybe(draw, "qualify_domain", hostnames, local)
+    # Alias targets outside every local domain (the default ones: localhost and host.name).
+    targets = st.lists(st.builds(lambda u: f"{u}@elsewhere.example", users), min_size=1,
+                       max_size=3, unique=True)
+    _maybe(draw, "aliases", st.dictionaries(st.one_of(users, st.just("*")), targets,
+                                            max_size=3), local)
+    _maybe(draw, "local", st.just(local), spec)
+    masquerade: dict[str, Any] = {}
+    _maybe(draw, "domain", hostnames, masquerade)
+    _maybe(draw, "except_users", st.lists(users, max_size=3, unique=True), masquerade)
+    _maybe(draw, "masquerade", st.just(masquerade), spec)
     return spec
 
 

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -25,10 +26,12 @@ from deliverd.dns.resolver import Resolver
 from deliverd.ops import eventloop
 from deliverd.ops.logline import configure_logging, format_event
 from deliverd.ops.metrics import Metrics, MetricsServer, QueueShape, split_listen
+from deliverd.queue import showq
 from deliverd.queue.database import QueueDB
 from deliverd.queue.store import QueueStore
 from deliverd.smtp.transport import Transport
 from deliverd.submission.listener import start_listeners
+from deliverd.submission.pickup import Pickup
 
 log = logging.getLogger("deliverd")
 
@@ -49,7 +52,9 @@ class Daemon:
         cfg: Config,
         log_format: str,
         log_level: str,
+        prebound: dict[tuple[str, int], socket.socket] | None = None,
     ) -> None:
+        self.prebound = prebound or {}
         self.config_path = config_path
         self.secrets_path = secrets_path
         self.cfg = cfg
@@ -73,7 +78,10 @@ class Daemon:
             metrics=self.metrics,
         )
         try:
-            self._servers = await start_listeners(self.cfg, self.store, self._enqueued)
+            self._servers = await start_listeners(
+                self.cfg, self.store, self._enqueued, current=self._current,
+                prebound=self.prebound,
+            )
             self.metrics_server = self._serve_metrics(self.cfg)
         except OSError as exc:
             log.error("cannot listen: %s", exc)
@@ -85,12 +93,21 @@ class Daemon:
         self._install_signals()
         where = ", ".join(f"{x.address}:{x.port}" for x in self.cfg.listen)
         self._event(f"ready: listening on {where}, mode={self.cfg.routing.mode.value}")
+        maildrop = Pickup(self.cfg.queue.path, self.store, self._picked_up, self._current)
+        await maildrop.start()
         runner = asyncio.create_task(self.scheduler.run())
+        pickup = asyncio.create_task(maildrop.run())
+        showq_server = await showq.serve(self.cfg.queue.path, self.store)
         reporter = asyncio.create_task(self._write_metrics_every(METRICS_EVERY))
         await self._stop.wait()
         reporter.cancel()
         self._event("stopping: closing listeners, finishing in-flight deliveries")
         await self._close_servers()
+        pickup.cancel()
+        if showq_server is not None:
+            showq_server.close()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pickup
         await self.scheduler.stop(self.stop_grace)
         runner.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -104,16 +121,22 @@ class Daemon:
         self._event("stopped")
         return 0
 
+    def _current(self) -> Config:
+        return self.cfg
+
     async def _write_metrics_every(self, seconds: float) -> None:
         while True:
             # Off the loop: the file includes the queue gauges, read from the database.
             await asyncio.to_thread(self._write_metrics)
             await asyncio.sleep(seconds)
 
-    def _enqueued(self, queue_id: str) -> None:
-        self.metrics.message_received("listener")
+    def _enqueued(self, queue_id: str, way: str = "listener") -> None:
+        self.metrics.message_received(way)
         if self.scheduler is not None:
             self.scheduler.wake(queue_id)
+
+    def _picked_up(self, queue_id: str) -> None:
+        self._enqueued(queue_id, "sendmail")
 
     def _serve_metrics(self, cfg: Config) -> MetricsServer | None:
         if cfg.metrics.listen is None:
@@ -203,11 +226,17 @@ class Daemon:
         assert self.store is not None and self.scheduler is not None
         await self._close_servers()
         try:
-            self._servers = await start_listeners(new, self.store, self._enqueued)
+            self._servers = await start_listeners(
+                new, self.store, self._enqueued, current=self._current,
+                prebound=self.prebound,
+            )
             return True
         except OSError as exc:
             log.error("reload refused: cannot listen on the new addresses: %s", exc)
-            self._servers = await start_listeners(old, self.store, self._enqueued)
+            self._servers = await start_listeners(
+                old, self.store, self._enqueued, current=self._current,
+                prebound=self.prebound,
+            )
             return False
 
     async def _rebind_metrics(self, new: Config, old: Config) -> bool:
@@ -250,14 +279,16 @@ def run(
     log_level: str,
     *,
     stop_grace: float = STOP_GRACE,
+    prebound: dict[tuple[str, int], socket.socket] | None = None,
 ) -> int:
+    """Run the daemon until stopped; ``prebound``: sockets bound before dropping root."""
     configure_logging(log_format, log_level, sys.stderr)
     try:
         cfg = load_config(config_path, secrets_path)
     except ConfigError as exc:
         log.error("%s", exc)
         return 1
-    daemon = Daemon(config_path, secrets_path, cfg, log_format, log_level)
+    daemon = Daemon(config_path, secrets_path, cfg, log_format, log_level, prebound)
     daemon.stop_grace = stop_grace
     daemon._configure_logging(cfg)
     return eventloop.run(daemon.serve())

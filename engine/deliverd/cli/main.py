@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from deliverd import __version__
+
+if TYPE_CHECKING:  # imported when needed: `sendmail` runs per message and never parses with it
+    import argparse
 
 # Each module has ``register(subparsers)``, which adds its subcommands and sets ``func`` to a
 # callable taking the parsed namespace and returning the exit code.
@@ -18,11 +22,18 @@ _COMMAND_MODULES = (
     "deliverd.cli.queue",  # queue, send
     "deliverd.cli.probe",  # probe
 )
+# Run as `sendmail` or `mailq` (the role's links), or as `deliverd sendmail`: sendmail's own
+# flags, parsed by deliverd.cli.sendmail without argparse or the other commands' imports.
+_SENDMAIL_NAMES = ("sendmail", "mailq")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+
     parser = argparse.ArgumentParser(
-        prog="deliverd", description="Declarative outbound mail delivery."
+        prog="deliverd", description="Declarative outbound mail delivery.",
+        epilog="deliverd sendmail [FLAGS] [RECIPIENT...]: the sendmail interface (also run as "
+               "sendmail and mailq), with sendmail's own flags.",
     )
     parser.add_argument("--version", action="version", version=f"deliverd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -32,7 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    prog = os.path.basename(sys.argv[0]) if argv is None else "deliverd"
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if prog in _SENDMAIL_NAMES or args_list[:1] == ["sendmail"]:
+        from deliverd.cli.sendmail import entry
+
+        if prog in _SENDMAIL_NAMES:
+            return entry(prog, args_list)
+        return entry("sendmail", args_list[1:])
+    args = build_parser().parse_args(args_list)
     try:
         code: int = args.func(args)
     except KeyboardInterrupt:

@@ -38,6 +38,7 @@ from deliverd.queue.database import (
 )
 from deliverd.queue.summary import AGE_BOUNDS_MINUTES, format_summary, summarise, summary_json
 from deliverd.submission.listener import count_received, has_8bit, header_block, loop_hold_reason
+from deliverd.submission.local import UnknownLocalUser, local_policy
 
 DEFAULT_CONFIG = Path("/etc/deliverd/deliverd.toml")
 PID_NAME = "deliverd.pid"  # written by deliverd.daemon into queue.path
@@ -396,7 +397,14 @@ def _send(args: argparse.Namespace, cfg: Config) -> int:
         except OSError as exc:
             print(f"deliverd: {args.message}: {exc.strerror or exc}", file=sys.stderr)
             return EXIT_CONFIG
-    body = to_crlf(body)
+    policy = local_policy(cfg.local, cfg.masquerade)
+    try:
+        recipients = policy.resolve_recipients(args.recipients)
+    except UnknownLocalUser as exc:
+        print(f"deliverd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    sender = policy.sender(args.sender)
+    body = policy.rewrite_message(to_crlf(body))
     hold_reason = loop_hold_reason(count_received(body), cfg.limits.max_hops)
     queue_id = new_queue_id()
     trace = (f"Received: by {cfg.host.name} (deliverd send, uid {os.getuid()})\r\n"
@@ -405,7 +413,7 @@ def _send(args: argparse.Namespace, cfg: Config) -> int:
     db = QueueDB.open(cfg.queue.path, create=True)
     with db:
         queue_id = db.enqueue(
-            args.sender, args.recipients, trace + body, smtputf8=smtputf8,
+            sender, recipients, trace + body, smtputf8=smtputf8,
             eightbit=has_8bit(body), hold_reason=hold_reason, queue_id=queue_id,
         )
     woke = wake_daemon(cfg.queue.path)

@@ -12,12 +12,14 @@ import atexit
 import contextlib
 import os
 import pwd
+import socket
 import sys
 import time
 from pathlib import Path
 
 from deliverd import daemon
 from deliverd.config.loader import ConfigError, load_config
+from deliverd.submission.listener import bind_privileged
 
 READY_TIMEOUT = 30.0
 
@@ -45,14 +47,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _run(args: argparse.Namespace) -> int:
     if args.daemonize:
         return _start_detached(args)
-    _prepare_process(args)
+    prebound = _prepare_process(args)
     return daemon.run(
-        args.config, args.secrets, args.log_format, args.log_level, stop_grace=args.stop_grace
+        args.config, args.secrets, args.log_format, args.log_level, stop_grace=args.stop_grace,
+        prebound=prebound,
     )
 
 
-def _prepare_process(args: argparse.Namespace) -> None:
-    """Log file, pid file, then the user switch: the files are opened with the invoking rights."""
+def _prepare_process(args: argparse.Namespace) -> dict[tuple[str, int], socket.socket]:
+    """Log file, pid file, listening sockets on ports below 1024, then the user switch: all
+    opened with the invoking rights (bind-then-drop, for a listener on port 25 without
+    systemd's capability). Returns the sockets bound."""
     if args.log_file is not None:
         fd = os.open(args.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
         os.dup2(fd, 1)
@@ -60,8 +65,24 @@ def _prepare_process(args: argparse.Namespace) -> None:
         os.close(fd)
     if args.pid_file is not None:
         _write_pid_file(args.pid_file)
+    prebound: dict[tuple[str, int], socket.socket] = {}
+    if args.user is not None and os.geteuid() == 0:
+        prebound = _bind_privileged(args)
     if args.user is not None:
         _become(args.user)
+    return prebound
+
+
+def _bind_privileged(args: argparse.Namespace) -> dict[tuple[str, int], socket.socket]:
+    try:
+        cfg = load_config(args.config, args.secrets)
+    except ConfigError:
+        return {}  # the daemon loads it again and reports every problem
+    try:
+        return bind_privileged(cfg.listen)
+    except OSError as exc:
+        print(f"deliverd: cannot listen: {exc}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _write_pid_file(path: Path) -> None:
@@ -117,9 +138,10 @@ def _start_detached(args: argparse.Namespace) -> int:
         os.dup2(devnull, 2)
     os.close(devnull)
     os.chdir("/")
-    _prepare_process(args)
+    prebound = _prepare_process(args)
     code = daemon.run(
-        args.config, args.secrets, args.log_format, args.log_level, stop_grace=args.stop_grace
+        args.config, args.secrets, args.log_format, args.log_level, stop_grace=args.stop_grace,
+        prebound=prebound,
     )
     sys.exit(code)
 

@@ -194,6 +194,23 @@ class DnsConfig:
 
 
 @dataclass(frozen=True)
+class LocalConfig:
+    """Users of this host. Empty ``domains`` and ``qualify_domain`` (a config built by hand)
+    mean no address is local and none is completed."""
+
+    domains: tuple[str, ...] = ()
+    qualify_domain: str = ""
+    # (user, targets) pairs in spec order; "*" is every other local user.
+    aliases: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+
+@dataclass(frozen=True)
+class MasqueradeConfig:
+    domain: str | None = None
+    except_users: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     host: HostConfig
     dsn: DsnConfig
@@ -208,6 +225,8 @@ class Config:
     metrics: MetricsConfig = MetricsConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()
     dns: DnsConfig = DnsConfig()
+    local: LocalConfig = LocalConfig()
+    masquerade: MasqueradeConfig = MasqueradeConfig()
 
     def secrets(self) -> tuple[str, ...]:
         """Every password in this config: the log filter masks them all."""
@@ -315,7 +334,21 @@ def config_from_spec(spec: dict[str, Any]) -> Config:
         ),
         timeouts=TimeoutsConfig(**_durations(spec["timeouts"], *spec["timeouts"].keys())),
         dns=DnsConfig(tuple(spec["dns"]["nameservers"])),
+        local=local_from_spec(spec["local"]),
+        masquerade=masquerade_from_spec(spec["masquerade"]),
     )
+
+
+def local_from_spec(local: dict[str, Any]) -> LocalConfig:
+    return LocalConfig(
+        domains=tuple(local["domains"]),
+        qualify_domain=local["qualify_domain"],
+        aliases=tuple((user, tuple(targets)) for user, targets in local["aliases"].items()),
+    )
+
+
+def masquerade_from_spec(masquerade: dict[str, Any]) -> MasqueradeConfig:
+    return MasqueradeConfig(masquerade.get("domain"), tuple(masquerade["except_users"]))
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
@@ -419,4 +452,13 @@ def config_to_spec(cfg: Config) -> dict[str, Any]:
         "timeouts": {k: format_duration(getattr(tmo, k)) for k in
                      ("connect", "greeting", "command", "data_response", "dns")},
         "dns": {"nameservers": list(cfg.dns.nameservers)},
+        "local": {
+            "domains": list(cfg.local.domains),
+            "qualify_domain": cfg.local.qualify_domain,
+            "aliases": {user: list(targets) for user, targets in cfg.local.aliases},
+        },
+        "masquerade": _drop_none({
+            "domain": cfg.masquerade.domain,
+            "except_users": list(cfg.masquerade.except_users),
+        }),
     }

@@ -16,6 +16,7 @@ format is reviewed in one file.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 import sqlite3
@@ -155,6 +156,14 @@ def new_queue_id(now: float | None = None) -> str:
             seq = secrets.randbits(5 * _RAND_CHARS - 1)
         _id_last = (ms, seq)
     return _b32(ms, _TIME_CHARS) + _b32(seq, _RAND_CHARS)
+
+
+def derived_queue_id(ms: int, key: bytes) -> str:
+    """The id of the message a given thing becomes, the same every time it is asked: ``ms``
+    for the time part, 20 bits of ``key``'s hash for the rest. A producer that may be asked
+    twice (the maildrop pickup after a crash) finds out whether it already queued it."""
+    digest = int.from_bytes(hashlib.blake2b(key, digest_size=4).digest(), "big")
+    return _b32(ms, _TIME_CHARS) + _b32(digest >> (32 - 5 * _RAND_CHARS), _RAND_CHARS)
 
 
 def is_queue_id(text: str) -> bool:

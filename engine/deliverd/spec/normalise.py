@@ -2,7 +2,8 @@
 
 Defaults live in the schema only: plain ``default`` keywords, ``if``/``then``/``else`` branches
 whose ``default`` depends on a sibling (smart host ``tls`` on ``auth``, POP3 ``port`` on ``tls``),
-and ``x-default-format`` for defaults built from another field (``postmaster@{/host/name}``).
+and ``x-default-format`` for defaults built from another field (``postmaster@{/host/name}``; a
+list of templates gives a list, without repeats: ``local.domains`` is ``[localhost, host.name]``).
 Durations and sizes are rewritten to their canonical spelling so equal specs compare equal.
 """
 
@@ -90,8 +91,21 @@ def _fill_formatted(
         template = sub.get("x-default-format")
         if key not in value and isinstance(template, str):
             value[key] = _format(template, top)
+        elif key not in value and isinstance(template, list):
+            value[key] = _unique([_format(str(item), top) for item in template])
         if key in value:
             _fill_formatted(value[key], sub, root, top)
+
+
+def _unique(items: list[str]) -> list[str]:
+    """Items in order without repeats (compared case-insensitively, as domains are)."""
+    seen: set[str] = set()
+    out = []
+    for item in items:
+        if item.lower() not in seen:
+            seen.add(item.lower())
+            out.append(item)
+    return out
 
 
 def _format(template: str, top: dict[str, Any]) -> str:

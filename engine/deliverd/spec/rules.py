@@ -400,6 +400,31 @@ def _for_each_smarthost(rule: SmarthostRule) -> Rule:
     return each
 
 
+def _local_domains(v: View) -> set[str]:
+    domains = v.get("local", "domains")
+    if isinstance(domains, list):
+        return {str(d).lower().rstrip(".") for d in domains}
+    name = v.get("host", "name")  # the default: localhost and host.name
+    return {"localhost", str(name).lower().rstrip(".")}
+
+
+def _alias_targets_local(v: View) -> Iterator[Problem]:
+    aliases = v.get("local", "aliases")
+    if not isinstance(aliases, dict):
+        return
+    local = _local_domains(v)
+    for user, targets in aliases.items():
+        for index, target in enumerate(targets if isinstance(targets, list) else []):
+            domain = str(target).rpartition("@")[2].lower().rstrip(".")
+            if domain in local:
+                yield error(
+                    ("local", "aliases", user, index),
+                    f"{show(target)} is in a local domain: aliases apply once and deliverd "
+                    "delivers nothing on this host, so this mail could go nowhere",
+                    "point the alias at an address in a domain not listed in local.domains",
+                )
+
+
 _RULES: tuple[Rule, ...] = (
     _smarthost_needed,
     _smarthost_ignored,
@@ -422,6 +447,7 @@ _RULES: tuple[Rule, ...] = (
     duplicate_route_names,
     route_modes,
     shadowed_routes,
+    _alias_targets_local,
 )
 
 

@@ -12,7 +12,8 @@ import asyncio
 import ipaddress
 import logging
 import re
-from collections.abc import Callable, Iterable, Sequence
+import socket
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import AnyStr
@@ -20,7 +21,10 @@ from typing import AnyStr
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from deliverd.config.model import Config, Listener
+from deliverd.queue.space import WAL_HEADROOM as WAL_HEADROOM
+from deliverd.queue.space import min_free_bytes
 from deliverd.queue.store import QueueStore, new_queue_id
+from deliverd.submission.local import LocalPolicy, UnknownLocalUser, local_policy
 
 log = logging.getLogger(__name__)
 
@@ -123,18 +127,6 @@ def protocol_name(esmtp: bool, smtputf8: bool) -> str:
     return "ESMTP" if esmtp else "SMTP"
 
 
-# SQLite's write-ahead log grows to about 1000 pages (4 MiB) between checkpoints before it is
-# reused; recording deliveries and removing messages writes to it, so that much must stay free.
-WAL_HEADROOM = 8 * 1024 * 1024
-
-
-def min_free_bytes(max_message_size: int) -> int:
-    """Free space the listener leaves on the queue's filesystem: 1.5 x the largest message it
-    accepts (as Postfix's smtpd does) plus room for the queue's write-ahead log, so deliveries
-    can always be recorded and bounces queued."""
-    return max_message_size * 3 // 2 + WAL_HEADROOM
-
-
 def envelope_sender(mail_from: str) -> str:
     """aiosmtpd keeps ``<>`` for the null reverse-path; the queue stores it as ''."""
     return "" if mail_from == "<>" else mail_from
@@ -165,14 +157,21 @@ class _SubmissionHandler:
         trust_loopback: bool,
         max_hops: int,
         min_free: int,
+        current: Callable[[], Config],
     ) -> None:
         self.store = store
+        self.current = current
         self.min_free = min_free
         self.on_enqueued = on_enqueued
         self.hostname = hostname
         self.allow_networks = allow_networks
         self.trust_loopback = trust_loopback
         self.max_hops = max_hops
+
+    def policy(self) -> LocalPolicy:
+        """Local users' rules of the running config (a reload may change the aliases)."""
+        cfg = self.current()
+        return local_policy(cfg.local, cfg.masquerade)
 
     def _short_of_space(self, size: int) -> bool:
         """Refuse before the disk is full: the queue keeps room to record deliveries and to
@@ -201,7 +200,13 @@ class _SubmissionHandler:
         if not relay_allowed(peer_ip, self.allow_networks, trust_loopback=self.trust_loopback):
             log.warning("relay denied: client=[%s] to=<%s>", peer_ip, address)
             return REPLY_RELAY_DENIED
-        envelope.rcpt_tos.append(address)
+        try:
+            targets = self.policy().resolve_recipient(address)
+        except UnknownLocalUser as exc:
+            log.warning("refused: client=[%s] to=<%s>: local user without an alias",
+                        peer_ip, address)
+            return exc.smtp_reply
+        envelope.rcpt_tos.extend(t for t in targets if t not in envelope.rcpt_tos)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"
 
@@ -210,7 +215,9 @@ class _SubmissionHandler:
         if not isinstance(content, bytes) or not envelope.rcpt_tos or envelope.mail_from is None:
             return REPLY_ERROR
         peer_ip = _peer_ip(session)
-        sender = envelope_sender(envelope.mail_from)
+        policy = self.policy()
+        sender = policy.sender(envelope_sender(envelope.mail_from))
+        content = policy.rewrite_message(content)
         rcpts = list(envelope.rcpt_tos)
         smtputf8 = bool(envelope.smtp_utf8)
         eightbit = "BODY=8BITMIME" in envelope.mail_options or has_8bit(content)
@@ -258,7 +265,7 @@ def _peer_ip(session: Session) -> str:
 
 def _handler_for(
     listener: Listener, cfg: Config, store: QueueStore, on_enqueued: Callable[[str], None],
-    hostname: str, trust_loopback: bool,
+    hostname: str, trust_loopback: bool, current: Callable[[], Config],
 ) -> _SubmissionHandler:
     return _SubmissionHandler(
         store=store,
@@ -268,6 +275,7 @@ def _handler_for(
         trust_loopback=trust_loopback,
         max_hops=cfg.limits.max_hops,
         min_free=min_free_bytes(cfg.limits.max_message_size),
+        current=current,
     )
 
 
@@ -278,18 +286,28 @@ async def start_listeners(
     *,
     hostname: str | None = None,
     trust_loopback: bool = True,
+    current: Callable[[], Config] | None = None,
+    prebound: Mapping[tuple[str, int], socket.socket] | None = None,
 ) -> list[asyncio.base_events.Server]:
     """Bind every ``cfg.listen`` entry on the running loop; the caller closes the servers.
 
     ``on_enqueued(queue_id)`` is called after each message is durably queued (held ones
     included). ``trust_loopback=False`` lets tests refuse a loopback client by network.
+    ``current()`` gives the running config for the local users' rules (aliases,
+    masquerading), which a reload changes without rebinding; by default ``cfg``'s.
+    ``prebound`` holds sockets bound before the process gave up root (ports below 1024, see
+    ``bind_privileged``); a listener on one of them serves a duplicate of it, so a reload
+    that closes the servers leaves the bound socket to the next ones.
     """
+    now = current if current is not None else (lambda: cfg)
     loop = asyncio.get_running_loop()
     name = hostname or cfg.host.name
     servers: list[asyncio.base_events.Server] = []
     try:
         for listener in cfg.listen:
-            handler = _handler_for(listener, cfg, store, on_enqueued, name, trust_loopback)
+            handler = _handler_for(
+                listener, cfg, store, on_enqueued, name, trust_loopback, now
+            )
 
             def factory(handler: _SubmissionHandler = handler) -> SMTP:
                 return _SubmissionSMTP(
@@ -303,7 +321,13 @@ async def start_listeners(
                     loop=loop,
                 )
 
-            server = await loop.create_server(factory, host=listener.address, port=listener.port)
+            bound = (prebound or {}).get((listener.address, listener.port))
+            if bound is not None:
+                server = await loop.create_server(factory, sock=bound.dup())
+            else:
+                server = await loop.create_server(
+                    factory, host=listener.address, port=listener.port
+                )
             servers.append(server)
             log.info("listening on %s port %d", listener.address, listener.port)
     except BaseException:
@@ -311,3 +335,34 @@ async def start_listeners(
             server.close()
         raise
     return servers
+
+
+PRIVILEGED_PORTS = 1024
+
+
+def bind_privileged(listeners: Iterable[Listener]) -> dict[tuple[str, int], socket.socket]:
+    """Listening sockets for the listeners on ports below 1024, bound now (as root, before the
+    process becomes its own user) for ``start_listeners(prebound=...)``. OSError if one
+    cannot be bound; the ones already bound are closed."""
+    bound: dict[tuple[str, int], socket.socket] = {}
+    try:
+        for listener in listeners:
+            if listener.port >= PRIVILEGED_PORTS:
+                continue
+            family, kind, proto, _, address = socket.getaddrinfo(
+                listener.address, listener.port, type=socket.SOCK_STREAM,
+                flags=socket.AI_NUMERICHOST | socket.AI_PASSIVE,
+            )[0]
+            sock = socket.socket(family, kind, proto)
+            bound[(listener.address, listener.port)] = sock
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(100)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in bound.values():
+            sock.close()
+        raise
+    return bound

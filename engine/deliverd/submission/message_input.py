@@ -1,0 +1,130 @@
+"""A message as a local program hands it over (``sendmail``'s stdin, or DATA of ``sendmail -bs``).
+
+Lines end in CRLF whatever they ended in; without ``-i`` a lone "." ends the message, in DATA it
+always does and ".." is unstuffed; the size limit is checked as lines arrive. The header section
+is read first (``-t`` needs it, and missing fields are added), the body is streamed in chunks.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import BinaryIO
+
+from deliverd.submission.local import split_fields
+
+CHUNK = 64 * 1024
+_FIELD_START = re.compile(rb"[!-9;-~]+:")
+
+# sysexits.h
+EX_DATAERR = 65
+EX_IOERR = 74
+
+
+class InputError(Exception):
+    """The message cannot be taken; ``exit_code`` is the sysexits code to use."""
+
+    def __init__(self, exit_code: int, message: str) -> None:
+        self.exit_code = exit_code
+        super().__init__(message)
+
+
+class TooBig(InputError):
+    """Larger than ``limits.max_message_size``."""
+
+
+class MessageInput:
+    """Lines of the message from a binary stream, CRLF-terminated, with the size limit."""
+
+    def __init__(self, stream: BinaryIO, *, dot_ends: bool, smtp: bool, max_size: int) -> None:
+        self.stream = stream
+        self.dot_ends = dot_ends
+        self.smtp = smtp  # DATA: "." ends, ".." is unstuffed, EOF before "." is an error
+        self.max_size = max_size
+        self.size = 0
+        self.ended = False
+        self.pending: bytes | None = None
+
+    def line(self) -> bytes | None:
+        """The next line with CRLF, or None at the end of the message."""
+        if self.pending is not None:
+            line, self.pending = self.pending, None
+            return line
+        if self.ended:
+            return None
+        try:
+            raw = self.stream.readline()
+        except OSError as exc:
+            raise InputError(EX_IOERR, f"reading the message: {exc.strerror or exc}") from None
+        if not raw:
+            self.ended = True
+            if self.smtp:
+                raise InputError(EX_DATAERR, "the input ended inside DATA")
+            return None
+        text = raw.rstrip(b"\r\n")
+        if text == b"." and (self.dot_ends or self.smtp):
+            self.ended = True
+            return None
+        if self.smtp and text.startswith(b"."):
+            text = text[1:]
+        self.size += len(text) + 2
+        if self.size > self.max_size:
+            raise TooBig(EX_DATAERR,
+                         f"message larger than limits.max_message_size ({self.max_size} bytes)")
+        return text + b"\r\n"
+
+    def header(self) -> bytes:
+        """The header section; the first line that is not a header field starts the body."""
+        lines: list[bytes] = []
+        first = True
+        while (line := self.line()) is not None:
+            if first and line.startswith(b"From "):  # an mbox separator, not a field
+                first = False
+                continue
+            first = False
+            if line == b"\r\n":
+                break
+            continued = line[:1] in (b" ", b"\t") and bool(lines)
+            if continued or _FIELD_START.match(line):
+                lines.append(line)
+            else:
+                self.pending = line
+                break
+        return b"".join(lines)
+
+    def body(self) -> Iterator[bytes]:
+        buffer: list[bytes] = []
+        size = 0
+        while (line := self.line()) is not None:
+            buffer.append(line)
+            size += len(line)
+            if size >= CHUNK:
+                yield b"".join(buffer)
+                buffer, size = [], 0
+        if buffer:
+            yield b"".join(buffer)
+
+
+def _field_names(header: bytes) -> set[str]:
+    return {f.split(b":", 1)[0].strip().decode("ascii", "replace").lower()
+            for f in split_fields(header)}
+
+
+def complete_header(header: bytes, *, sender: str, fullname: str | None, domain: str,
+                    drop_bcc: bool) -> bytes:
+    """Bcc: removed (``-t``), and From:, Date: and Message-ID: added when missing."""
+    from email.utils import formataddr, formatdate, make_msgid
+
+    fields = split_fields(header)
+    if drop_bcc:
+        fields = [f for f in fields if f.split(b":", 1)[0].strip().lower() != b"bcc"]
+    names = _field_names(b"".join(fields))
+    added = []
+    if "from" not in names:
+        added.append(f"From: {formataddr((fullname or '', sender or 'MAILER-DAEMON'))}")
+    if "date" not in names:
+        added.append(f"Date: {formatdate(localtime=True)}")
+    if "message-id" not in names:
+        added.append(f"Message-ID: {make_msgid(domain=domain)}")
+    extra = "".join(f"{line}\r\n" for line in added).encode("utf-8")
+    return b"".join(fields) + extra
