@@ -202,6 +202,9 @@ def specs(draw: st.DrawFn) -> dict[str, Any]:
     _maybe(draw, "port", ports, direct)
     _maybe(draw, "bounce_on_no_mx", st.booleans(), direct)
     _maybe(draw, "bounce_on_mx_5xx", st.booleans(), direct)
+    _maybe(draw, "tls", st.sampled_from(["opportunistic", "required"]), direct)
+    _maybe(draw, "mta_sts", st.booleans(), direct)
+    _maybe(draw, "dane", st.booleans(), direct)
     if direct or draw(st.booleans()):
         routing["direct"] = direct
     _maybe(draw, "abort_on_rcpt_5xx", st.booleans(), routing)

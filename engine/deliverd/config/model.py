@@ -27,6 +27,11 @@ class TlsPolicy(StrEnum):
     NONE = "none"
 
 
+class DirectTls(StrEnum):
+    OPPORTUNISTIC = "opportunistic"
+    REQUIRED = "required"
+
+
 class OnExpiry(StrEnum):
     BOUNCE = "bounce"
     HOLD = "hold"
@@ -61,6 +66,9 @@ class DirectConfig:
     port: int = 25
     bounce_on_no_mx: bool = False
     bounce_on_mx_5xx: bool = True
+    tls: DirectTls = DirectTls.OPPORTUNISTIC
+    mta_sts: bool = True
+    dane: bool = True
 
 
 @dataclass(frozen=True)
@@ -263,6 +271,10 @@ def _smarthost(sh: dict[str, Any] | None) -> SmarthostConfig | None:
     )
 
 
+def _direct(d: dict[str, Any]) -> DirectConfig:
+    return DirectConfig(**{**d, "tls": DirectTls(d["tls"])})
+
+
 def _route(r: dict[str, Any]) -> RouteConfig:
     match = RouteMatch(**{k: tuple(v) for k, v in r["match"].items()})
     return RouteConfig(r["name"], match, RoutingMode(r["mode"]), _smarthost(r.get("smarthost")))
@@ -283,7 +295,7 @@ def config_from_spec(spec: dict[str, Any]) -> Config:
         queue=QueueConfig(**spec["queue"]),
         routing=RoutingConfig(
             mode=RoutingMode(routing["mode"]),
-            direct=DirectConfig(**routing["direct"]),
+            direct=_direct(routing["direct"]),
             smarthost=smarthost,
             abort_on_rcpt_5xx=routing["abort_on_rcpt_5xx"],
         ),
@@ -355,6 +367,9 @@ def config_to_spec(cfg: Config) -> dict[str, Any]:
             "port": cfg.routing.direct.port,
             "bounce_on_no_mx": cfg.routing.direct.bounce_on_no_mx,
             "bounce_on_mx_5xx": cfg.routing.direct.bounce_on_mx_5xx,
+            "tls": cfg.routing.direct.tls.value,
+            "mta_sts": cfg.routing.direct.mta_sts,
+            "dane": cfg.routing.direct.dane,
         },
         "abort_on_rcpt_5xx": cfg.routing.abort_on_rcpt_5xx,
     }
