@@ -7,4 +7,5 @@ pytest_plugins = [
     "tests.fixtures.smtp_sink",
     "tests.fixtures.engine",
     "tests.fixtures.mailservers",
+    "tests.fixtures.dnssec",
 ]

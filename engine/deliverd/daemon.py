@@ -35,7 +35,10 @@ PID_NAME = "deliverd.pid"
 
 
 def make_resolver(cfg: Config) -> Resolver:
-    return Resolver(cfg.dns.nameservers, timeout=float(cfg.timeouts.dns))
+    # With DANE on, queries ask for DNSSEC validation (the AD bit) of the spec's nameservers.
+    return Resolver(
+        cfg.dns.nameservers, timeout=float(cfg.timeouts.dns), dnssec=cfg.routing.direct.dane
+    )
 
 
 class Daemon:

@@ -1,15 +1,17 @@
 """Drive one planner ``Attempt`` with real I/O: the short await loop around the pure router.
 
 The planner decides (which lookup, which hop, what each reply means); this module only performs
-what it is told: DNS through the resolver, SMTP through the transport.
+what it is told: DNS through the resolver, SMTP through the transport. For a direct hop it also
+asks DNS for the transport security the receiver publishes (``deliverd.delivery.security``).
 """
 
 from __future__ import annotations
 
 from deliverd.config.model import Config
-from deliverd.core.outcomes import Envelope, Outcome, Route
+from deliverd.core.outcomes import Envelope, Outcome, Route, TransactionResult
 from deliverd.delivery.credentials import credentials_for
 from deliverd.delivery.router import Attempt, Finished, ResolveAddresses, ResolveMx, Transact
+from deliverd.delivery.security import HopSecurity
 from deliverd.dns.resolver import Resolver
 from deliverd.smtp.transport import Transport
 
@@ -23,14 +25,19 @@ async def run_attempt(
     transport: Transport,
 ) -> tuple[Outcome, ...]:
     """Run ``attempt`` to its end; returns exactly one outcome per recipient."""
+    security = HopSecurity(cfg, resolver)
     while True:
         action = attempt.next_action()
         if isinstance(action, Finished):
             return action.outcomes
         if isinstance(action, ResolveMx):
-            attempt.on_mx(action.domain, await resolver.mx(action.domain))
+            mx = await resolver.mx(action.domain)
+            security.on_mx(mx)
+            attempt.on_mx(action.domain, mx)
         elif isinstance(action, ResolveAddresses):
-            attempt.on_addresses(action.host, await resolver.addresses(action.host))
+            addresses = await resolver.addresses(action.host)
+            security.on_addresses(action.host, addresses)
+            attempt.on_addresses(action.host, addresses)
         elif isinstance(action, Transact):
             subset = Envelope(
                 sender=envelope.sender,
@@ -44,9 +51,13 @@ async def run_attempt(
                 if action.hop.route is Route.SMARTHOST
                 else None
             )
+            plan = await security.plan(action.hop)
+            if isinstance(plan, TransactionResult):  # no secure way to this hop right now
+                attempt.on_transaction(plan)
+                continue
             attempt.on_transaction(await transport.transact(
                 action.hop, subset, credentials=creds,
-                ignore_failure_cache=action.ignore_failure_cache,
+                ignore_failure_cache=action.ignore_failure_cache, plan=plan,
             ))
         else:  # pragma: no cover - the planner only emits the four actions above
             raise TypeError(f"unknown planner action {action!r}")

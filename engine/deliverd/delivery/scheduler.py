@@ -302,7 +302,7 @@ class Scheduler:
             outcome=outcome,
             delay=max(0.0, now - message.arrival),
             fmt=self.log_format,
-            extra={"route_name": outcome.route_name} if outcome.route_name else None,
+            extra=_log_extra(outcome),
         )
         level = logging.WARNING if outcome.kind in (Kind.BOUNCED, Kind.HELD) else logging.INFO
         log.log(level, line)
@@ -330,3 +330,13 @@ def _held_instead(update: RecipientUpdate) -> RecipientUpdate:
     return RecipientUpdate(
         update.address, RcptState.HELD, 0.0, update.status, update.diagnostic, update.relay
     )
+
+
+def _log_extra(outcome: Outcome) -> dict[str, str] | None:
+    """Fields after the standard ones: the route taken, and ``tls=`` for delivered mail."""
+    extra: dict[str, str] = {}
+    if outcome.route_name:
+        extra["route_name"] = outcome.route_name
+    if outcome.tls:
+        extra["tls"] = outcome.tls
+    return extra or None

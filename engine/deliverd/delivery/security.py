@@ -1,0 +1,76 @@
+"""The transport security a direct hop must get: DANE (RFC 7672) from DNSSEC-validated DNS.
+
+One ``HopSecurity`` lives for one delivery attempt. It learns from the MX and address answers
+the attempt already asked for which MX hosts DNSSEC vouches for, and before each direct
+transaction it asks for the host's TLSA records (only then: RFC 7672 §2.2.2 wants the MX
+RRset and the host's address records validated first, otherwise the host name itself could be
+forged and its TLSA would prove nothing).
+
+- validated, usable TLSA → TLS required and verified by the records (``smtp.tls.dane_plan``);
+- validated TLSA, all unusable → TLS required, without verification (RFC 7672 §2.2);
+- no TLSA, or not validated → the route's own plan;
+- the TLSA lookup failed (SERVFAIL, a bogus signature, a timeout) → this hop is not used now: a
+  ``TransactionResult`` with a temporary STARTTLS failure (4.7.5) goes to the planner, which
+  tries the next MX or defers, never delivers in clear text.
+"""
+
+from __future__ import annotations
+
+from deliverd.config.model import Config
+from deliverd.core.outcomes import Hop, Route, SessionFailure, Stage, TransactionResult
+from deliverd.dns.resolver import (
+    Addresses,
+    AddressResult,
+    DnsTempFailure,
+    MxHosts,
+    MxResult,
+    Resolver,
+    TlsaRecords,
+)
+from deliverd.smtp.dane import Tlsa
+from deliverd.smtp.tls import TlsPlan, dane_plan
+
+STATUS_DANE_LOOKUP = "4.7.5"
+
+
+class HopSecurity:
+    """What DNSSEC says about the hops of one attempt; see the module docstring."""
+
+    def __init__(self, cfg: Config, resolver: Resolver) -> None:
+        self._dane = cfg.routing.direct.dane
+        self._resolver = resolver
+        self._secure_mx_hosts: set[str] = set()
+        self._secure_addresses: set[str] = set()
+
+    def on_mx(self, result: MxResult) -> None:
+        if isinstance(result, MxHosts) and result.secure:
+            self._secure_mx_hosts.update(host.lower() for _, host in result.records)
+
+    def on_addresses(self, host: str, result: AddressResult) -> None:
+        if isinstance(result, Addresses) and result.secure:
+            self._secure_addresses.add(host.lower())
+
+    def dane_applies(self, hop: Hop) -> bool:
+        host = hop.host.lower()
+        return (
+            self._dane
+            and hop.route is Route.DIRECT
+            and host in self._secure_mx_hosts
+            and host in self._secure_addresses
+        )
+
+    async def plan(self, hop: Hop) -> TlsPlan | TransactionResult | None:
+        """The plan for ``hop`` (None: the route's own), or the failure that skips it."""
+        if not self.dane_applies(hop):
+            return None
+        found = await self._resolver.tlsa(hop.host)
+        if isinstance(found, DnsTempFailure):
+            return TransactionResult(hop, failure=SessionFailure(
+                Stage.STARTTLS,
+                f"DANE: TLSA lookup for {hop.host} failed, not delivering without it "
+                f"({found.reason})",
+                status=STATUS_DANE_LOOKUP,
+            ))
+        if isinstance(found, TlsaRecords):
+            return dane_plan(tuple(Tlsa(*record) for record in found.records))
+        return None
