@@ -19,6 +19,7 @@ from pathlib import Path
 from deliverd.config.loader import ConfigError, load_config
 from deliverd.config.model import Config
 from deliverd.delivery.scheduler import Scheduler
+from deliverd.delivery.sts_policies import StsPolicies
 from deliverd.dns.resolver import Resolver
 from deliverd.ops import eventloop
 from deliverd.ops.logline import configure_logging, format_event
@@ -66,9 +67,10 @@ class Daemon:
         self.store = await QueueStore.open(self.cfg.queue.path)
         pid_file = Path(self.cfg.queue.path) / PID_NAME
         transport = Transport(self.cfg)
+        resolver = make_resolver(self.cfg)
         self.scheduler = Scheduler(
-            self.cfg, self.store, make_resolver(self.cfg), transport, log_format=self.log_format,
-            metrics=self.metrics,
+            self.cfg, self.store, resolver, transport, log_format=self.log_format,
+            metrics=self.metrics, sts=StsPolicies(resolver, self.store),
         )
         try:
             self._servers = await start_listeners(self.cfg, self.store, self.scheduler.wake)

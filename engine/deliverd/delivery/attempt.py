@@ -12,6 +12,7 @@ from deliverd.core.outcomes import Envelope, Outcome, Route, TransactionResult
 from deliverd.delivery.credentials import credentials_for
 from deliverd.delivery.router import Attempt, Finished, ResolveAddresses, ResolveMx, Transact
 from deliverd.delivery.security import HopSecurity
+from deliverd.delivery.sts_policies import StsPolicies
 from deliverd.dns.resolver import Resolver
 from deliverd.smtp.transport import Transport
 
@@ -23,9 +24,10 @@ async def run_attempt(
     envelope: Envelope,
     resolver: Resolver,
     transport: Transport,
+    sts: StsPolicies | None = None,
 ) -> tuple[Outcome, ...]:
     """Run ``attempt`` to its end; returns exactly one outcome per recipient."""
-    security = HopSecurity(cfg, resolver)
+    security = HopSecurity(cfg, resolver, sts)
     while True:
         action = attempt.next_action()
         if isinstance(action, Finished):
@@ -51,7 +53,7 @@ async def run_attempt(
                 if action.hop.route is Route.SMARTHOST
                 else None
             )
-            plan = await security.plan(action.hop)
+            plan = await security.plan(action.hop, action.recipients[0].rpartition("@")[2])
             if isinstance(plan, TransactionResult):  # no secure way to this hop right now
                 attempt.on_transaction(plan)
                 continue

@@ -21,6 +21,7 @@ from deliverd.delivery.attempt import run_attempt
 from deliverd.delivery.backoff import expired, next_attempt, retry_until
 from deliverd.delivery.router import Attempt
 from deliverd.delivery.routes import split_by_route
+from deliverd.delivery.sts_policies import StsPolicies
 from deliverd.dns.resolver import Resolver
 from deliverd.ops.logline import dsn_sent, format_attempt, format_event
 from deliverd.ops.metrics import Metrics
@@ -59,8 +60,10 @@ class Scheduler:
         *,
         log_format: str = "text",
         metrics: Metrics | None = None,
+        sts: StsPolicies | None = None,
     ) -> None:
         self.cfg = cfg
+        self.sts = sts
         self.metrics = metrics or Metrics()
         self.store = store
         self.resolver = resolver
@@ -84,6 +87,8 @@ class Scheduler:
         """A reloaded config applies to every attempt that starts from now on."""
         self.cfg = cfg
         self.resolver = resolver
+        if self.sts is not None:
+            self.sts.update_resolver(resolver)
         self.transport.update_config(cfg)
         self.wake()
 
@@ -192,7 +197,8 @@ class Scheduler:
             attempt = Attempt(domain=domain, recipients=rcpts, routing=route_cfg.routing,
                               host=cfg.host, rng=self._rng, route_name=route_name)
             attempts.append(run_attempt(attempt, cfg=route_cfg, envelope=envelope,
-                                        resolver=self.resolver, transport=self.transport))
+                                        resolver=self.resolver, transport=self.transport,
+                                        sts=self.sts))
         results = await asyncio.gather(*attempts)
         return [outcome for group in results for outcome in group]
 

@@ -1,4 +1,5 @@
-"""The transport security a direct hop must get: DANE (RFC 7672) from DNSSEC-validated DNS.
+"""The transport security a direct hop must get: DANE (RFC 7672) from DNSSEC-validated DNS,
+else MTA-STS (RFC 8461) from the recipient domain's published policy.
 
 One ``HopSecurity`` lives for one delivery attempt. It learns from the MX and address answers
 the attempt already asked for which MX hosts DNSSEC vouches for, and before each direct
@@ -12,12 +13,19 @@ forged and its TLSA would prove nothing).
 - the TLSA lookup failed (SERVFAIL, a bogus signature, a timeout) → this hop is not used now: a
   ``TransactionResult`` with a temporary STARTTLS failure (4.7.5) goes to the planner, which
   tries the next MX or defers, never delivers in clear text.
+
+With no TLSA records for the hop, the recipient domain's MTA-STS policy (``StsPolicies``) is
+asked: under ``enforce`` an MX host the policy does not list is skipped (4.7.5, the planner
+goes on to the next MX or defers), and a listed one gets STARTTLS with a certificate verified
+against the trust store and the MX name (``MTA_STS_PLAN``); ``testing`` and ``none`` change
+nothing about delivery.
 """
 
 from __future__ import annotations
 
 from deliverd.config.model import Config
 from deliverd.core.outcomes import Hop, Route, SessionFailure, Stage, TransactionResult
+from deliverd.delivery.sts_policies import StsPolicies
 from deliverd.dns.resolver import (
     Addresses,
     AddressResult,
@@ -28,17 +36,21 @@ from deliverd.dns.resolver import (
     TlsaRecords,
 )
 from deliverd.smtp.dane import Tlsa
-from deliverd.smtp.tls import TlsPlan, dane_plan
+from deliverd.smtp.mta_sts import Policy, StsMode
+from deliverd.smtp.tls import MTA_STS_PLAN, TlsPlan, dane_plan
 
-STATUS_DANE_LOOKUP = "4.7.5"
+STATUS_NO_SECURE_PATH = "4.7.5"
 
 
 class HopSecurity:
     """What DNSSEC says about the hops of one attempt; see the module docstring."""
 
-    def __init__(self, cfg: Config, resolver: Resolver) -> None:
+    def __init__(self, cfg: Config, resolver: Resolver, sts: StsPolicies | None = None
+                 ) -> None:
         self._dane = cfg.routing.direct.dane
         self._resolver = resolver
+        self._sts = sts if cfg.routing.direct.mta_sts else None
+        self._policies: dict[str, Policy | None] = {}
         self._secure_mx_hosts: set[str] = set()
         self._secure_addresses: set[str] = set()
 
@@ -59,17 +71,46 @@ class HopSecurity:
             and host in self._secure_addresses
         )
 
-    async def plan(self, hop: Hop) -> TlsPlan | TransactionResult | None:
-        """The plan for ``hop`` (None: the route's own), or the failure that skips it."""
-        if not self.dane_applies(hop):
+    async def plan(self, hop: Hop, domain: str) -> TlsPlan | TransactionResult | None:
+        """The plan for ``hop`` serving ``domain`` (None: the route's own), or the failure
+        that skips it."""
+        if hop.route is not Route.DIRECT:
             return None
+        if self.dane_applies(hop):
+            dane = await self._dane_plan(hop)
+            if dane is not None:
+                return dane
+        return await self._sts_plan(hop, domain)
+
+    async def policy(self, domain: str) -> Policy | None:
+        """The MTA-STS policy of ``domain``, asked once per attempt."""
+        if self._sts is None:
+            return None
+        key = domain.lower()
+        if key not in self._policies:
+            self._policies[key] = await self._sts.policy(key)
+        return self._policies[key]
+
+    async def _sts_plan(self, hop: Hop, domain: str) -> TlsPlan | TransactionResult | None:
+        policy = await self.policy(domain)
+        if policy is None or policy.mode is not StsMode.ENFORCE:
+            return None
+        if not policy.allows(hop.host):
+            return TransactionResult(hop, failure=SessionFailure(
+                Stage.STARTTLS,
+                f"MTA-STS: {hop.host} is not an MX host the policy of {domain} allows",
+                status=STATUS_NO_SECURE_PATH,
+            ))
+        return MTA_STS_PLAN
+
+    async def _dane_plan(self, hop: Hop) -> TlsPlan | TransactionResult | None:
         found = await self._resolver.tlsa(hop.host)
         if isinstance(found, DnsTempFailure):
             return TransactionResult(hop, failure=SessionFailure(
                 Stage.STARTTLS,
                 f"DANE: TLSA lookup for {hop.host} failed, not delivering without it "
                 f"({found.reason})",
-                status=STATUS_DANE_LOOKUP,
+                status=STATUS_NO_SECURE_PATH,
             ))
         if isinstance(found, TlsaRecords):
             return dane_plan(tuple(Tlsa(*record) for record in found.records))

@@ -92,9 +92,17 @@ class NoTlsa:
     secure: bool  # True: the absence itself was validated
 
 
+@dataclass(frozen=True)
+class TxtRecords:
+    """TXT records, each one's strings joined (RFC 7208 §3.3 style), possibly none."""
+
+    texts: tuple[str, ...]
+
+
 MxResult = MxHosts | NullMx | NoMx | NxDomain | DnsTempFailure
 AddressResult = Addresses | NoAddresses | NxDomain | DnsTempFailure
 TlsaResult = TlsaRecords | NoTlsa | DnsTempFailure
+TxtResult = TxtRecords | DnsTempFailure
 
 
 def ascii_domain(domain: str) -> str:
@@ -232,6 +240,17 @@ class Resolver:
             return NoTlsa(False)
         return TlsaRecords(tuple(
             (int(r.usage), int(r.selector), int(r.mtype), bytes(r.cert)) for r in asked.rrset
+        ))
+
+    async def txt(self, name: str) -> TxtResult:
+        """TXT records at ``name``; none when the name or the records do not exist."""
+        asked = await self._lookup(name, dns.rdatatype.TXT)
+        if isinstance(asked, DnsTempFailure):
+            return asked
+        if isinstance(asked, _NoName) or asked.rrset is None:
+            return TxtRecords(())
+        return TxtRecords(tuple(
+            b"".join(r.strings).decode("utf-8", "replace") for r in asked.rrset
         ))
 
     def clear_cache(self) -> None:

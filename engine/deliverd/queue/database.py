@@ -30,7 +30,7 @@ from typing import TypeVar
 T = TypeVar("T")
 
 DB_NAME = "queue.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: mta_sts_policies (every statement is IF NOT EXISTS)
 BUSY_TIMEOUT_MS = 30_000
 # SQLite limits host parameters per statement; fetch messages by id in chunks below it.
 # (Every f-string query below interpolates only these constant column lists or "?" marks.)
@@ -186,6 +186,14 @@ CREATE TABLE IF NOT EXISTS recipients (
 );
 -- due() and next_wakeup() walk this index only: never a scan of every deferred row.
 CREATE INDEX IF NOT EXISTS recipients_due ON recipients (state, next_attempt);
+-- MTA-STS policies (RFC 8461 §5): kept across restarts, served until they expire.
+CREATE TABLE IF NOT EXISTS mta_sts_policies (
+    domain TEXT PRIMARY KEY,
+    policy_id TEXT NOT NULL,
+    policy TEXT NOT NULL,
+    fetched REAL NOT NULL,
+    expires REAL NOT NULL
+) WITHOUT ROWID;
 """
 
 _MSG_COLS = (
@@ -196,6 +204,7 @@ _RCPT_COLS = (
     "queue_id, address, state, attempts, next_attempt, last_status, last_diagnostic, last_relay"
 )
 
+StsRow = tuple[str, str, float, float]  # policy id, policy text, fetched, expires (epoch)
 _MsgRow = tuple[str, str, float, int, int, int, int, int, "str | None", int]
 _RcptRow = tuple[str, str, str, int, float, "str | None", "str | None", "str | None"]
 
@@ -641,6 +650,26 @@ class QueueDB:
             ]
 
         return self._read(op)
+
+    def sts_policy(self, domain: str) -> StsRow | None:
+        """The cached MTA-STS policy of ``domain``: (policy id, text, fetched, expires)."""
+        def op(c: sqlite3.Connection) -> StsRow | None:
+            row = c.execute(
+                "SELECT policy_id, policy, fetched, expires FROM mta_sts_policies"
+                " WHERE domain = ?", (domain,),
+            ).fetchone()
+            return None if row is None else (str(row[0]), str(row[1]), float(row[2]),
+                                             float(row[3]))
+        return self._read(op)
+
+    def store_sts_policy(self, domain: str, row: StsRow) -> None:
+        def op(c: sqlite3.Connection) -> None:
+            c.execute(
+                "INSERT OR REPLACE INTO mta_sts_policies"
+                " (domain, policy_id, policy, fetched, expires) VALUES (?, ?, ?, ?, ?)",
+                (domain, *row),
+            )
+        self._write(op)
 
     def count(self) -> int:
         return int(self._read(lambda c: c.execute("SELECT COUNT(*) FROM messages").fetchone())[0])

@@ -31,6 +31,7 @@ from deliverd.queue.database import (
     QueueMissingError,
     RcptState,
     RecipientUpdate,
+    StsRow,
     is_queue_id,
     new_queue_id,
 )
@@ -299,6 +300,12 @@ class QueueStore:
 
     async def get(self, queue_id: str) -> QueuedMessage | None:
         return await self._read(lambda db: db.get(queue_id))
+
+    async def sts_policy(self, domain: str) -> StsRow | None:
+        return await self._read(lambda db: db.sts_policy(domain))
+
+    async def store_sts_policy(self, domain: str, row: StsRow) -> None:
+        await self._write(lambda db: db.store_sts_policy(domain, row))
 
     async def list_messages(self) -> list[QueuedMessage]:
         return await self._read(lambda db: db.list_messages())

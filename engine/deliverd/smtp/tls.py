@@ -48,12 +48,15 @@ class TlsPlan:
     verify: bool = False
     ca_file: str | None = None
     dane: tuple[Tlsa, ...] = ()  # usable TLSA records the peer chain must match
+    mta_sts: bool = False  # verification asked for by an enforced MTA-STS policy
 
     def outcome(self, tls_active: bool) -> TlsOutcome:
         if not tls_active:
             return TlsOutcome.NONE
         if self.dane:
             return TlsOutcome.DANE
+        if self.mta_sts and self.verify:
+            return TlsOutcome.MTA_STS
         return TlsOutcome.VERIFIED if self.verify else TlsOutcome.ENCRYPTED
 
     @property
@@ -83,6 +86,11 @@ def plan_for(route: Route, cfg: Config) -> TlsPlan:
     if route is Route.DIRECT or smarthost is None:
         return REQUIRED_PLAN if cfg.routing.direct.tls is DirectTls.REQUIRED else DIRECT_PLAN
     return TlsPlan(_MODE_BY_POLICY[smarthost.tls], smarthost.verify_tls, smarthost.ca_file)
+
+
+# RFC 8461 §4.2: an MX under an enforced policy needs STARTTLS and a certificate that the trust
+# store vouches for and that names the MX host.
+MTA_STS_PLAN = TlsPlan(TlsMode.REQUIRED, verify=True, mta_sts=True)
 
 
 def dane_plan(records: tuple[Tlsa, ...]) -> TlsPlan:
