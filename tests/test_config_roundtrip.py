@@ -223,6 +223,11 @@ def specs(draw: st.DrawFn) -> dict[str, Any]:
         _maybe(draw, key, st.booleans(), dsn)
     _maybe(draw, "postmaster", st.builds(lambda h: f"postmaster@{h}", hostnames), dsn)
     _maybe(draw, "dsn", st.just(dsn), spec)
+    tls_reports: dict[str, Any] = {}
+    _maybe(draw, "enabled", st.booleans(), tls_reports)
+    _maybe(draw, "from", st.builds(lambda h: f"tlsrpt@{h}", hostnames), tls_reports)
+    _maybe(draw, "interval", durations, tls_reports)
+    _maybe(draw, "tls_reports", st.just(tls_reports), spec)
     if draw(st.booleans()):
         per_destination, max_sessions = sorted(draw(st.lists(st.integers(1, 10000), min_size=2,
                                                              max_size=2)))

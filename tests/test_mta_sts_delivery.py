@@ -5,10 +5,15 @@ OpenSSL's standard ``SSL_CERT_FILE``, nothing else."""
 
 from __future__ import annotations
 
+import email
+import gzip
+import json
 import os
+import sqlite3
 import ssl
 import threading
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -29,14 +34,17 @@ MX_UNLISTED = "127.0.0.76"  # mx0.<domain>: preferred by DNS, in no policy
 DOMAINS = ("enforce.test", "testing.test", "cached.test", "none.test")
 MX_NAMES = tuple(f"mx{i}.{d}" for d in DOMAINS for i in (0, 1))
 
-ZONE = tuple(line for d in DOMAINS for line in (
+ZONE = (*(line for d in DOMAINS for line in (
     f"mx-host={d},mx0.{d},10",
     f"mx-host={d},mx1.{d},20",
     f"host-record=mx0.{d},{MX_UNLISTED}",
     f"host-record=mx1.{d},{MX_LISTED}",
     f"host-record=mta-sts.{d},{POLICY_HOST}",
     f'txt-record=_mta-sts.{d},"v=STSv1; id=1"',
-) if not (d == "none.test" and line.startswith("txt-record")))
+) if not (d == "none.test" and line.startswith("txt-record"))),
+    # reports about enforce.test go to enforce.test itself, under its own enforced policy
+    'txt-record=_smtp._tls.enforce.test,"v=TLSRPTv1; rua=mailto:tlsrpt@enforce.test"',
+)
 
 
 def policy(mode: str, domain: str) -> str:
@@ -135,9 +143,11 @@ def sinks(mx_port: int) -> Iterator[Callable[..., Sink]]:
 @pytest.fixture
 def start(engine_factory: Callable[..., Engine], zone: DnsServer, mx_port: int,
           trust_store: None) -> Callable[..., Engine]:
-    def make(**direct: Any) -> Engine:
-        return engine_factory({"routing": {"direct": {"port": mx_port, **direct}}},
-                              nameserver=zone.nameserver)
+    def make(tls_reports: dict[str, Any] | None = None, **direct: Any) -> Engine:
+        spec: dict[str, Any] = {"routing": {"direct": {"port": mx_port, **direct}}}
+        if tls_reports is not None:
+            spec["tls_reports"] = tls_reports
+        return engine_factory(spec, nameserver=zone.nameserver)
     return make
 
 
@@ -231,3 +241,64 @@ def test_no_txt_record_means_no_policy(
     engine.submit(SENDER, ["bob@none.test"])
     assert engine.wait_status("bob@none.test", "sent")["tls"] == "encrypted"
     assert unlisted.messages and not policy_server.requests
+
+
+def _report_of(message: bytes) -> dict[str, Any]:
+    parsed = email.message_from_bytes(message)
+    assert parsed.get_content_type() == "multipart/report"
+    assert parsed.get_param("report-type") == "tlsrpt"
+    assert parsed["TLS-Required"] == "No"
+    parts = [p for p in parsed.walk() if p.get_content_type() == "application/tlsrpt+gzip"]
+    assert len(parts) == 1
+    payload = parts[0].get_payload(decode=True)
+    assert isinstance(payload, bytes)
+    report: dict[str, Any] = json.loads(gzip.decompress(payload))
+    return report
+
+
+def test_tls_report_for_a_day_with_one_success_and_one_failure_reaches_the_rua(
+        start: Callable[..., Engine], sinks: Callable[..., Sink], good_tls: TlsCA,
+        ca: trustme.CA, policy_server: PolicyServer, mx_port: int) -> None:
+    policy_server.policies["mta-sts.enforce.test"] = policy("enforce", "enforce.test")
+    good = sinks(MX_LISTED, good_tls)
+    engine = start(tls_reports={"enabled": True, "from": "tlsrpt@deliverd.test"})
+    engine.submit(SENDER, ["bob@enforce.test"])
+    engine.wait_status("bob@enforce.test", "sent")
+    good.stop()
+    wrong = sinks(MX_LISTED, TlsCA(ca, ca.issue_cert("somewhere-else.test")))
+    engine.submit(SENDER, ["carol@enforce.test"])
+    engine.wait_status("carol@enforce.test", "deferred")
+    engine.stop()
+    failures = len([r for r in engine.attempts("carol@enforce.test")
+                    if r["status"] == "deferred"])
+    # The day is over: move the counted sessions to yesterday, as midnight UTC would.
+    yesterday = (datetime.now(UTC) - timedelta(days=1)).strftime("%Y-%m-%d")
+    with sqlite3.connect(Path(engine.spec["queue"]["path"]) / "queue.db") as db:
+        assert db.execute("UPDATE tls_results SET day = ?", (yesterday,)).rowcount >= 2
+    engine.start()
+    # TLS-Required: No lets the report through the certificate that the policy refuses
+    engine.wait_status("tlsrpt@enforce.test", "sent")
+    engine.stop()
+    [message] = wrong.messages
+    assert message.rcpt_tos == ("tlsrpt@enforce.test",)
+    report = _report_of(message.data)
+    assert report["date-range"]["start-datetime"] == f"{yesterday}T00:00:00Z"
+    assert report["contact-info"] == "tlsrpt@deliverd.test"
+    [entry] = report["policies"]
+    assert entry["policy"]["policy-type"] == "sts"
+    assert entry["policy"]["policy-domain"] == "enforce.test"
+    assert entry["policy"]["mx-host"] == ["mx1.enforce.test"]
+    assert "mode: enforce" in entry["policy"]["policy-string"]
+    assert entry["summary"] == {"total-successful-session-count": 1,
+                                "total-failure-session-count": failures}
+    assert entry["failure-details"] == [{
+        "result-type": "certificate-host-mismatch",
+        "receiving-mx-hostname": "mx1.enforce.test",
+        "failed-session-count": failures,
+    }]
+    # The report's own delivery is not counted: today has only carol's retries, no success.
+    retries = len([r for r in engine.attempts("carol@enforce.test")
+                   if r["status"] == "deferred"]) - failures
+    with sqlite3.connect(Path(engine.spec["queue"]["path"]) / "queue.db") as db:
+        today = dict(db.execute("SELECT result, SUM(count) FROM tls_results GROUP BY result"))
+    assert today == ({"certificate-host-mismatch": retries} if retries else {})

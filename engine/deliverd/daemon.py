@@ -20,6 +20,7 @@ from deliverd.config.loader import ConfigError, load_config
 from deliverd.config.model import Config
 from deliverd.delivery.scheduler import Scheduler
 from deliverd.delivery.sts_policies import StsPolicies
+from deliverd.delivery.tls_reporter import TlsReporter
 from deliverd.dns.resolver import Resolver
 from deliverd.ops import eventloop
 from deliverd.ops.logline import configure_logging, format_event
@@ -84,8 +85,16 @@ class Daemon:
         self._event(f"ready: listening on {where}, mode={self.cfg.routing.mode.value}")
         runner = asyncio.create_task(self.scheduler.run())
         reporter = asyncio.create_task(self._write_metrics_every(METRICS_EVERY))
+        tls_reports = (
+            asyncio.create_task(
+                TlsReporter(self.cfg, self.store, resolver, self.scheduler.wake).run()
+            )
+            if self.cfg.tls_reports.enabled else None
+        )
         await self._stop.wait()
         reporter.cancel()
+        if tls_reports is not None:
+            tls_reports.cancel()
         self._event("stopping: closing listeners, finishing in-flight deliveries")
         await self._close_servers()
         await self.scheduler.stop(self.stop_grace)

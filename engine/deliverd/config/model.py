@@ -170,6 +170,13 @@ class DsnConfig:
 
 
 @dataclass(frozen=True)
+class TlsReportsConfig:
+    sender: str = "postmaster@localhost"  # the spec's tls_reports.from
+    enabled: bool = False
+    interval: int = 3600
+
+
+@dataclass(frozen=True)
 class LimitsConfig:
     max_sessions: int = 30
     per_destination: int = 10
@@ -207,6 +214,7 @@ class Config:
     limits: LimitsConfig = LimitsConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()
     dns: DnsConfig = DnsConfig()
+    tls_reports: TlsReportsConfig = TlsReportsConfig()
 
     def secrets(self) -> tuple[str, ...]:
         """Every password in this config: the log filter masks them all."""
@@ -312,9 +320,17 @@ def config_from_spec(spec: dict[str, Any]) -> Config:
             on_expiry=OnExpiry(spec["retry"]["on_expiry"]),
         ),
         dsn=DsnConfig(**spec["dsn"]),
+        tls_reports=_tls_reports(spec["tls_reports"]),
         limits=LimitsConfig(**_durations(limits, "connection_failure_cache")),
         timeouts=TimeoutsConfig(**_durations(spec["timeouts"], *spec["timeouts"].keys())),
         dns=DnsConfig(tuple(spec["dns"]["nameservers"])),
+    )
+
+
+def _tls_reports(d: dict[str, Any]) -> TlsReportsConfig:
+    return TlsReportsConfig(
+        sender=d["from"], enabled=d["enabled"], **_durations({"interval": d["interval"]},
+                                                            "interval"),
     )
 
 
@@ -406,6 +422,11 @@ def config_to_spec(cfg: Config) -> dict[str, Any]:
             "include_transcript": cfg.dsn.include_transcript,
             "notify_postmaster": cfg.dsn.notify_postmaster,
             "postmaster": cfg.dsn.postmaster,
+        },
+        "tls_reports": {
+            "enabled": cfg.tls_reports.enabled,
+            "from": cfg.tls_reports.sender,
+            "interval": format_duration(cfg.tls_reports.interval),
         },
         "limits": {
             "max_sessions": lim.max_sessions,

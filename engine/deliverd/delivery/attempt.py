@@ -14,6 +14,7 @@ from deliverd.delivery.router import Attempt, Finished, ResolveAddresses, Resolv
 from deliverd.delivery.security import HopSecurity
 from deliverd.delivery.sts_policies import StsPolicies
 from deliverd.dns.resolver import Resolver
+from deliverd.reports.tlsrpt import is_tls_required_no
 from deliverd.smtp.transport import Transport
 
 
@@ -27,7 +28,7 @@ async def run_attempt(
     sts: StsPolicies | None = None,
 ) -> tuple[Outcome, ...]:
     """Run ``attempt`` to its end; returns exactly one outcome per recipient."""
-    security = HopSecurity(cfg, resolver, sts)
+    security = HopSecurity(cfg, resolver, sts, enabled=not is_tls_required_no(envelope.data))
     while True:
         action = attempt.next_action()
         if isinstance(action, Finished):
@@ -53,13 +54,16 @@ async def run_attempt(
                 if action.hop.route is Route.SMARTHOST
                 else None
             )
-            plan = await security.plan(action.hop, action.recipients[0].rpartition("@")[2])
+            domain = action.recipients[0].rpartition("@")[2]
+            plan = await security.plan(action.hop, domain)
             if isinstance(plan, TransactionResult):  # no secure way to this hop right now
-                attempt.on_transaction(plan)
-                continue
-            attempt.on_transaction(await transport.transact(
-                action.hop, subset, credentials=creds,
-                ignore_failure_cache=action.ignore_failure_cache, plan=plan,
-            ))
+                result = plan
+            else:
+                result = await transport.transact(
+                    action.hop, subset, credentials=creds,
+                    ignore_failure_cache=action.ignore_failure_cache, plan=plan,
+                )
+            await security.count(action.hop, domain, result)
+            attempt.on_transaction(result)
         else:  # pragma: no cover - the planner only emits the four actions above
             raise TypeError(f"unknown planner action {action!r}")

@@ -19,9 +19,18 @@ asked: under ``enforce`` an MX host the policy does not list is skipped (4.7.5, 
 goes on to the next MX or defers), and a listed one gets STARTTLS with a certificate verified
 against the trust store and the MX name (``MTA_STS_PLAN``); ``testing`` and ``none`` change
 nothing about delivery.
+
+Every transaction under a policy (TLSA records or an ``enforce``/``testing`` MTA-STS policy) is
+counted for TLS-RPT (RFC 8460) per recipient domain and UTC day in the queue database
+(``count``): a success, or the failure's result type. Under ``enforce`` an MX the policy does
+not list is never tried, so not counted; under ``testing`` it counts as a
+``validation-failure`` and is used anyway; whether its certificate would
+have verified is not checked (the session is counted by whether TLS was used).
 """
 
 from __future__ import annotations
+
+from datetime import UTC, datetime
 
 from deliverd.config.model import Config
 from deliverd.core.outcomes import Hop, Route, SessionFailure, Stage, TransactionResult
@@ -35,6 +44,7 @@ from deliverd.dns.resolver import (
     Resolver,
     TlsaRecords,
 )
+from deliverd.reports.tlsrpt import session_result
 from deliverd.smtp.dane import Tlsa
 from deliverd.smtp.mta_sts import Policy, StsMode
 from deliverd.smtp.tls import MTA_STS_PLAN, TlsPlan, dane_plan
@@ -45,12 +55,16 @@ STATUS_NO_SECURE_PATH = "4.7.5"
 class HopSecurity:
     """What DNSSEC says about the hops of one attempt; see the module docstring."""
 
-    def __init__(self, cfg: Config, resolver: Resolver, sts: StsPolicies | None = None
-                 ) -> None:
+    def __init__(self, cfg: Config, resolver: Resolver, sts: StsPolicies | None = None,
+                 *, enabled: bool = True) -> None:
+        self._enabled = enabled  # False: TLS-Required: No (RFC 8689), the route's plan only
         self._dane = cfg.routing.direct.dane
         self._resolver = resolver
-        self._sts = sts if cfg.routing.direct.mta_sts else None
+        self._sts = sts
+        self._sts_on = cfg.routing.direct.mta_sts and sts is not None
         self._policies: dict[str, Policy | None] = {}
+        # hop -> (policy type, policy text, result forced on the session or None)
+        self._applied: dict[Hop, tuple[str, str, str | None]] = {}
         self._secure_mx_hosts: set[str] = set()
         self._secure_addresses: set[str] = set()
 
@@ -74,7 +88,7 @@ class HopSecurity:
     async def plan(self, hop: Hop, domain: str) -> TlsPlan | TransactionResult | None:
         """The plan for ``hop`` serving ``domain`` (None: the route's own), or the failure
         that skips it."""
-        if hop.route is not Route.DIRECT:
+        if hop.route is not Route.DIRECT or not self._enabled:
             return None
         if self.dane_applies(hop):
             dane = await self._dane_plan(hop)
@@ -82,9 +96,22 @@ class HopSecurity:
                 return dane
         return await self._sts_plan(hop, domain)
 
+    async def count(self, hop: Hop, domain: str, result: TransactionResult) -> None:
+        """TLS-RPT: one session under a policy, succeeded or failed with a result type."""
+        applied = self._applied.pop(hop, None)
+        if applied is None or self._sts is None:
+            return
+        policy_type, text, forced = applied
+        outcome = forced if forced is not None else session_result(result)
+        if outcome is None:
+            return
+        day = datetime.now(UTC).strftime("%Y-%m-%d")
+        mx = hop.host.lower() if outcome else ""
+        await self._sts.count_result((domain.lower(), day, policy_type, mx, outcome), text)
+
     async def policy(self, domain: str) -> Policy | None:
         """The MTA-STS policy of ``domain``, asked once per attempt."""
-        if self._sts is None:
+        if self._sts is None or not self._sts_on:
             return None
         key = domain.lower()
         if key not in self._policies:
@@ -93,9 +120,15 @@ class HopSecurity:
 
     async def _sts_plan(self, hop: Hop, domain: str) -> TlsPlan | TransactionResult | None:
         policy = await self.policy(domain)
-        if policy is None or policy.mode is not StsMode.ENFORCE:
+        if policy is None or policy.mode is StsMode.NONE:
             return None
-        if not policy.allows(hop.host):
+        allowed = policy.allows(hop.host)
+        if policy.mode is StsMode.TESTING:
+            self._applied[hop] = ("sts", policy.text, None if allowed else "validation-failure")
+            return None
+        if allowed:
+            self._applied[hop] = ("sts", policy.text, None)
+        else:  # no session is tried, so none is counted
             return TransactionResult(hop, failure=SessionFailure(
                 Stage.STARTTLS,
                 f"MTA-STS: {hop.host} is not an MX host the policy of {domain} allows",
@@ -113,5 +146,8 @@ class HopSecurity:
                 status=STATUS_NO_SECURE_PATH,
             ))
         if isinstance(found, TlsaRecords):
-            return dane_plan(tuple(Tlsa(*record) for record in found.records))
+            records = tuple(Tlsa(*record) for record in found.records)
+            text = "\n".join(f"{r.usage} {r.selector} {r.mtype} {r.data.hex()}" for r in records)
+            self._applied[hop] = ("tlsa", text, None)
+            return dane_plan(records)
         return None

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 
 from deliverd.dns.resolver import Addresses, DnsTempFailure, Resolver, TxtRecords
+from deliverd.queue.database import TlsResultKey
 from deliverd.queue.store import QueueStore
 from deliverd.smtp.mta_sts import MAX_POLICY_BYTES, Policy, PolicyError, parse_policy, parse_txt
 
@@ -94,6 +95,10 @@ class StsPolicies:
         self._store = store
         self._fetch = fetch
         self._clock = clock
+
+    async def count_result(self, key: TlsResultKey, policy: str) -> None:
+        """TLS-RPT counters live beside the policies, in the queue database."""
+        await self._store.count_tls_result(key, policy)
 
     def update_resolver(self, resolver: Resolver) -> None:
         self._resolver = resolver

@@ -30,7 +30,7 @@ from typing import TypeVar
 T = TypeVar("T")
 
 DB_NAME = "queue.db"
-SCHEMA_VERSION = 2  # 2: mta_sts_policies (every statement is IF NOT EXISTS)
+SCHEMA_VERSION = 2  # 2: mta_sts_policies, tls_results (every statement is IF NOT EXISTS)
 BUSY_TIMEOUT_MS = 30_000
 # SQLite limits host parameters per statement; fetch messages by id in chunks below it.
 # (Every f-string query below interpolates only these constant column lists or "?" marks.)
@@ -194,6 +194,18 @@ CREATE TABLE IF NOT EXISTS mta_sts_policies (
     fetched REAL NOT NULL,
     expires REAL NOT NULL
 ) WITHOUT ROWID;
+-- TLS-RPT (RFC 8460): sessions per policy domain, UTC day, policy, MX and result type
+-- (result '' is a success), until the day's report has been queued.
+CREATE TABLE IF NOT EXISTS tls_results (
+    domain TEXT NOT NULL,
+    day TEXT NOT NULL,
+    policy_type TEXT NOT NULL,
+    policy TEXT NOT NULL,
+    mx TEXT NOT NULL,
+    result TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (domain, day, policy_type, mx, result)
+) WITHOUT ROWID;
 """
 
 _MSG_COLS = (
@@ -204,6 +216,8 @@ _RCPT_COLS = (
     "queue_id, address, state, attempts, next_attempt, last_status, last_diagnostic, last_relay"
 )
 
+TlsResultKey = tuple[str, str, str, str, str]  # domain, day, policy type, MX, result ('' = ok)
+TlsResultRow = tuple[str, str, str, str, int]  # policy type, policy, MX, result, count
 StsRow = tuple[str, str, float, float]  # policy id, policy text, fetched, expires (epoch)
 _MsgRow = tuple[str, str, float, int, int, int, int, int, "str | None", int]
 _RcptRow = tuple[str, str, str, int, float, "str | None", "str | None", "str | None"]
@@ -669,6 +683,42 @@ class QueueDB:
                 " (domain, policy_id, policy, fetched, expires) VALUES (?, ?, ?, ?, ?)",
                 (domain, *row),
             )
+        self._write(op)
+
+    def count_tls_result(self, key: TlsResultKey, policy: str) -> None:
+        """One more session for (domain, day, policy type, MX, result)."""
+        def op(c: sqlite3.Connection) -> None:
+            c.execute(
+                "INSERT INTO tls_results (domain, day, policy_type, mx, result, policy, count)"
+                " VALUES (?, ?, ?, ?, ?, ?, 1) ON CONFLICT (domain, day, policy_type, mx, result)"
+                " DO UPDATE SET count = count + 1, policy = excluded.policy",
+                (*key, policy),
+            )
+        self._write(op)
+
+    def tls_result_days(self, before: str) -> list[tuple[str, str]]:
+        """(domain, day) pairs with results of a day before ``before`` (YYYY-MM-DD)."""
+        def op(c: sqlite3.Connection) -> list[tuple[str, str]]:
+            rows = c.execute(
+                "SELECT DISTINCT domain, day FROM tls_results WHERE day < ? ORDER BY day, domain",
+                (before,),
+            ).fetchall()
+            return [(str(d), str(day)) for d, day in rows]
+        return self._read(op)
+
+    def tls_results(self, domain: str, day: str) -> list[TlsResultRow]:
+        """(policy type, policy, MX, result, count) of one domain's day."""
+        def op(c: sqlite3.Connection) -> list[TlsResultRow]:
+            rows = c.execute(
+                "SELECT policy_type, policy, mx, result, count FROM tls_results"
+                " WHERE domain = ? AND day = ? ORDER BY policy_type, mx, result", (domain, day),
+            ).fetchall()
+            return [(str(a), str(b), str(m), str(r), int(n)) for a, b, m, r, n in rows]
+        return self._read(op)
+
+    def forget_tls_results(self, domain: str, day: str) -> None:
+        def op(c: sqlite3.Connection) -> None:
+            c.execute("DELETE FROM tls_results WHERE domain = ? AND day = ?", (domain, day))
         self._write(op)
 
     def count(self) -> int:

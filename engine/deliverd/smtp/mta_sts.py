@@ -36,6 +36,13 @@ class Policy:
     max_age: int
     mx: tuple[str, ...]
 
+    @property
+    def text(self) -> str:
+        """The policy's lines in canonical order (TLS-RPT's policy-string)."""
+        lines = ["version: STSv1", f"mode: {self.mode.value}"]
+        lines += [f"mx: {mx}" for mx in self.mx]
+        return "\n".join([*lines, f"max_age: {self.max_age}"])
+
     def allows(self, host: str) -> bool:
         """RFC 8461 §4.1: the MX host matches one ``mx`` pattern (a wildcard is one label)."""
         name = host.lower().rstrip(".")
