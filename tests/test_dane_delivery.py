@@ -4,7 +4,9 @@ that does not."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -58,6 +60,9 @@ def test_matching_tlsa_delivers_over_dane_verified_tls(
     assert record["relay"] == f"mx.secure.test[{dnssec_lab.mx_address}]:{mx_port}"
     assert sink.messages[0].rcpt_tos == ("bob@secure.test",)
     assert sink.sessions[-1].tls
+    engine.stop()
+    metrics = json.loads((Path(engine.spec["queue"]["path"]) / "metrics.json").read_text())
+    assert metrics["counters"]["tls.dane"] == 1
 
 
 def test_certificate_matching_no_tlsa_defers_and_the_log_says_why(
@@ -111,6 +116,16 @@ def test_bogus_tlsa_signature_defers_without_connecting(
     record = engine.wait_status("bob@bogus.test", "deferred")
     assert record["dsn"] == "4.7.5"
     assert "TLSA lookup for mx.bogus.test failed" in record["reply"]
+    assert not sink.sessions
+
+
+def test_bogus_mx_answer_defers_without_connecting(
+        start: Callable[..., Engine], mx: Callable[[TlsCA], Sink],
+        dnssec_lab: DnssecLab) -> None:
+    sink = mx(dnssec_lab.tls)
+    engine = start()
+    engine.submit(SENDER, ["bob@badmx.bogus.test"])
+    engine.wait_status("bob@badmx.bogus.test", "deferred")
     assert not sink.sessions
 
 

@@ -313,6 +313,8 @@ class Scheduler:
         level = logging.WARNING if outcome.kind in (Kind.BOUNCED, Kind.HELD) else logging.INFO
         log.log(level, line)
         self.metrics.count(f"attempts.{outcome.kind.value}")
+        if outcome.tls:
+            self.metrics.count(f"tls.{outcome.tls}")  # how delivered mail was protected
         self._operator_failure(message.queue_id, outcome)
 
     def _operator_failure(self, queue_id: str, outcome: Outcome) -> None:
