@@ -5,10 +5,15 @@ from __future__ import annotations
 import email
 import gzip
 import json
+from pathlib import Path
 
 import pytest
 
+from deliverd.config.model import config_from_spec
 from deliverd.core.outcomes import Hop, Reply, Route, SessionFailure, Stage, TransactionResult
+from deliverd.delivery.tls_reporter import TlsReporter
+from deliverd.dns.resolver import Resolver
+from deliverd.queue.store import QueueStore
 from deliverd.reports.tlsrpt import (
     failure_type,
     is_tls_required_no,
@@ -17,6 +22,7 @@ from deliverd.reports.tlsrpt import (
     rua_mailto,
     session_result,
 )
+from deliverd.spec.normalise import normalise
 
 HOP = Hop("mx1.example.test", "127.0.0.75", 25, Route.DIRECT)
 
@@ -90,3 +96,20 @@ def test_report_json_and_message() -> None:
 ])
 def test_rua_mailto(records: list[str], expected: list[str]) -> None:
     assert rua_mailto(records) == expected
+
+
+async def test_finished_days_are_dropped_unsent_when_reports_are_off(tmp_path: Path) -> None:
+    cfg = config_from_spec(normalise({"version": 1, "host": {"name": "relay.test"},
+                                      "queue": {"path": str(tmp_path)}}))
+    assert not cfg.tls_reports.enabled
+    store = await QueueStore.open(tmp_path)
+    try:
+        await store.count_tls_result(("example.test", "2026-11-29", "sts", "", ""), "p")
+        await store.count_tls_result(("example.test", "2026-11-30", "sts", "", ""), "p")
+        woken: list[bool] = []
+        reporter = TlsReporter(cfg, store, Resolver(["127.0.0.1:9"]), lambda: woken.append(True))
+        assert await reporter.send_due(today="2026-11-30") == 0
+        assert await store.tls_result_days("2026-12-01") == [("example.test", "2026-11-30")]
+        assert not woken and not await store.list_messages()
+    finally:
+        await store.close()

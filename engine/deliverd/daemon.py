@@ -63,6 +63,7 @@ class Daemon:
         self._servers: list[asyncio.base_events.Server] = []
         self.store: QueueStore | None = None
         self.scheduler: Scheduler | None = None
+        self.tls_reporter: TlsReporter | None = None
 
     async def serve(self) -> int:
         self.store = await QueueStore.open(self.cfg.queue.path)
@@ -85,16 +86,11 @@ class Daemon:
         self._event(f"ready: listening on {where}, mode={self.cfg.routing.mode.value}")
         runner = asyncio.create_task(self.scheduler.run())
         reporter = asyncio.create_task(self._write_metrics_every(METRICS_EVERY))
-        tls_reports = (
-            asyncio.create_task(
-                TlsReporter(self.cfg, self.store, resolver, self.scheduler.wake).run()
-            )
-            if self.cfg.tls_reports.enabled else None
-        )
+        self.tls_reporter = TlsReporter(self.cfg, self.store, resolver, self.scheduler.wake)
+        tls_reports = asyncio.create_task(self.tls_reporter.run())
         await self._stop.wait()
         reporter.cancel()
-        if tls_reports is not None:
-            tls_reports.cancel()
+        tls_reports.cancel()
         self._event("stopping: closing listeners, finishing in-flight deliveries")
         await self._close_servers()
         await self.scheduler.stop(self.stop_grace)
@@ -147,7 +143,10 @@ class Daemon:
             return False
         self.cfg = new
         assert self.scheduler is not None
-        self.scheduler.update(new, make_resolver(new))
+        resolver = make_resolver(new)
+        self.scheduler.update(new, resolver)
+        if self.tls_reporter is not None:
+            self.tls_reporter.update(new, resolver)
         self._event(f"reloaded: mode={new.routing.mode.value}")
         return True
 

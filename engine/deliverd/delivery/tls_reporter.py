@@ -5,7 +5,8 @@ Every ``tls_reports.interval`` the days before today that still have counts in t
 database are reported: the report is queued as ordinary mail (with ``TLS-Required: No``, so its
 own delivery neither obeys nor counts towards any policy) and the day's counts are forgotten.
 A domain without a usable ``v=TLSRPTv1`` record has its counts dropped; a DNS failure keeps
-them for the next round.
+them for the next round. With ``tls_reports.enabled`` off, finished days are dropped unsent, so
+the counts never grow beyond a day's worth.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ class TlsReporter:
         self.resolver = resolver
         self._wake = wake
 
+    def update(self, cfg: Config, resolver: Resolver) -> None:
+        """On reload: the next round follows ``cfg``."""
+        self.cfg = cfg
+        self.resolver = resolver
+
     async def run(self) -> None:
         while True:
             try:
@@ -44,6 +50,9 @@ class TlsReporter:
         today = today or datetime.now(UTC).strftime("%Y-%m-%d")
         sent = 0
         for domain, day in await self.store.tls_result_days(today):
+            if not self.cfg.tls_reports.enabled:
+                await self.store.forget_tls_results(domain, day)
+                continue
             txt = await self.resolver.txt(f"_smtp._tls.{domain}")
             if isinstance(txt, DnsTempFailure):
                 continue
