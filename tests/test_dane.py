@@ -10,7 +10,12 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from deliverd.config.model import TimeoutsConfig
+from deliverd.core.outcomes import Hop, Route
 from deliverd.smtp.dane import Tlsa, name_matches, usable, verify
+from deliverd.smtp.session import SmtpSession
+from deliverd.smtp.tls import client_context
+from tests.fixtures.smtp_sink import Script, Sink, TlsCA, free_port
 
 MX = "mx.secure.test"
 
@@ -121,3 +126,27 @@ def test_no_certificate_or_garbage_fails(pki: dict[str, bytes]) -> None:
 ])
 def test_name_matching_wildcard_is_one_label(pattern: str, host: str, expected: bool) -> None:
     assert name_matches(pattern, host) is expected
+
+
+@pytest.mark.integration
+async def test_peer_chain_of_a_real_handshake_carries_the_issuer_for_dane_ta() -> None:
+    """On every supported Python the chain the server sent (leaf, intermediate) is read, so
+    DANE-TA can match the intermediate after an unverified handshake."""
+    root = trustme.CA()
+    inter = root.create_child_ca()
+    leaf = inter.issue_cert(MX)
+    port = free_port(["127.0.0.78"])
+    sink = Sink("127.0.0.78", port, Script(starttls=True), TlsCA(root, leaf)).start()
+    session = SmtpSession(Hop(MX, "127.0.0.78", port, Route.DIRECT), "client.test",
+                          TimeoutsConfig(connect=5, greeting=5, command=5))
+    try:
+        await session.open(None)
+        await session.hello()
+        assert (await session.starttls(client_context(False, None))).code == 220
+        chain = session.peer_chain()
+    finally:
+        await session.quit()
+        sink.stop()
+    assert chain[:2] == [der(leaf.cert_chain_pems[0].bytes()), der(inter.cert_pem.bytes())]
+    assert verify([record(2, 1, 1, chain[1])], chain, [MX]).ok
+    assert not verify([record(2, 1, 1, chain[1])], chain, ["mx.other.test"]).ok
