@@ -119,6 +119,18 @@ def test_bogus_tlsa_signature_defers_without_connecting(
     assert not sink.sessions
 
 
+def test_a_domain_without_mx_gets_dane_for_its_own_name(
+        start: Callable[..., Engine], mx: Callable[[TlsCA], Sink],
+        dnssec_lab: DnssecLab) -> None:
+    # mx.secure.test has no MX (validated NODATA) but an A and a TLSA record of its own
+    sink = mx(dnssec_lab.wrong_tls)
+    engine = start()
+    engine.submit(SENDER, ["bob@mx.secure.test"])
+    record = engine.wait_status("bob@mx.secure.test", "deferred")
+    assert "DANE: certificate matches no TLSA record" in record["reply"]
+    assert not sink.messages
+
+
 def test_bogus_mx_answer_defers_without_connecting(
         start: Callable[..., Engine], mx: Callable[[TlsCA], Sink],
         dnssec_lab: DnssecLab) -> None:

@@ -35,7 +35,7 @@ async def run_attempt(
             return action.outcomes
         if isinstance(action, ResolveMx):
             mx = await resolver.mx(action.domain)
-            security.on_mx(mx)
+            security.on_mx(action.domain, mx)
             attempt.on_mx(action.domain, mx)
         elif isinstance(action, ResolveAddresses):
             addresses = await resolver.addresses(action.host)

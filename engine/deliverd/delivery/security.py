@@ -41,6 +41,7 @@ from deliverd.dns.resolver import (
     DnsTempFailure,
     MxHosts,
     MxResult,
+    NoMx,
     Resolver,
     TlsaRecords,
 )
@@ -68,9 +69,13 @@ class HopSecurity:
         self._secure_mx_hosts: set[str] = set()
         self._secure_addresses: set[str] = set()
 
-    def on_mx(self, result: MxResult) -> None:
+    def on_mx(self, domain: str, result: MxResult) -> None:
         if isinstance(result, MxHosts) and result.secure:
             self._secure_mx_hosts.update(host.lower() for _, host in result.records)
+        elif isinstance(result, NoMx) and result.secure:
+            # RFC 7672 §2.2.1: no MX, securely; the domain itself is the host, and its TLSA
+            # (at _25._tcp.<domain>) counts once its address records validate too.
+            self._secure_mx_hosts.add(domain.lower())
 
     def on_addresses(self, host: str, result: AddressResult) -> None:
         if isinstance(result, Addresses) and result.secure:

@@ -52,6 +52,8 @@ class NullMx:
 class NoMx:
     """The name exists but has no MX records (RFC 5321 implicit MX applies)."""
 
+    secure: bool = False  # the absence was DNSSEC-validated (DANE for the implicit MX)
+
 
 @dataclass(frozen=True)
 class NxDomain:
@@ -217,7 +219,7 @@ class Resolver:
         if isinstance(asked, DnsTempFailure):
             return asked
         if asked.rrset is None or len(asked.rrset) == 0:
-            return NoMx()
+            return NoMx(asked.secure)
         return _mx_from_records(domain, asked.rrset, asked.secure)
 
     async def addresses(self, host: str) -> AddressResult:
