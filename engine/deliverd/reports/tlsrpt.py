@@ -83,8 +83,7 @@ def report_json(
         policy: dict[str, Any] = {"policy-type": policy_type, "policy-domain": domain}
         if policy_text:
             policy["policy-string"] = policy_text.split("\n")
-        mx_hosts = sorted({mx for _, _, mx, _, _ in items if mx})
-        if policy_type == "sts":
+        if policy_type == "sts":  # RFC 8460 §4.4: mx-host is the policy's mx patterns
             policy["mx-host"] = [line[4:] for line in policy_text.split("\n")
                                  if line.startswith("mx: ")]
         entry: dict[str, Any] = {
@@ -97,8 +96,6 @@ def report_json(
                 {"result-type": result, "receiving-mx-hostname": mx, "failed-session-count": n}
                 for mx, result, n in failed
             ]
-        elif policy_type == "tlsa" and mx_hosts:
-            policy["mx-host"] = mx_hosts
         policies.append(entry)
     return {
         "organization-name": organization,
