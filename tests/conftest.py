@@ -9,4 +9,5 @@ pytest_plugins = [
     "tests.fixtures.mailservers",
     "tests.fixtures.prometheus",
     "tests.fixtures.mta",
+    "tests.fixtures.dnssec",
 ]

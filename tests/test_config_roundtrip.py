@@ -202,6 +202,9 @@ def specs(draw: st.DrawFn) -> dict[str, Any]:
     _maybe(draw, "port", ports, direct)
     _maybe(draw, "bounce_on_no_mx", st.booleans(), direct)
     _maybe(draw, "bounce_on_mx_5xx", st.booleans(), direct)
+    _maybe(draw, "tls", st.sampled_from(["opportunistic", "required"]), direct)
+    _maybe(draw, "mta_sts", st.booleans(), direct)
+    _maybe(draw, "dane", st.booleans(), direct)
     if direct or draw(st.booleans()):
         routing["direct"] = direct
     _maybe(draw, "abort_on_rcpt_5xx", st.booleans(), routing)
@@ -220,6 +223,11 @@ def specs(draw: st.DrawFn) -> dict[str, Any]:
         _maybe(draw, key, st.booleans(), dsn)
     _maybe(draw, "postmaster", st.builds(lambda h: f"postmaster@{h}", hostnames), dsn)
     _maybe(draw, "dsn", st.just(dsn), spec)
+    tls_reports: dict[str, Any] = {}
+    _maybe(draw, "enabled", st.booleans(), tls_reports)
+    _maybe(draw, "from", st.builds(lambda h: f"tlsrpt@{h}", hostnames), tls_reports)
+    _maybe(draw, "interval", durations, tls_reports)
+    _maybe(draw, "tls_reports", st.just(tls_reports), spec)
     if draw(st.booleans()):
         per_destination, max_sessions = sorted(draw(st.lists(st.integers(1, 10000), min_size=2,
                                                              max_size=2)))

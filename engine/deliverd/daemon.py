@@ -22,6 +22,8 @@ from pathlib import Path
 from deliverd.config.loader import ConfigError, load_config
 from deliverd.config.model import Config
 from deliverd.delivery.scheduler import Scheduler
+from deliverd.delivery.sts_policies import StsPolicies
+from deliverd.delivery.tls_reporter import TlsReporter
 from deliverd.dns.resolver import Resolver
 from deliverd.ops import eventloop
 from deliverd.ops.logline import configure_logging, format_event
@@ -41,7 +43,10 @@ PID_NAME = "deliverd.pid"
 
 
 def make_resolver(cfg: Config) -> Resolver:
-    return Resolver(cfg.dns.nameservers, timeout=float(cfg.timeouts.dns))
+    # With DANE on, queries ask for DNSSEC validation (the AD bit) of the spec's nameservers.
+    return Resolver(
+        cfg.dns.nameservers, timeout=float(cfg.timeouts.dns), dnssec=cfg.routing.direct.dane
+    )
 
 
 class Daemon:
@@ -68,14 +73,16 @@ class Daemon:
         self._servers: list[asyncio.base_events.Server] = []
         self.store: QueueStore | None = None
         self.scheduler: Scheduler | None = None
+        self.tls_reporter: TlsReporter | None = None
 
     async def serve(self) -> int:
         self.store = await QueueStore.open(self.cfg.queue.path)
         pid_file = Path(self.cfg.queue.path) / PID_NAME
         transport = Transport(self.cfg, on_session=self.metrics.tls_session)
+        resolver = make_resolver(self.cfg)
         self.scheduler = Scheduler(
-            self.cfg, self.store, make_resolver(self.cfg), transport, log_format=self.log_format,
-            metrics=self.metrics,
+            self.cfg, self.store, resolver, transport, log_format=self.log_format,
+            metrics=self.metrics, sts=StsPolicies(resolver, self.store),
         )
         try:
             self._servers = await start_listeners(
@@ -99,8 +106,11 @@ class Daemon:
         pickup = asyncio.create_task(maildrop.run())
         showq_server = await showq.serve(self.cfg.queue.path, self.store)
         reporter = asyncio.create_task(self._write_metrics_every(METRICS_EVERY))
+        self.tls_reporter = TlsReporter(self.cfg, self.store, resolver, self.scheduler.wake)
+        tls_reports = asyncio.create_task(self.tls_reporter.run())
         await self._stop.wait()
         reporter.cancel()
+        tls_reports.cancel()
         self._event("stopping: closing listeners, finishing in-flight deliveries")
         await self._close_servers()
         pickup.cancel()
@@ -218,7 +228,10 @@ class Daemon:
             return False
         self.cfg = new
         assert self.scheduler is not None
-        self.scheduler.update(new, make_resolver(new))
+        resolver = make_resolver(new)
+        self.scheduler.update(new, resolver)
+        if self.tls_reporter is not None:
+            self.tls_reporter.update(new, resolver)
         self._event(f"reloaded: mode={new.routing.mode.value}")
         return True
 

@@ -27,6 +27,11 @@ class TlsPolicy(StrEnum):
     NONE = "none"
 
 
+class DirectTls(StrEnum):
+    OPPORTUNISTIC = "opportunistic"
+    REQUIRED = "required"
+
+
 class OnExpiry(StrEnum):
     BOUNCE = "bounce"
     HOLD = "hold"
@@ -61,6 +66,9 @@ class DirectConfig:
     port: int = 25
     bounce_on_no_mx: bool = False
     bounce_on_mx_5xx: bool = True
+    tls: DirectTls = DirectTls.OPPORTUNISTIC
+    mta_sts: bool = True
+    dane: bool = True
 
 
 @dataclass(frozen=True)
@@ -162,6 +170,13 @@ class DsnConfig:
 
 
 @dataclass(frozen=True)
+class TlsReportsConfig:
+    sender: str = "postmaster@localhost"  # the spec's tls_reports.from
+    enabled: bool = False
+    interval: int = 3600
+
+
+@dataclass(frozen=True)
 class LimitsConfig:
     max_sessions: int = 30
     per_destination: int = 10
@@ -227,6 +242,7 @@ class Config:
     dns: DnsConfig = DnsConfig()
     local: LocalConfig = LocalConfig()
     masquerade: MasqueradeConfig = MasqueradeConfig()
+    tls_reports: TlsReportsConfig = TlsReportsConfig()
 
     def secrets(self) -> tuple[str, ...]:
         """Every password in this config: the log filter masks them all."""
@@ -291,6 +307,10 @@ def _smarthost(sh: dict[str, Any] | None) -> SmarthostConfig | None:
     )
 
 
+def _direct(d: dict[str, Any]) -> DirectConfig:
+    return DirectConfig(**{**d, "tls": DirectTls(d["tls"])})
+
+
 def _route(r: dict[str, Any]) -> RouteConfig:
     match = RouteMatch(**{k: tuple(v) for k, v in r["match"].items()})
     return RouteConfig(r["name"], match, RoutingMode(r["mode"]), _smarthost(r.get("smarthost")))
@@ -311,7 +331,7 @@ def config_from_spec(spec: dict[str, Any]) -> Config:
         queue=QueueConfig(**spec["queue"]),
         routing=RoutingConfig(
             mode=RoutingMode(routing["mode"]),
-            direct=DirectConfig(**routing["direct"]),
+            direct=_direct(routing["direct"]),
             smarthost=smarthost,
             abort_on_rcpt_5xx=routing["abort_on_rcpt_5xx"],
         ),
@@ -328,6 +348,7 @@ def config_from_spec(spec: dict[str, Any]) -> Config:
             on_expiry=OnExpiry(spec["retry"]["on_expiry"]),
         ),
         dsn=DsnConfig(**spec["dsn"]),
+        tls_reports=_tls_reports(spec["tls_reports"]),
         limits=LimitsConfig(**_durations(limits, "connection_failure_cache")),
         metrics=MetricsConfig(
             spec["metrics"].get("listen"), tuple(spec["metrics"]["allow_networks"])
@@ -349,6 +370,13 @@ def local_from_spec(local: dict[str, Any]) -> LocalConfig:
 
 def masquerade_from_spec(masquerade: dict[str, Any]) -> MasqueradeConfig:
     return MasqueradeConfig(masquerade.get("domain"), tuple(masquerade["except_users"]))
+
+
+def _tls_reports(d: dict[str, Any]) -> TlsReportsConfig:
+    return TlsReportsConfig(
+        sender=d["from"], enabled=d["enabled"], **_durations({"interval": d["interval"]},
+                                                            "interval"),
+    )
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
@@ -400,6 +428,9 @@ def config_to_spec(cfg: Config) -> dict[str, Any]:
             "port": cfg.routing.direct.port,
             "bounce_on_no_mx": cfg.routing.direct.bounce_on_no_mx,
             "bounce_on_mx_5xx": cfg.routing.direct.bounce_on_mx_5xx,
+            "tls": cfg.routing.direct.tls.value,
+            "mta_sts": cfg.routing.direct.mta_sts,
+            "dane": cfg.routing.direct.dane,
         },
         "abort_on_rcpt_5xx": cfg.routing.abort_on_rcpt_5xx,
     }
@@ -436,6 +467,11 @@ def config_to_spec(cfg: Config) -> dict[str, Any]:
             "include_transcript": cfg.dsn.include_transcript,
             "notify_postmaster": cfg.dsn.notify_postmaster,
             "postmaster": cfg.dsn.postmaster,
+        },
+        "tls_reports": {
+            "enabled": cfg.tls_reports.enabled,
+            "from": cfg.tls_reports.sender,
+            "interval": format_duration(cfg.tls_reports.interval),
         },
         "limits": {
             "max_sessions": lim.max_sessions,

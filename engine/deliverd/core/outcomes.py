@@ -130,6 +130,7 @@ class TransactionResult:
     failure: SessionFailure | None = None
     transcript: tuple[str, ...] = ()
     aborted: bool = False  # abort_on_rcpt_5xx: RSET sent, no DATA
+    tls: str | None = None  # how the session was protected: dane, mta-sts, verified, ...
 
 
 class Kind(StrEnum):
@@ -151,6 +152,7 @@ class Outcome:
     transcript: tuple[str, ...] = ()
     stage: Stage | None = None  # where a session failure happened, when one did
     route_name: str | None = None  # the routes[] entry the recipient took, if one matched
+    tls: str | None = None  # delivered: how the session was protected (TransactionResult.tls)
 
     @property
     def relay(self) -> str:

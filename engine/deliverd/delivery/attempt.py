@@ -1,7 +1,8 @@
 """Drive one planner ``Attempt`` with real I/O: the short await loop around the pure router.
 
 The planner decides (which lookup, which hop, what each reply means); this module only performs
-what it is told: DNS through the resolver, SMTP through the transport.
+what it is told: DNS through the resolver, SMTP through the transport. For a direct hop it also
+asks DNS for the transport security the receiver publishes (``deliverd.delivery.security``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from deliverd.config.model import Config
 from deliverd.core.outcomes import Envelope, Outcome, Route, Stage, TransactionResult
 from deliverd.delivery.credentials import credentials_for
 from deliverd.delivery.router import Attempt, Finished, ResolveAddresses, ResolveMx, Transact
+from deliverd.delivery.security import HopSecurity
+from deliverd.delivery.sts_policies import StsPolicies
 from deliverd.dns.resolver import (
     AddressResult,
     DnsTempFailure,
@@ -20,6 +23,7 @@ from deliverd.dns.resolver import (
     Resolver,
 )
 from deliverd.ops.metrics import Metrics, connection_failure_kind
+from deliverd.reports.tlsrpt import is_tls_required_no
 from deliverd.smtp.transport import CACHED_CONNECT_ERROR, Transport
 
 
@@ -31,11 +35,13 @@ async def run_attempt(
     resolver: Resolver,
     transport: Transport,
     metrics: Metrics,
+    sts: StsPolicies | None = None,
 ) -> tuple[Outcome, ...]:
     """Run ``attempt`` to its end; returns exactly one outcome per recipient.
 
     ``metrics`` counts what only this loop sees: DNS failures and failed connections.
     """
+    security = HopSecurity(cfg, resolver, sts, enabled=not is_tls_required_no(envelope.data))
     while True:
         action = attempt.next_action()
         if isinstance(action, Finished):
@@ -43,10 +49,12 @@ async def run_attempt(
         if isinstance(action, ResolveMx):
             mx = await resolver.mx(action.domain)
             _count_dns(metrics, mx)
+            security.on_mx(action.domain, mx)
             attempt.on_mx(action.domain, mx)
         elif isinstance(action, ResolveAddresses):
             addresses = await resolver.addresses(action.host)
             _count_dns(metrics, addresses)
+            security.on_addresses(action.host, addresses)
             attempt.on_addresses(action.host, addresses)
         elif isinstance(action, Transact):
             subset = Envelope(
@@ -61,11 +69,17 @@ async def run_attempt(
                 if action.hop.route is Route.SMARTHOST
                 else None
             )
-            result = await transport.transact(
-                action.hop, subset, credentials=creds,
-                ignore_failure_cache=action.ignore_failure_cache,
-            )
+            domain = action.recipients[0].rpartition("@")[2]
+            plan = await security.plan(action.hop, domain)
+            if isinstance(plan, TransactionResult):  # no secure way to this hop right now
+                result = plan
+            else:
+                result = await transport.transact(
+                    action.hop, subset, credentials=creds,
+                    ignore_failure_cache=action.ignore_failure_cache, plan=plan,
+                )
             _count_connection(metrics, result)
+            await security.count(action.hop, domain, result)
             attempt.on_transaction(result)
         else:  # pragma: no cover - the planner only emits the four actions above
             raise TypeError(f"unknown planner action {action!r}")

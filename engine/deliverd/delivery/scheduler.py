@@ -22,6 +22,7 @@ from deliverd.delivery.attempt import run_attempt
 from deliverd.delivery.backoff import expired, next_attempt, retry_until
 from deliverd.delivery.router import Attempt
 from deliverd.delivery.routes import split_by_route
+from deliverd.delivery.sts_policies import StsPolicies
 from deliverd.dns.resolver import Resolver
 from deliverd.ops.logline import dsn_sent, format_attempt, format_event
 from deliverd.ops.metrics import Metrics
@@ -65,8 +66,10 @@ class Scheduler:
         *,
         log_format: str = "text",
         metrics: Metrics | None = None,
+        sts: StsPolicies | None = None,
     ) -> None:
         self.cfg = cfg
+        self.sts = sts
         self.metrics = metrics or Metrics()
         self.store = store
         self.resolver = resolver
@@ -90,6 +93,8 @@ class Scheduler:
         """A reloaded config applies to every attempt that starts from now on."""
         self.cfg = cfg
         self.resolver = resolver
+        if self.sts is not None:
+            self.sts.update_resolver(resolver)
         self.transport.update_config(cfg)
         self.wake()
 
@@ -199,7 +204,7 @@ class Scheduler:
                               host=cfg.host, rng=self._rng, route_name=route_name)
             attempts.append(run_attempt(attempt, cfg=route_cfg, envelope=envelope,
                                         resolver=self.resolver, transport=self.transport,
-                                        metrics=self.metrics))
+                                        metrics=self.metrics, sts=self.sts))
         results = await asyncio.gather(*attempts)
         return [outcome for group in results for outcome in group]
 
@@ -332,11 +337,13 @@ class Scheduler:
             outcome=outcome,
             delay=max(0.0, now - message.arrival),
             fmt=self.log_format,
-            extra={"route_name": outcome.route_name} if outcome.route_name else None,
+            extra=_log_extra(outcome),
         )
         level = logging.WARNING if outcome.kind in (Kind.BOUNCED, Kind.HELD) else logging.INFO
         log.log(level, line)
         self.metrics.attempt(outcome.kind.value, outcome.status)
+        if outcome.tls and outcome.kind is Kind.DELIVERED:
+            self.metrics.delivered_tls(outcome.tls)  # how delivered mail was protected
         self._operator_failure(message.queue_id, outcome)
 
     def _operator_failure(self, queue_id: str, outcome: Outcome) -> None:
@@ -360,3 +367,13 @@ def _held_instead(update: RecipientUpdate) -> RecipientUpdate:
     return RecipientUpdate(
         update.address, RcptState.HELD, 0.0, update.status, update.diagnostic, update.relay
     )
+
+
+def _log_extra(outcome: Outcome) -> dict[str, str] | None:
+    """Fields after the standard ones: the route taken, and ``tls=`` for delivered mail."""
+    extra: dict[str, str] = {}
+    if outcome.route_name:
+        extra["route_name"] = outcome.route_name
+    if outcome.tls:
+        extra["tls"] = outcome.tls
+    return extra or None

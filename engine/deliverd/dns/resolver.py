@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.message
 import dns.name
 import dns.nameserver
@@ -39,6 +40,7 @@ class MxHosts:
     """MX records as published: (preference, host). Ordering is the planner's policy."""
 
     records: tuple[tuple[int, str], ...]
+    secure: bool = False  # the answer came with the AD bit (DNSSEC-validated)
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ class NullMx:
 @dataclass(frozen=True)
 class NoMx:
     """The name exists but has no MX records (RFC 5321 implicit MX applies)."""
+
+    secure: bool = False  # the absence was DNSSEC-validated (DANE for the implicit MX)
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class Addresses:
     """IPv4 addresses first, then IPv6, each in answer order, without duplicates."""
 
     addresses: tuple[str, ...]
+    secure: bool = False  # every answer that gave an address was DNSSEC-validated
 
 
 @dataclass(frozen=True)
@@ -75,8 +80,31 @@ class DnsTempFailure:
     reason: str
 
 
+@dataclass(frozen=True)
+class TlsaRecords:
+    """DNSSEC-validated TLSA records: (usage, selector, matching type, data)."""
+
+    records: tuple[tuple[int, int, int, bytes], ...]
+
+
+@dataclass(frozen=True)
+class NoTlsa:
+    """No TLSA records, or only records without DNSSEC validation (RFC 7672: as if none)."""
+
+    secure: bool  # True: the absence itself was validated
+
+
+@dataclass(frozen=True)
+class TxtRecords:
+    """TXT records, each one's strings joined (RFC 7208 §3.3 style), possibly none."""
+
+    texts: tuple[str, ...]
+
+
 MxResult = MxHosts | NullMx | NoMx | NxDomain | DnsTempFailure
 AddressResult = Addresses | NoAddresses | NxDomain | DnsTempFailure
+TlsaResult = TlsaRecords | NoTlsa | DnsTempFailure
+TxtResult = TxtRecords | DnsTempFailure
 
 
 def ascii_domain(domain: str) -> str:
@@ -140,11 +168,13 @@ def parse_nameserver(spec: str) -> dns.nameserver.Do53Nameserver:
 class _Records:
     rrset: dns.rrset.RRset | None  # None: the name exists, no records of that type
     ttl: int
+    secure: bool = False
 
 
 @dataclass(frozen=True)
 class _NoName:
     ttl: int
+    secure: bool = False
 
 
 _Asked = _Records | _NoName | DnsTempFailure
@@ -159,6 +189,7 @@ class Resolver:
         timeout: float = 10.0,
         cache: bool = True,
         *,
+        dnssec: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if nameservers:
@@ -172,6 +203,9 @@ class Resolver:
                 # operator can fix resolv.conf) rather than a crash at startup.
                 self._dns = dns.asyncresolver.Resolver(configure=False)
                 self._dns.nameservers = []
+        if dnssec:
+            # A validating resolver sets AD only when the query asks for it (RFC 6840 §5.7).
+            self._dns.flags = dns.flags.RD | dns.flags.AD
         self._dns.lifetime = timeout
         self._dns.timeout = timeout
         self._cache_enabled = cache
@@ -185,8 +219,8 @@ class Resolver:
         if isinstance(asked, DnsTempFailure):
             return asked
         if asked.rrset is None or len(asked.rrset) == 0:
-            return NoMx()
-        return _mx_from_records(domain, asked.rrset)
+            return NoMx(asked.secure)
+        return _mx_from_records(domain, asked.rrset, asked.secure)
 
     async def addresses(self, host: str) -> AddressResult:
         literal = ip_literal(host)
@@ -196,6 +230,30 @@ class Resolver:
             self._lookup(host, dns.rdatatype.A), self._lookup(host, dns.rdatatype.AAAA)
         )
         return _combine_addresses(host, v4, v6)
+
+    async def tlsa(self, host: str, port: int = 25) -> TlsaResult:
+        """TLSA records at ``_<port>._tcp.<host>`` (RFC 7672 §2.2), counted only if validated."""
+        asked = await self._lookup(f"_{port}._tcp.{ascii_domain(host)}", dns.rdatatype.TLSA)
+        if isinstance(asked, DnsTempFailure):
+            return asked
+        if isinstance(asked, _NoName) or asked.rrset is None or len(asked.rrset) == 0:
+            return NoTlsa(asked.secure)
+        if not asked.secure:
+            return NoTlsa(False)
+        return TlsaRecords(tuple(
+            (int(r.usage), int(r.selector), int(r.mtype), bytes(r.cert)) for r in asked.rrset
+        ))
+
+    async def txt(self, name: str) -> TxtResult:
+        """TXT records at ``name``; none when the name or the records do not exist."""
+        asked = await self._lookup(name, dns.rdatatype.TXT)
+        if isinstance(asked, DnsTempFailure):
+            return asked
+        if isinstance(asked, _NoName) or asked.rrset is None:
+            return TxtRecords(())
+        return TxtRecords(tuple(
+            b"".join(r.strings).decode("utf-8", "replace") for r in asked.rrset
+        ))
 
     def clear_cache(self) -> None:
         self._cache.clear()
@@ -235,7 +293,8 @@ class Resolver:
                 qname, rdtype, raise_on_no_answer=False, search=False
             )
         except dns.resolver.NXDOMAIN as exc:
-            return _NoName(_negative_ttl(_nxdomain_response(exc)))
+            response = _nxdomain_response(exc)
+            return _NoName(_negative_ttl(response), _authenticated(response))
         except dns.resolver.LifetimeTimeout:
             return DnsTempFailure(f"{label} lookup for {name} timed out")
         except dns.resolver.NoNameservers as exc:
@@ -244,9 +303,14 @@ class Resolver:
             return DnsTempFailure(f"{label} lookup for {name} failed: {exc}")
         except (OSError, EOFError, ValueError) as exc:
             return DnsTempFailure(f"{label} lookup for {name} failed: {exc!r}")
+        secure = _authenticated(answer.response)
         if answer.rrset is None:
-            return _Records(None, _negative_ttl(answer.response))
-        return _Records(answer.rrset, answer.rrset.ttl)
+            return _Records(None, _negative_ttl(answer.response), secure)
+        return _Records(answer.rrset, answer.rrset.ttl, secure)
+
+
+def _authenticated(response: dns.message.Message | None) -> bool:
+    return response is not None and bool(response.flags & dns.flags.AD)
 
 
 def _nxdomain_response(exc: dns.resolver.NXDOMAIN) -> dns.message.Message | None:
@@ -267,7 +331,7 @@ def _negative_ttl(response: dns.message.Message | None) -> int:
     return NEGATIVE_TTL
 
 
-def _mx_from_records(domain: str, rrset: dns.rrset.RRset) -> MxResult:
+def _mx_from_records(domain: str, rrset: dns.rrset.RRset, secure: bool) -> MxResult:
     records: list[tuple[int, str]] = []
     null = 0
     unusable: list[str] = []
@@ -285,7 +349,7 @@ def _mx_from_records(domain: str, rrset: dns.rrset.RRset) -> MxResult:
         return NullMx()
     if not records:
         return DnsTempFailure(f"MX records of {domain} have no usable target: {unusable}")
-    return MxHosts(tuple(records))
+    return MxHosts(tuple(records), secure)
 
 
 def _addresses_of(asked: _Asked) -> list[str]:
@@ -297,7 +361,8 @@ def _addresses_of(asked: _Asked) -> list[str]:
 def _combine_addresses(host: str, v4: _Asked, v6: _Asked) -> AddressResult:
     found = list(dict.fromkeys(_addresses_of(v4) + _addresses_of(v6)))
     if found:
-        return Addresses(tuple(found))
+        answered = [a for a in (v4, v6) if isinstance(a, _Records) and a.rrset is not None]
+        return Addresses(tuple(found), all(a.secure for a in answered))
     for asked in (v4, v6):
         if isinstance(asked, DnsTempFailure):
             return asked

@@ -60,6 +60,7 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 DELAY_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 86400, 2 * 86400, 5 * 86400)
 
 WAYS_IN = ("listener", "sendmail")
+DELIVERED_TLS = ("dane", "mta-sts", "verified", "encrypted", "none")
 FINAL_STATUSES = ("sent", "bounced", "expired", "held")
 ROUTES = ("direct", "smarthost", "none")
 SMARTHOST_STAGES = ("auth", "tls", "pop")
@@ -129,6 +130,10 @@ class Metrics:
         self.recipients = Counter(
             "deliverd_recipients", "Recipients that reached a final status, by route.",
             ["status", "route"], registry=r)
+        self.delivered_tls_total = Counter(
+            "deliverd_delivered_tls",
+            "Recipients delivered, by how the session was protected (the log line's tls=).",
+            ["tls"], registry=r)
         self.route_recipients = Counter(
             "deliverd_route_recipients",
             "Recipients of a named route (routes[]) that reached a final status.",
@@ -190,6 +195,8 @@ class Metrics:
                 self.recipients.labels(status, route)
         for result in ("sent", "deferred", "bounced", "held"):
             self.attempts.labels(result)
+        for protection in DELIVERED_TLS:
+            self.delivered_tls_total.labels(protection)
         for stage in SMARTHOST_STAGES:
             self.smarthost_failures.labels(stage)
         for kind in DNS_FAILURES:
@@ -220,6 +227,11 @@ class Metrics:
         self.delay.labels(status).observe(max(0.0, delay))
         if route_name is not None:
             self.route_recipients.labels(route_name, status).inc()
+
+    def delivered_tls(self, protection: str) -> None:
+        """A recipient delivered over a session protected as ``protection`` (dane, mta-sts,
+        verified, encrypted, none)."""
+        self.delivered_tls_total.labels(protection).inc()
 
     def smarthost_failure(self, stage: str) -> None:
         self.smarthost_failures.labels(stage).inc()

@@ -32,7 +32,7 @@ T = TypeVar("T")
 _P = TypeVar("_P")
 
 DB_NAME = "queue.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: mta_sts_policies, tls_results (every statement is IF NOT EXISTS)
 BUSY_TIMEOUT_MS = 30_000
 # SQLite limits host parameters per statement; fetch messages by id in chunks below it.
 # (Every f-string query below interpolates only these constant column lists or "?" marks.)
@@ -204,6 +204,26 @@ CREATE TABLE IF NOT EXISTS recipients (
 );
 -- due() and next_wakeup() walk this index only: never a scan of every deferred row.
 CREATE INDEX IF NOT EXISTS recipients_due ON recipients (state, next_attempt);
+-- MTA-STS policies (RFC 8461 §5): kept across restarts, served until they expire.
+CREATE TABLE IF NOT EXISTS mta_sts_policies (
+    domain TEXT PRIMARY KEY,
+    policy_id TEXT NOT NULL,
+    policy TEXT NOT NULL,
+    fetched REAL NOT NULL,
+    expires REAL NOT NULL
+) WITHOUT ROWID;
+-- TLS-RPT (RFC 8460): sessions per policy domain, UTC day, policy, MX and result type
+-- (result '' is a success), until the day's report has been queued.
+CREATE TABLE IF NOT EXISTS tls_results (
+    domain TEXT NOT NULL,
+    day TEXT NOT NULL,
+    policy_type TEXT NOT NULL,
+    policy TEXT NOT NULL,
+    mx TEXT NOT NULL,
+    result TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (domain, day, policy_type, mx, result)
+) WITHOUT ROWID;
 """
 
 _MSG_COLS = (
@@ -234,6 +254,10 @@ _MSG_JSON = (  # constant text: no value is interpolated
     " 'delay_notified', iif(m.delay_notified, json('true'), json('false')))"
 )
 
+
+TlsResultKey = tuple[str, str, str, str, str]  # domain, day, policy type, MX, result ('' = ok)
+TlsResultRow = tuple[str, str, str, str, int]  # policy type, policy, MX, result, count
+StsRow = tuple[str, str, float, float]  # policy id, policy text, fetched, expires (epoch)
 _MsgRow = tuple[str, str, float, int, int, int, int, int, "str | None", int]
 _RcptRow = tuple[str, str, str, int, float, "str | None", "str | None", "str | None"]
 
@@ -775,6 +799,62 @@ class QueueDB:
         args = [now] * len(bounds) + [s.value for s in states]
         rows = self._read(lambda c: list(c.execute(sql, args)))
         return [(str(d), int(b), int(n)) for d, b, n in rows]
+
+    def sts_policy(self, domain: str) -> StsRow | None:
+        """The cached MTA-STS policy of ``domain``: (policy id, text, fetched, expires)."""
+        def op(c: sqlite3.Connection) -> StsRow | None:
+            row = c.execute(
+                "SELECT policy_id, policy, fetched, expires FROM mta_sts_policies"
+                " WHERE domain = ?", (domain,),
+            ).fetchone()
+            return None if row is None else (str(row[0]), str(row[1]), float(row[2]),
+                                             float(row[3]))
+        return self._read(op)
+
+    def store_sts_policy(self, domain: str, row: StsRow) -> None:
+        def op(c: sqlite3.Connection) -> None:
+            c.execute(
+                "INSERT OR REPLACE INTO mta_sts_policies"
+                " (domain, policy_id, policy, fetched, expires) VALUES (?, ?, ?, ?, ?)",
+                (domain, *row),
+            )
+        self._write(op)
+
+    def count_tls_result(self, key: TlsResultKey, policy: str) -> None:
+        """One more session for (domain, day, policy type, MX, result)."""
+        def op(c: sqlite3.Connection) -> None:
+            c.execute(
+                "INSERT INTO tls_results (domain, day, policy_type, mx, result, policy, count)"
+                " VALUES (?, ?, ?, ?, ?, ?, 1) ON CONFLICT (domain, day, policy_type, mx, result)"
+                " DO UPDATE SET count = count + 1, policy = excluded.policy",
+                (*key, policy),
+            )
+        self._write(op)
+
+    def tls_result_days(self, before: str) -> list[tuple[str, str]]:
+        """(domain, day) pairs with results of a day before ``before`` (YYYY-MM-DD)."""
+        def op(c: sqlite3.Connection) -> list[tuple[str, str]]:
+            rows = c.execute(
+                "SELECT DISTINCT domain, day FROM tls_results WHERE day < ? ORDER BY day, domain",
+                (before,),
+            ).fetchall()
+            return [(str(d), str(day)) for d, day in rows]
+        return self._read(op)
+
+    def tls_results(self, domain: str, day: str) -> list[TlsResultRow]:
+        """(policy type, policy, MX, result, count) of one domain's day."""
+        def op(c: sqlite3.Connection) -> list[TlsResultRow]:
+            rows = c.execute(
+                "SELECT policy_type, policy, mx, result, count FROM tls_results"
+                " WHERE domain = ? AND day = ? ORDER BY policy_type, mx, result", (domain, day),
+            ).fetchall()
+            return [(str(a), str(b), str(m), str(r), int(n)) for a, b, m, r, n in rows]
+        return self._read(op)
+
+    def forget_tls_results(self, domain: str, day: str) -> None:
+        def op(c: sqlite3.Connection) -> None:
+            c.execute("DELETE FROM tls_results WHERE domain = ? AND day = ?", (domain, day))
+        self._write(op)
 
     def count(self) -> int:
         return int(self._read(lambda c: c.execute("SELECT COUNT(*) FROM messages").fetchone())[0])

@@ -31,6 +31,9 @@ from deliverd.queue.database import (
     QueueMissingError,
     RcptState,
     RecipientUpdate,
+    StsRow,
+    TlsResultKey,
+    TlsResultRow,
     is_queue_id,
     new_queue_id,
 )
@@ -299,6 +302,24 @@ class QueueStore:
 
     async def get(self, queue_id: str) -> QueuedMessage | None:
         return await self._read(lambda db: db.get(queue_id))
+
+    async def sts_policy(self, domain: str) -> StsRow | None:
+        return await self._read(lambda db: db.sts_policy(domain))
+
+    async def store_sts_policy(self, domain: str, row: StsRow) -> None:
+        await self._write(lambda db: db.store_sts_policy(domain, row))
+
+    async def count_tls_result(self, key: TlsResultKey, policy: str) -> None:
+        await self._write(lambda db: db.count_tls_result(key, policy))
+
+    async def tls_result_days(self, before: str) -> list[tuple[str, str]]:
+        return await self._read(lambda db: db.tls_result_days(before))
+
+    async def tls_results(self, domain: str, day: str) -> list[TlsResultRow]:
+        return await self._read(lambda db: db.tls_results(domain, day))
+
+    async def forget_tls_results(self, domain: str, day: str) -> None:
+        await self._write(lambda db: db.forget_tls_results(domain, day))
 
     async def list_messages(self) -> list[QueuedMessage]:
         return await self._read(lambda db: db.list_messages())

@@ -205,6 +205,25 @@ class SmtpSession:
         self._note_reply(response.code, response.message)
         return reply_from(response.code, response.message)
 
+    def peer_chain(self) -> list[bytes]:
+        """The certificates the server sent, leaf first, DER; unverified (DANE checks them).
+
+        Python 3.13 has ``SSLObject.get_unverified_chain``; 3.10 to 3.12 have the same call
+        on the private ``_sslobj``. Without either, only the leaf is known.
+        """
+        transport = self._smtp.transport if self._smtp is not None else None
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        if not isinstance(ssl_object, ssl.SSLObject):
+            return []
+        getter = getattr(ssl_object, "get_unverified_chain", None)
+        if getter is None:
+            getter = getattr(getattr(ssl_object, "_sslobj", None), "get_unverified_chain", None)
+        if getter is not None:
+            chain = getter() or []
+            return [_der(cert) for cert in chain]
+        leaf = ssl_object.getpeercert(binary_form=True)
+        return [leaf] if leaf else []
+
     async def authenticate(self, credentials: Credentials, mechanism: str) -> None:
         """AUTH with one mechanism. Every failure defers: a typo must never bounce mail."""
         smtp = self._client(Stage.AUTH)
@@ -268,6 +287,15 @@ class SmtpSession:
         smtp, self._smtp = self._smtp, None
         if smtp is not None:
             smtp.close()
+
+
+def _der(cert: object) -> bytes:
+    """DER of a certificate from ``get_unverified_chain`` (an ``_ssl.Certificate``)."""
+    public_bytes = getattr(cert, "public_bytes", None)
+    if public_bytes is None:
+        return bytes(cert) if isinstance(cert, bytes | bytearray) else b""
+    der = public_bytes(ssl._ssl.ENCODING_DER)  # type: ignore[attr-defined]
+    return der if isinstance(der, bytes) else b""
 
 
 def _secret_forms(password: str) -> tuple[str, ...]:

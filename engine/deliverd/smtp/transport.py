@@ -23,9 +23,11 @@ from deliverd.core.outcomes import (
     Stage,
     TransactionResult,
 )
+from deliverd.smtp.dane import verify as dane_verify
 from deliverd.smtp.errors import (
     STATUS_AUTH,
     STATUS_CONNECT,
+    STATUS_TLS_FAILED,
     STATUS_TLS_NOT_OFFERED,
     SessionError,
     failure_from_reply,
@@ -137,20 +139,22 @@ class Transport:
         *,
         credentials: Credentials | None = None,
         ignore_failure_cache: bool = False,
+        plan: TlsPlan | None = None,
     ) -> TransactionResult:
         """One transaction to ``hop`` for all of ``envelope.recipients``; never raises for
         network problems. ``credentials`` are used for smart host hops only.
         ``ignore_failure_cache`` connects even to a host that just failed (the planner asks
-        for it when every host of a failover list is cached as failed)."""
+        for it when every host of a failover list is cached as failed). ``plan`` replaces the
+        route's TLS plan (DANE or MTA-STS for a direct hop)."""
         cfg = self._config_for(hop.route_name)
         creds = credentials if hop.route is Route.SMARTHOST else None
-        plan = plan_for(hop.route, cfg)
+        plan = plan or plan_for(hop.route, cfg)
         key = SessionKey(
             hop.address,
             hop.port,
             hop.route,
             creds.username if creds else None,
-            hop.host.lower() if plan.verify else None,
+            _tls_name(hop, plan),
             hop.route_name,
         )
         if not ignore_failure_cache and self._failures.is_cached(key.destination):
@@ -196,7 +200,7 @@ class Transport:
             if pooled is not None:
                 progress, transcript = await self._run(pooled, envelope, cfg)
                 if not _lost_while_idle(progress):
-                    return _result(hop, progress, transcript)
+                    return _result(hop, progress, transcript, plan, pooled.session)
                 # The server dropped the cached session while it sat idle: reconnect once.
         session = SmtpSession(hop, cfg.host.name, cfg.timeouts)
         try:
@@ -214,7 +218,7 @@ class Transport:
         self._session_secured("established" if session.tls_active else "cleartext")
         pooled = PooledSession(key, session, self._pool.generation)
         progress, transcript = await self._run(pooled, envelope, cfg)
-        return _result(hop, progress, transcript)
+        return _result(hop, progress, transcript, plan, session)
 
     def _session_secured(self, result: str) -> None:
         if self._on_session is not None:
@@ -243,6 +247,8 @@ class Transport:
             ))
         if decision is StartTls.START:
             reply = await session.starttls(self._contexts.get(plan))
+            if reply.code == 220 and plan.dane:
+                _check_dane(session, plan)
             if reply.code == 220:
                 await session.hello()  # RFC 3207: forget what was learnt before TLS
             elif plan.mode is TlsMode.REQUIRED:
@@ -419,7 +425,34 @@ def _lost_while_idle(progress: _Progress) -> bool:
     )
 
 
-def _result(hop: Hop, progress: _Progress, transcript: tuple[str, ...]) -> TransactionResult:
+def _tls_name(hop: Hop, plan: TlsPlan) -> str | None:
+    """Pool key part: sessions are shared only between hops that ask the same of TLS."""
+    if plan.dane:
+        return "dane:" + hop.host.lower()
+    if plan.verify:
+        return hop.host.lower()
+    if plan.mode is TlsMode.REQUIRED and hop.route is Route.DIRECT:
+        return "tls:" + hop.host.lower()
+    return None
+
+
+def _check_dane(session: SmtpSession, plan: TlsPlan) -> None:
+    """RFC 7672: the chain must match a usable TLSA record, or no mail goes over it."""
+    verdict = dane_verify(plan.dane, session.peer_chain(), [session.hop.host])
+    session.note(f"--- {verdict.reason}")
+    if not verdict.ok:
+        raise SessionError(SessionFailure(
+            Stage.STARTTLS, f"{verdict.reason} at {session.hop.relay}", status=STATUS_TLS_FAILED
+        ))
+
+
+def _result(
+    hop: Hop,
+    progress: _Progress,
+    transcript: tuple[str, ...],
+    plan: TlsPlan,
+    session: SmtpSession,
+) -> TransactionResult:
     return TransactionResult(
         hop=hop,
         rcpt_replies=dict(progress.rcpt_replies),
@@ -427,6 +460,7 @@ def _result(hop: Hop, progress: _Progress, transcript: tuple[str, ...]) -> Trans
         failure=progress.failure,
         transcript=transcript,
         aborted=progress.aborted,
+        tls=plan.outcome(session.tls_active).value,
     )
 
 
