@@ -262,6 +262,16 @@ def specs(draw: st.DrawFn) -> dict[str, Any]:
     _maybe(draw, "domain", hostnames, masquerade)
     _maybe(draw, "except_users", st.lists(users, max_size=3, unique=True), masquerade)
     _maybe(draw, "masquerade", st.just(masquerade), spec)
+    selectors = st.from_regex(r"\A[a-z0-9][a-z0-9-]{0,10}[a-z0-9]\Z")
+    dkim_entry = st.fixed_dictionaries(
+        {"domain": hostnames, "selector": selectors,
+         "key_file": st.builds(lambda s: f"/etc/deliverd/dkim/{s}.key", selectors)},
+        optional={"algorithm": st.sampled_from(["rsa-sha256", "ed25519-sha256"]),
+                  "headers": st.lists(st.sampled_from(["To", "Subject", "Date", "X-Tag"]),
+                                      max_size=3, unique=True).map(lambda h: ["From", *h])},
+    )
+    same_name = lambda e: (e["domain"].lower().rstrip("."), e["selector"])  # noqa: E731
+    _maybe(draw, "dkim", st.lists(dkim_entry, max_size=3, unique_by=same_name), spec)
     return spec
 
 

@@ -211,6 +211,17 @@ class MasqueradeConfig:
 
 
 @dataclass(frozen=True)
+class DkimKey:
+    """One ``dkim[]`` entry: the key is read from ``key_file`` by ``deliverd.dkim``, never here."""
+
+    domain: str
+    selector: str
+    key_file: str
+    algorithm: str = "rsa-sha256"
+    headers: tuple[str, ...] = ("From", "To", "Subject", "Date", "Message-ID")
+
+
+@dataclass(frozen=True)
 class Config:
     host: HostConfig
     dsn: DsnConfig
@@ -227,6 +238,7 @@ class Config:
     dns: DnsConfig = DnsConfig()
     local: LocalConfig = LocalConfig()
     masquerade: MasqueradeConfig = MasqueradeConfig()
+    dkim: tuple[DkimKey, ...] = ()
 
     def secrets(self) -> tuple[str, ...]:
         """Every password in this config: the log filter masks them all."""
@@ -336,7 +348,13 @@ def config_from_spec(spec: dict[str, Any]) -> Config:
         dns=DnsConfig(tuple(spec["dns"]["nameservers"])),
         local=local_from_spec(spec["local"]),
         masquerade=masquerade_from_spec(spec["masquerade"]),
+        dkim=tuple(dkim_from_spec(entry) for entry in spec["dkim"]),
     )
+
+
+def dkim_from_spec(entry: dict[str, Any]) -> DkimKey:
+    return DkimKey(entry["domain"], entry["selector"], entry["key_file"], entry["algorithm"],
+                   tuple(entry["headers"]))
 
 
 def local_from_spec(local: dict[str, Any]) -> LocalConfig:
@@ -461,4 +479,6 @@ def config_to_spec(cfg: Config) -> dict[str, Any]:
             "domain": cfg.masquerade.domain,
             "except_users": list(cfg.masquerade.except_users),
         }),
+        "dkim": [{"domain": k.domain, "selector": k.selector, "key_file": k.key_file,
+                  "algorithm": k.algorithm, "headers": list(k.headers)} for k in cfg.dkim],
     }
