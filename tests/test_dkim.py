@@ -8,6 +8,7 @@ host path carry the very bytes signed when the message was queued.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -21,9 +22,20 @@ import dns.exception
 import dns.resolver
 import pytest
 
-from deliverd.config.model import DkimKey
+from deliverd.config.model import (
+    Config,
+    DkimKey,
+    DsnConfig,
+    HostConfig,
+    LocalConfig,
+    MasqueradeConfig,
+)
+from deliverd.dkim.check import check_key
 from deliverd.dkim.keys import DkimKeyError, load_key
 from deliverd.dkim.signer import from_domain, signed, signer_for
+from deliverd.queue.store import QueueStore
+from deliverd.submission.maildrop import DropEnvelope, prepare, write_drop
+from deliverd.submission.pickup import Pickup
 from tests.fixtures.dns import DnsServer
 from tests.fixtures.engine import Engine
 from tests.fixtures.smtp_sink import Sink, free_port
@@ -319,3 +331,129 @@ def test_retries_and_the_smart_host_carry_the_bytes_signed_at_queueing(
     assert verify_all(delivered, dns_lookup(zone)) == [("rsa-sha256", True),
                                                        ("ed25519-sha256", True)]
     assert {*mx.refused, *relay.refused} == {delivered}
+
+
+# --- the maildrop pickup (what sendmail leaves) ------------------------------------------------
+
+def _pickup_config(entries: tuple[DkimKey, ...]) -> Config:
+    host = "web1.deliverd.test"
+    return Config(
+        host=HostConfig(host), dsn=DsnConfig(f"postmaster@{host}"),
+        local=LocalConfig(("localhost", host), host, (("root", ("ops@example.com",)),)),
+        masquerade=MasqueradeConfig("example.com"), dkim=entries,
+    )
+
+
+@pytest.mark.integration
+async def test_the_pickup_signs_after_masquerading(keys: Keys, tmp_path: Path) -> None:
+    entry = DkimKey("example.com", "rsa2048", keys.rsa.key_file)
+    path = tmp_path / "queue"
+    store = await QueueStore.open(path)
+    prepare(path)
+    woken: list[str] = []
+    try:
+        write_drop(path, DropEnvelope("root", ("x@example.org",)),
+                   [b"From: root\r\nSubject: cron\r\n\r\nbody\r\n"], min_free=0)
+        assert await Pickup(path, store, woken.append, lambda: _pickup_config((entry,))).scan() == 1
+        data = await store.read_data(woken[0])
+    finally:
+        await store.close()
+    records = {b"rsa2048._domainkey.example.com.": load_key(entry).txt_value().encode()}
+    assert b"\r\nFrom: root@example.com\r\n" in data
+    assert verify_all(data, answers(records)) == [("rsa-sha256", True)]
+
+
+@pytest.mark.integration
+async def test_the_pickup_keeps_the_file_when_a_key_cannot_be_read(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    entry = DkimKey("example.com", "gone", str(tmp_path / "gone.key"))
+    path = tmp_path / "queue"
+    store = await QueueStore.open(path)
+    prepare(path)
+    woken: list[str] = []
+    try:
+        name = write_drop(path, DropEnvelope("root", ("x@example.org",)),
+                          [b"From: root\r\nSubject: cron\r\n\r\nbody\r\n"], min_free=0)
+        assert await Pickup(path, store, woken.append, lambda: _pickup_config((entry,))).scan() == 0
+    finally:
+        await store.close()
+    assert woken == []
+    assert (path / "maildrop" / name).exists()
+    assert "gone.key: cannot be read" in caplog.text
+
+
+# --- DSNs ---------------------------------------------------------------------------------------
+
+@pytest.mark.integration
+def test_a_bounce_is_signed_only_for_the_host_name_domain(
+        engine_factory: Callable[..., Engine], zone: DnsServer, port: int,
+        smtp_sink: Callable[..., Sink], keys: Keys) -> None:
+    mx = smtp_sink(MX, port, rcpt={"bad@dkim-rcpt.test": "550 5.1.1 no such user",
+                                   "worse@dkim-rcpt.test": "550 5.1.1 no such user"})
+    host_key = DkimKey("deliverd.test", "rsa2048", keys.rsa.key_file)
+    spec = {
+        "routing": {"mode": "direct", "direct": {"port": port}},
+        "dsn": {"notify_delayed": False},
+        "dkim": [{"domain": "sender.test", "selector": "rsa2048",
+                  "key_file": keys.rsa.key_file}],
+    }
+    # The sender's own domain has a key, host.name's has none: the bounce goes unsigned.
+    engine = engine_factory(spec, nameserver=zone.nameserver)
+    engine.submit("carol@dkim-rcpt.test", ["bad@dkim-rcpt.test"],
+                  headers={"From": "alice@sender.test"})
+    engine.wait_status("bad@dkim-rcpt.test", "bounced")
+    assert mx.wait_for(1, timeout=20)
+    bounce_header = mx.messages[0].data.split(b"\r\n\r\n", 1)[0]
+    assert b"MAILER-DAEMON@deliverd.test" in bounce_header
+    assert b"DKIM-Signature:" not in bounce_header  # (the returned original keeps its own)
+    engine.stop()
+
+    spec["dkim"] = [{"domain": "deliverd.test", "selector": "rsa2048",
+                     "key_file": keys.rsa.key_file}]
+    signing = engine_factory(spec, nameserver=zone.nameserver)
+    signing.submit("carol@dkim-rcpt.test", ["worse@dkim-rcpt.test"],
+                   headers={"From": "alice@sender.test"})
+    signing.wait_status("worse@dkim-rcpt.test", "bounced")
+    assert mx.wait_for(2, timeout=20)
+    bounce = mx.messages[1].data
+    records = {b"rsa2048._domainkey.deliverd.test.": load_key(host_key).txt_value().encode()}
+    assert verify_all(bounce, answers(records)) == [("rsa-sha256", True)]
+
+
+# --- deliverd dkim record / check ----------------------------------------------------------------
+
+@pytest.mark.integration
+def test_dkim_record_prints_the_zone_lines_and_check_finds_them_in_the_lab_dns(
+        start: Callable[..., Engine], keys: Keys) -> None:
+    engine = start()
+    record = engine.cli("dkim", "record", "-c", str(engine.config))
+    assert record.stdout.splitlines() == [load_key(keys.rsa).zone_line(),
+                                          load_key(keys.ed25519).zone_line()]
+    check = engine.cli("dkim", "check", "-c", str(engine.config), "--json")
+    assert json.loads(check.stdout) == [
+        {"name": "rsa2048._domainkey.sender.test", "ok": True, "problems": []},
+        {"name": "ed2026._domainkey.sender.test", "ok": True, "problems": []},
+    ]
+
+
+@pytest.mark.integration
+def test_dkim_check_fails_for_a_missing_record_and_a_key_dns_does_not_publish(
+        start: Callable[..., Engine], keys: Keys, tmp_path: Path) -> None:
+    other = _dknewkey(tmp_path, "other")
+    engine = start(dkim_entries=(DkimKey("sender.test", "rsa2048", str(other)),
+                                 DkimKey("sender.test", "unpublished", keys.rsa.key_file)))
+    check = engine.cli("dkim", "check", "-c", str(engine.config), check=False)
+    assert check.returncode == 1
+    lines = check.stdout.splitlines()
+    assert "is not the public half of" in lines[0]
+    assert "no TXT record at unpublished._domainkey.sender.test" in lines[1]
+    assert "BEGIN" not in check.stdout + check.stderr  # nothing of a private key is shown
+
+
+def test_check_key_compares_the_record_and_verifies_a_test_signature(keys: Keys) -> None:
+    rsa = load_key(keys.rsa)
+    assert check_key(rsa, rsa.txt_value()).ok
+    assert check_key(rsa, "v=DKIM1; k=rsa; h=sha256; " + rsa.txt_value()[16:]).ok
+    assert "revoked" in check_key(rsa, "v=DKIM1; k=rsa; p=").problems[0]
+    ed = load_key(keys.ed25519)
+    assert "but the key is rsa" in check_key(rsa, ed.txt_value()).problems[0]
