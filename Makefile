@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := dnsmasq-base postfix dovecot-core dovecot-pop3d openssh-server swaks iproute2 python3-venv prometheus \
-	cron bsd-mailx php-cli git git-email \
+	cron bsd-mailx php-cli git git-email opendkim-tools \
 	nsd unbound bind9-utils bind9-dnsutils
 PYTEST_ARGS ?=
 

@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from deliverd.config.convert import config_to_spec
 from deliverd.config.loader import ConfigError, load_config, load_config_tree
-from deliverd.config.model import config_to_spec
 from deliverd.core.units import parse_duration
 from deliverd.spec.normalise import normalise
 from deliverd.spec.problems import errors
@@ -270,6 +270,16 @@ def specs(draw: st.DrawFn) -> dict[str, Any]:
     _maybe(draw, "domain", hostnames, masquerade)
     _maybe(draw, "except_users", st.lists(users, max_size=3, unique=True), masquerade)
     _maybe(draw, "masquerade", st.just(masquerade), spec)
+    selectors = st.from_regex(r"\A[a-z0-9][a-z0-9-]{0,10}[a-z0-9]\Z")
+    dkim_entry = st.fixed_dictionaries(
+        {"domain": hostnames, "selector": selectors,
+         "key_file": st.builds(lambda s: f"/etc/deliverd/dkim/{s}.key", selectors)},
+        optional={"algorithm": st.sampled_from(["rsa-sha256", "ed25519-sha256"]),
+                  "headers": st.lists(st.sampled_from(["To", "Subject", "Date", "X-Tag"]),
+                                      max_size=3, unique=True).map(lambda h: ["From", *h])},
+    )
+    same_name = lambda e: (e["domain"].lower().rstrip("."), e["selector"])  # noqa: E731
+    _maybe(draw, "dkim", st.lists(dkim_entry, max_size=3, unique_by=same_name), spec)
     return spec
 
 

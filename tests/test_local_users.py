@@ -14,6 +14,7 @@ from typing import Any
 import aiosmtplib
 import pytest
 
+from deliverd.config.convert import config_from_spec, config_to_spec
 from deliverd.config.model import (
     Config,
     DsnConfig,
@@ -21,8 +22,6 @@ from deliverd.config.model import (
     Listener,
     LocalConfig,
     MasqueradeConfig,
-    config_from_spec,
-    config_to_spec,
 )
 from deliverd.queue.store import QueueStore
 from deliverd.spec.normalise import normalise

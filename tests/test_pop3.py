@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from deliverd.config.model import Config, config_from_spec
+from deliverd.config.convert import config_from_spec
+from deliverd.config.model import Config
 from deliverd.core.outcomes import Stage
 from deliverd.smtp.pop3 import PopBeforeSmtp
 from deliverd.spec.normalise import normalise

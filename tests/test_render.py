@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
+from deliverd.config.convert import config_to_spec
 from deliverd.config.loader import load_config
-from deliverd.config.model import config_to_spec
 from deliverd.spec import render
 from deliverd.spec.problems import errors
 from deliverd.spec.render import render_config, write_rendered

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from deliverd.config.model import config_from_spec
+from deliverd.config.convert import config_from_spec
 from deliverd.core.outcomes import Hop, Reply, Route, SessionFailure, Stage, TransactionResult
 from deliverd.delivery.tls_reporter import TlsReporter
 from deliverd.dns.resolver import Resolver

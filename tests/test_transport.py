@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from deliverd.config.model import Config, Credentials, config_from_spec
+from deliverd.config.convert import config_from_spec
+from deliverd.config.model import Config, Credentials
 from deliverd.core.outcomes import Envelope, Hop, Route, Stage
 from deliverd.smtp.transport import CACHED_CONNECT_ERROR, Transport
 from deliverd.spec.normalise import normalise

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from deliverd.spec.normalise import normalise
 from deliverd.spec.problems import Severity, errors, warnings
 from deliverd.spec.specfile import load_spec_file
 from deliverd.spec.validation import (
@@ -297,6 +298,35 @@ INVALID += [
                                                                  "prt": 25}]),
                  "/routing/smarthost/hosts/0/prt", "", id="smarthost-hosts-entry-unknown-key"),
 ]
+
+
+DKIM = {"domain": "example.com", "selector": "rsa2026", "key_file": "/etc/deliverd/dkim/r.key"}
+INVALID += [
+    pytest.param(MINIMAL, {"dkim": [DKIM, {**DKIM, "domain": "Example.COM.",
+                                           "key_file": "/etc/deliverd/dkim/r2.key"}]},
+                 "/dkim/1/selector", "is already used for", id="dkim-duplicate-selector"),
+    pytest.param(MINIMAL, {"dkim": [{**DKIM, "key_file": "dkim/r.key"}]}, "/dkim/0/key_file",
+                 "", id="dkim-relative-key-file"),
+    pytest.param(MINIMAL, {"dkim": [{**DKIM, "algorithm": "rsa-sha1"}]}, "/dkim/0/algorithm",
+                 "", id="dkim-unknown-algorithm"),
+    pytest.param(MINIMAL, {"dkim": [{**DKIM, "headers": ["Subject"]}]}, "/dkim/0/headers",
+                 "must include From", id="dkim-headers-without-from"),
+    pytest.param(MINIMAL, {"dkim": [{**DKIM, "headers": ["From", "Received"]}]},
+                 "/dkim/0/headers/1", "is added after signing", id="dkim-signs-a-trace-field"),
+    pytest.param(MINIMAL, {"dkim": [{"domain": "example.com", "key_file": "/k"}]},
+                 "/dkim/0/selector", "required", id="dkim-without-selector"),
+]
+
+
+def test_dkim_entries_get_their_defaults_and_both_algorithms_of_one_domain_are_valid() -> None:
+    spec = patched(MINIMAL, {"dkim": [DKIM, {**DKIM, "selector": "ed2026",
+                                             "algorithm": "ed25519-sha256"}]})
+    assert validate_spec(spec) == []
+    normalised = normalise(spec)
+    assert normalised["dkim"][0]["algorithm"] == "rsa-sha256"
+    assert normalised["dkim"][0]["headers"][:6] == ["From", "To", "Cc", "Subject", "Date",
+                                                     "Message-ID"]
+    assert normalise(MINIMAL)["dkim"] == []
 
 
 @pytest.mark.parametrize(("base", "patch", "where", "fragment"), INVALID)

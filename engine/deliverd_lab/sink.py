@@ -232,6 +232,8 @@ class _Handler:
         if await server._intervene("dot"):
             return "250 garbage sent"  # not reached by the client in any useful state
         reply = self.script.data or S250_QUEUED
+        if not reply.startswith("2"):
+            self.sink._refused_data(bytes(envelope.original_content or b""))
         if reply.startswith("2"):
             record = server.record
             self.sink._received(ReceivedMessage(
@@ -256,6 +258,7 @@ class Sink:
         self._tls = tls
         self._lock = threading.Condition()
         self._messages: list[ReceivedMessage] = []
+        self._refused: list[bytes] = []
         self._sessions: list[SessionRecord] = []
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.AbstractServer | None = None
@@ -270,6 +273,16 @@ class Sink:
     def messages(self) -> list[ReceivedMessage]:
         with self._lock:
             return list(self._messages)
+
+    @property
+    def refused(self) -> list[bytes]:
+        """Message data that a scripted reply after DATA refused, in order."""
+        with self._lock:
+            return list(self._refused)
+
+    def _refused_data(self, data: bytes) -> None:
+        with self._lock:
+            self._refused.append(data)
 
     @property
     def sessions(self) -> list[SessionRecord]:

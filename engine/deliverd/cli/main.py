@@ -21,6 +21,7 @@ _COMMAND_MODULES = (
     "deliverd.cli.run",  # run
     "deliverd.cli.queue",  # queue, send
     "deliverd.cli.probe",  # probe
+    "deliverd.cli.dkim",  # dkim record, dkim check
 )
 # Run as `sendmail` or `mailq` (the role's links), or as `deliverd sendmail`: sendmail's own
 # flags, parsed by deliverd.cli.sendmail without argparse or the other commands' imports.

@@ -4,7 +4,8 @@ Both work on the queue database directly (its own connection; the daemon may be 
 lets both in), then nudge a running daemon with SIGUSR1 so a flush, release or new message is
 acted on at once instead of at the next scheduled wake-up.
 
-Exit codes: 0 ok, 1 unknown queue id, 2 config error (or bad arguments), 3 queue storage error.
+Exit codes: 0 ok, 1 unknown queue id, 2 config error (or bad arguments), 3 queue storage error,
+75 (send) a DKIM key cannot be read, so the message is not queued unsigned.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from typing import TextIO, TypeVar
 from deliverd.config.loader import ConfigError, load_config
 from deliverd.config.model import Config
 from deliverd.core.units import parse_duration
+from deliverd.dkim.keys import DkimKeyError
+from deliverd.dkim.signer import signed
 from deliverd.queue.database import (
     QueueDB,
     QueuedMessage,
@@ -47,6 +50,7 @@ EXIT_OK = 0
 EXIT_UNKNOWN_ID = 1
 EXIT_CONFIG = 2
 EXIT_QUEUE = 3
+EXIT_TEMPFAIL = 75  # sysexits EX_TEMPFAIL: a DKIM key cannot be read, nothing was queued
 
 _T = TypeVar("_T")
 _Action = Callable[[argparse.Namespace, Config], int]
@@ -406,6 +410,11 @@ def _send(args: argparse.Namespace, cfg: Config) -> int:
     sender = policy.sender(args.sender)
     body = policy.rewrite_message(to_crlf(body))
     hold_reason = loop_hold_reason(count_received(body), cfg.limits.max_hops)
+    try:
+        body = signed(cfg.dkim, body)
+    except DkimKeyError as exc:
+        print(f"deliverd: not queued: {exc}", file=sys.stderr)
+        return EXIT_TEMPFAIL
     queue_id = new_queue_id()
     trace = (f"Received: by {cfg.host.name} (deliverd send, uid {os.getuid()})\r\n"
              f"\tid {queue_id}; {formatdate(localtime=True)}\r\n").encode("ascii")

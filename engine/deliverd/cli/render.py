@@ -12,9 +12,11 @@ import sys
 from pathlib import Path
 
 from deliverd.cli.validate import EXIT_INVALID, EXIT_UNREADABLE, EXIT_VALID, read_and_check
+from deliverd.config.convert import config_from_spec
 from deliverd.config.loader import ConfigError, check_config_file, render_problem
-from deliverd.config.model import Config, config_from_spec
-from deliverd.spec.problems import errors, plural, report
+from deliverd.config.model import Config
+from deliverd.dkim.keys import DkimKeyError, load_key
+from deliverd.spec.problems import Problem, errors, plural, pointer, report
 from deliverd.spec.render import write_rendered
 
 
@@ -78,9 +80,30 @@ def run_check_config(args: argparse.Namespace) -> int:
         report(exc.problems, render_problem)
         print(f"{args.config}: invalid ({plural(len(exc.problems), 'error')})", file=sys.stderr)
         return EXIT_INVALID
-    report(found, render_problem)
-    print(f"{args.config}: valid ({summary(config_from_spec(tree))})")
+    config = config_from_spec(tree)
+    unusable = dkim_key_problems(config)
+    report(found + unusable, render_problem)
+    if unusable:
+        print(f"{args.config}: invalid ({plural(len(unusable), 'error')})", file=sys.stderr)
+        return EXIT_INVALID
+    print(f"{args.config}: valid ({summary(config)})")
     return EXIT_VALID
+
+
+def dkim_key_problems(config: Config) -> list[Problem]:
+    """Every DKIM key the engine could not sign with (``validate`` and ``render`` of a spec
+    never read keys: they may be made on the host after the spec is written)."""
+    problems = []
+    for index, entry in enumerate(config.dkim):
+        try:
+            load_key(entry)
+        except DkimKeyError as exc:
+            problems.append(Problem(
+                pointer("dkim", index, "key_file"), str(exc),
+                "make it with dknewkey (readable by the engine's user, mode 0600), or fix "
+                "key_file",
+            ))
+    return problems
 
 
 def summary(config: Config) -> str:

@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from deliverd.config.model import local_from_spec, masquerade_from_spec
+from deliverd.config.convert import local_from_spec, masquerade_from_spec
 from deliverd.core.units import parse_size
 from deliverd.queue.space import min_free_bytes
 from deliverd.submission.local import (

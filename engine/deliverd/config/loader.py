@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from deliverd.config.model import Config, config_from_spec
+from deliverd.config.convert import config_from_spec
+from deliverd.config.model import Config
 from deliverd.spec.normalise import normalise
 from deliverd.spec.problems import Problem, errors, pointer, warnings
 from deliverd.spec.render import SECRETS_NAME

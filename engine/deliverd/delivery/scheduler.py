@@ -16,13 +16,15 @@ import time
 from dataclasses import replace
 from datetime import UTC, datetime
 
-from deliverd.config.model import Config, OnExpiry
+from deliverd.config.model import Config, DkimKey, OnExpiry
 from deliverd.core.outcomes import Envelope, Kind, Outcome, Route, Stage
 from deliverd.delivery.attempt import run_attempt
 from deliverd.delivery.backoff import expired, next_attempt, retry_until
 from deliverd.delivery.router import Attempt
 from deliverd.delivery.routes import split_by_route
 from deliverd.delivery.sts_policies import StsPolicies
+from deliverd.dkim.keys import DkimKeyError
+from deliverd.dkim.signer import signed
 from deliverd.dns.resolver import Resolver
 from deliverd.ops.logline import dsn_sent, format_attempt, format_event
 from deliverd.ops.metrics import Metrics
@@ -323,6 +325,7 @@ class Scheduler:
                 retry_until=until,
                 to=to,
             )
+            report = await _signed_dsn(cfg.dkim, report, message.queue_id)
             dsn_id = await self.store.enqueue(
                 "", [to], report, is_dsn=True, smtputf8=requires_smtputf8(report)
             )
@@ -377,3 +380,16 @@ def _log_extra(outcome: Outcome) -> dict[str, str] | None:
     if outcome.tls:
         extra["tls"] = outcome.tls
     return extra or None
+
+
+async def _signed_dsn(dkim: tuple[DkimKey, ...], report: bytes, queue_id: str) -> bytes:
+    """A DSN comes From: MAILER-DAEMON@host.name: signed only when host.name's domain (or a
+    parent) has a key, never for the sender's domain. A key that cannot be read does not stop
+    the notice: it goes unsigned, with an error in the log."""
+    if not dkim:
+        return report
+    try:
+        return await asyncio.to_thread(signed, dkim, report)
+    except DkimKeyError as exc:
+        log.error("%s: delivery status notification queued unsigned: %s", queue_id, exc)
+        return report

@@ -12,6 +12,7 @@ import ipaddress
 from collections.abc import Iterator, Mapping
 
 from deliverd.core.units import format_duration, parse_duration
+from deliverd.spec.dkim_rules import dkim_headers, duplicate_dkim_selectors
 from deliverd.spec.problems import (
     PathParts,
     Problem,
@@ -448,6 +449,8 @@ _RULES: tuple[Rule, ...] = (
     route_modes,
     shadowed_routes,
     _alias_targets_local,
+    duplicate_dkim_selectors,
+    dkim_headers,
 )
 
 

@@ -24,6 +24,8 @@ from email.utils import format_datetime
 from pathlib import Path
 
 from deliverd.config.model import Config
+from deliverd.dkim.keys import DkimKeyError
+from deliverd.dkim.signer import signed
 from deliverd.queue.database import derived_queue_id
 from deliverd.queue.store import QueueStore, new_queue_id
 from deliverd.submission.listener import count_received, has_8bit, loop_hold_reason
@@ -211,6 +213,12 @@ class Pickup:
                 await asyncio.to_thread(_unlink, path)
                 return False
             queue_id = new_queue_id()  # a different message that happens to share the id
+        if cfg.dkim:
+            try:
+                data = await asyncio.to_thread(signed, cfg.dkim, data)
+            except DkimKeyError as exc:  # the file stays; the next scan tries again
+                log.error("maildrop: %s: not queued, cannot sign: %s", path.name, exc)
+                return False
         trace = pickup_trace(cfg.host.name, drop.uid, queue_id, datetime.now(UTC).astimezone())
         hold_reason = loop_hold_reason(count_received(data), cfg.limits.max_hops)
         smtputf8 = not all(a.isascii() for a in (sender, *recipients))

@@ -1,0 +1,1 @@
+"""DKIM: signing keys read from the files ``dkim[]`` names, and the signatures made with them."""
