@@ -45,6 +45,11 @@ system-deps:
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
+# The manual pages in man/man8, from the CLI's own parser (tests/test_manpages.py checks them).
+.PHONY: man
+man: venv
+	$(BIN)/python man/generate.py
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
 
