@@ -3,7 +3,9 @@
 Signals: SIGHUP reloads (the new config is validated first; a bad one is logged and the old one
 kept; the queue is never touched), SIGTERM/SIGINT stop (listeners close at once, in-flight
 deliveries get a grace period, anything unfinished stays queued), SIGUSR1 wakes the scheduler
-(``deliverd queue flush`` sends it).
+(``deliverd queue flush`` sends it). Under systemd (``Type=notify``) it reports READY=1 once it
+listens with the queue open, RELOADING=1/READY=1 around a reload, STOPPING=1, and pings the
+watchdog from the event loop, so a wedged loop is restarted (``deliverd.ops.sdnotify``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from deliverd.config.loader import ConfigError, load_config
 from deliverd.config.model import Config
 from deliverd.delivery.scheduler import Scheduler
 from deliverd.dns.resolver import Resolver
-from deliverd.ops import eventloop
+from deliverd.ops import eventloop, sdnotify
 from deliverd.ops.logline import configure_logging, format_event
 from deliverd.ops.metrics import Metrics
 from deliverd.queue.store import QueueStore
@@ -58,6 +60,7 @@ class Daemon:
         self._servers: list[asyncio.base_events.Server] = []
         self.store: QueueStore | None = None
         self.scheduler: Scheduler | None = None
+        self.notifier = sdnotify.Notifier()
 
     async def serve(self) -> int:
         self.store = await QueueStore.open(self.cfg.queue.path)
@@ -77,10 +80,14 @@ class Daemon:
         self._install_signals()
         where = ", ".join(f"{x.address}:{x.port}" for x in self.cfg.listen)
         self._event(f"ready: listening on {where}, mode={self.cfg.routing.mode.value}")
+        self.notifier.ready(f"listening on {where}")
         runner = asyncio.create_task(self.scheduler.run())
         reporter = asyncio.create_task(self._write_metrics_every(METRICS_EVERY))
+        watchdog = asyncio.create_task(self._ping_watchdog(self.notifier.watchdog_interval))
         await self._stop.wait()
+        self.notifier.stopping()
         reporter.cancel()
+        watchdog.cancel()
         self._event("stopping: closing listeners, finishing in-flight deliveries")
         await self._close_servers()
         await self.scheduler.stop(self.stop_grace)
@@ -99,6 +106,14 @@ class Daemon:
         while True:
             self._write_metrics()
             await asyncio.sleep(seconds)
+
+    async def _ping_watchdog(self, interval: float | None) -> None:
+        """WATCHDOG=1 from the loop itself: a loop that stops turning stops the pings."""
+        if interval is None:
+            return
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
 
     def _write_metrics(self) -> None:
         try:
@@ -119,6 +134,13 @@ class Daemon:
 
     async def reload(self) -> bool:
         """Load, validate and apply the config; keep the running one when anything is wrong."""
+        self.notifier.reloading()
+        try:
+            return await self._reload()
+        finally:
+            self.notifier.ready(f"running, mode={self.cfg.routing.mode.value}")
+
+    async def _reload(self) -> bool:
         try:
             new = await asyncio.to_thread(load_config, self.config_path, self.secrets_path)
         except ConfigError as exc:
