@@ -8,7 +8,6 @@ plugin only adapts Ansible values to plain Python and the validator's problems t
 
 from __future__ import annotations
 
-from ansible.errors import AnsibleActionFail
 from ansible.module_utils.common.text.converters import to_text
 from ansible.plugins.action import ActionBase
 
@@ -87,7 +86,12 @@ class ActionModule(ActionBase):
         try:
             from deliverd.spec.validation import check_spec
         except ImportError as exc:
-            raise AnsibleActionFail("%s (import error: %s)" % (INSTALL_HINT, exc)) from exc
+            # A failed result, not an exception: a caller that registers the result (the role,
+            # under no_log) can still read and show this message, which holds no secret.
+            result["failed"] = True
+            result["problems"] = []
+            result["msg"] = "%s (import error: %s)" % (INSTALL_HINT, exc)
+            return result
 
         spec = plain(params["spec"])
         secrets = secrets_in(spec)
