@@ -7,6 +7,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := dnsmasq-base postfix dovecot-core dovecot-pop3d openssh-server swaks iproute2 python3-venv
+# The systemd path (tests/test_systemd_role.py, tests/test_manpages.py): systemd-nspawn boots a
+# cached Debian root (built once under .cache/ by ../shared/lab/sdbox.sh); systemd-analyze and
+# man check the unit and its manual pages. Installing these starts no service.
+APT_PACKAGES += systemd systemd-container debootstrap man-db
 PYTEST_ARGS ?=
 
 .PHONY: demo test lint typecheck pytest system-deps venv clean
