@@ -58,7 +58,9 @@ clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
 
 # An installable tarball of the mailops.deliverd collection, with the role in its roles/:
-# dist/mailops-deliverd-<version>.tar.gz (ansible-galaxy collection install it).
+# dist/mailops-deliverd-<version>.tar.gz (ansible-galaxy collection install it), with the
+# engine's wheel in its wheels/: the spec action imports the validator from it on a controller
+# without deliverd, and the role installs hosts from it (there is no checkout to build from).
 COLLECTION_BUILD := build/collection
 .PHONY: collection
 collection: venv
@@ -66,6 +68,7 @@ collection: venv
 	mkdir -p $(COLLECTION_BUILD)/roles dist
 	cp -a collection/. $(COLLECTION_BUILD)/
 	cp -a roles/deliverd $(COLLECTION_BUILD)/roles/deliverd
+	$(BIN)/pip wheel --quiet --no-deps --wheel-dir $(COLLECTION_BUILD)/wheels .
 	$(BIN)/ansible-galaxy collection build --force --output-path dist $(COLLECTION_BUILD)
 
 # Benchmarks (docs/performance.md): deliverd against Postfix on loopback, then the queue at
