@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import pwd
 import signal
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ from deliverd.dns.resolver import Resolver
 from deliverd.ops import eventloop, sdnotify
 from deliverd.ops.logline import configure_logging, format_event
 from deliverd.ops.metrics import Metrics
+from deliverd.queue.database import QueueError
 from deliverd.queue.store import QueueStore
 from deliverd.smtp.transport import Transport
 from deliverd.submission.listener import start_listeners
@@ -34,6 +36,13 @@ log = logging.getLogger("deliverd")
 STOP_GRACE = 20.0
 METRICS_EVERY = 10.0
 PID_NAME = "deliverd.pid"
+
+
+def _user_name() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
 
 
 def make_resolver(cfg: Config) -> Resolver:
@@ -63,7 +72,14 @@ class Daemon:
         self.notifier = sdnotify.Notifier()
 
     async def serve(self) -> int:
-        self.store = await QueueStore.open(self.cfg.queue.path)
+        try:
+            self.store = await QueueStore.open(self.cfg.queue.path)
+        except (OSError, QueueError) as exc:
+            # One line the operator can act on (often: the service user cannot reach the
+            # directory), not a traceback.
+            log.error("cannot open the queue %s as %s: %s", self.cfg.queue.path,
+                      _user_name(), exc)
+            return 1
         pid_file = Path(self.cfg.queue.path) / PID_NAME
         transport = Transport(self.cfg)
         self.scheduler = Scheduler(
