@@ -37,11 +37,11 @@ WATCHDOG_SEC = 3
 SENDER = "app@sdbox.deliverd.test"
 
 
-def _spec(sink_port: int = SINK_PORT) -> dict[str, object]:
+def _spec(sink_port: int = SINK_PORT, listen_port: int = LISTEN_PORT) -> dict[str, object]:
     return {
         "version": 1,
         "host": {"name": "sdbox.deliverd.test"},
-        "listen": [{"address": "127.0.0.1", "port": LISTEN_PORT}],
+        "listen": [{"address": "127.0.0.1", "port": listen_port}],
         "routing": {"mode": "smarthost",
                     "smarthost": {"host": "127.0.0.1", "port": sink_port, "tls": "none"}},
         "retry": {"temp_error_delay": "1m"},
@@ -99,10 +99,10 @@ def _stop_sink(box: SdBox, port: int) -> None:
     box.run("systemctl", "stop", f"deliverd-test-sink-{port}")
 
 
-def _submit(box: SdBox, recipient: str, text: str) -> str:
+def _submit(box: SdBox, recipient: str, text: str, port: int = LISTEN_PORT) -> str:
     """Submit over SMTP inside the container; the queue id from the 250 reply."""
     reply = box.run("python3", "-c", "import smtplib, sys\n"
-                    f"with smtplib.SMTP('127.0.0.1', {LISTEN_PORT}, timeout=10) as s:\n"
+                    f"with smtplib.SMTP('127.0.0.1', {port}, timeout=10) as s:\n"
                     f"    s.ehlo(); s.mail({SENDER!r}); s.rcpt({recipient!r})\n"
                     "    print(s.data(sys.argv[1].encode())[1].decode())",
                     f"Subject: systemd test\r\n\r\n{text}\r\n").stdout
@@ -224,7 +224,7 @@ def test_engine_change_restarts_the_engine(box: SdBox, wheels: Path, tmp_path: P
 def test_watchdog_restarts_a_stopped_engine_and_the_queue_is_intact(box: SdBox) -> None:
     _stop_sink(box, SINK2_PORT)  # the next hop is down: the message stays queued
     queue_id = _submit(box, "ops@example.net", "kept-in-the-queue")
-    queued = _queue_ids(box)
+    queued = _queue_ids(box)  # with the delay notice to the sender (dsn.notify_delayed)
     assert queue_id in queued, box.run(ENGINE, "queue", "-c", CONFIG, "list").stdout
     pid = box.show(UNIT, "MainPID")
     restarts = int(box.show(UNIT, "NRestarts"))
@@ -239,6 +239,39 @@ def test_watchdog_restarts_a_stopped_engine_and_the_queue_is_intact(box: SdBox) 
     maildir = _start_sink(box, SINK2_PORT)
     box.run(ENGINE, "queue", "-c", CONFIG, "flush")
     _wait(lambda: _delivered(box, maildir, "kept-in-the-queue"), "delivery after the restart")
+
+
+def test_a_listener_below_1024_runs_with_only_the_bind_capability(box: SdBox) -> None:
+    # Port 25 needs CAP_NET_BIND_SERVICE, so the unit keeps that one capability and drops
+    # PrivateUsers (a user namespace would take it away): the engine must still bind and deliver.
+    maildir = f"/var/tmp/sink-{SINK2_PORT}"
+    if box.run("systemctl", "is-active", f"deliverd-test-sink-{SINK2_PORT}",
+               check=False).stdout.strip() != "active":
+        maildir = _start_sink(box, SINK2_PORT)
+    _ok(box.play(_vars(_spec(SINK2_PORT, listen_port=25))))
+    assert box.show(UNIT, "ActiveState") == "active"
+    assert box.show(UNIT, "CapabilityBoundingSet") == "cap_net_bind_service"
+    assert box.show(UNIT, "PrivateUsers") == "no"
+    _submit(box, "ops@example.net", "through-port-25", port=25)
+    _wait(lambda: _delivered(box, maildir, "through-port-25"), "delivery from port 25")
+    security = box.run("systemd-analyze", "security", UNIT, "--no-pager").stdout
+    score = re.search(r"Overall exposure level for deliverd\.service: ([\d.]+)", security)
+    assert score and float(score.group(1)) <= 2.0, security
+
+
+def test_a_queue_the_service_user_cannot_reach_fails_the_run_with_the_reason(
+    box: SdBox,
+) -> None:
+    box.run("install", "-d", "-m", "0700", "/srv/locked")  # root's only: deliverd cannot enter
+    spec = _spec(SINK2_PORT)
+    spec["queue"] = {"path": "/srv/locked/queue"}
+    box.run("systemctl", "stop", UNIT)
+    proc = box.play(_vars(spec))
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "deliverd did not start; its journal ends with:" in output, output[-4000:]
+    assert "cannot open the queue /srv/locked/queue as deliverd: " in output, output[-4000:]
+    assert "Traceback" not in output
 
 
 def test_absent_stops_and_removes_the_unit(box: SdBox) -> None:
