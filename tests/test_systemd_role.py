@@ -128,6 +128,19 @@ def _queue_ids(box: SdBox) -> list[str]:
     return sorted(str(entry["queue_id"]) for entry in listing)
 
 
+def test_the_container_has_no_route_to_any_package_index(box: SdBox) -> None:
+    # The installs below can only succeed from the shipped wheels.
+    reach = box.run("python3", "-c", "import socket\n"
+                    "for host in ('151.101.0.223', '1.1.1.1'):\n"  # pypi.org's CDN, a resolver
+                    "    try:\n"
+                    "        socket.create_connection((host, 443), timeout=3).close()\n"
+                    "        print('reached', host)\n"
+                    "    except OSError as exc:\n"
+                    "        print('unreachable', host, exc.errno)\n", check=False).stdout
+    assert "reached" not in reach.replace("unreachable", ""), reach
+    assert reach.count("unreachable") == 2, reach
+
+
 def test_check_diff_on_a_fresh_host_reports_the_start_and_changes_nothing(box: SdBox) -> None:
     output = _ok(box.play(_vars(), "--check", "--diff"))
     assert "deliverd.service would be installed, enabled and started" in output
