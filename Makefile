@@ -9,6 +9,10 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := dnsmasq-base postfix dovecot-core dovecot-pop3d openssh-server swaks iproute2 python3-venv prometheus \
 	cron bsd-mailx php-cli git git-email opendkim-tools \
 	nsd unbound bind9-utils bind9-dnsutils
+# The systemd path (tests/test_systemd_role.py, tests/test_manpages.py): systemd-nspawn boots a
+# cached Debian root (built once under .cache/ by ../shared/lab/sdbox.sh); systemd-analyze and
+# man check the unit and its manual pages. Installing these starts no service.
+APT_PACKAGES += systemd systemd-container debootstrap man-db
 PYTEST_ARGS ?=
 
 .PHONY: demo test lint typecheck pytest system-deps venv clean
@@ -47,11 +51,18 @@ system-deps:
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
+# The manual pages in man/man8, from the CLI's own parser (tests/test_manpages.py checks them).
+.PHONY: man
+man: venv
+	$(BIN)/python man/generate.py
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
 
 # An installable tarball of the mailops.deliverd collection, with the role in its roles/:
-# dist/mailops-deliverd-<version>.tar.gz (ansible-galaxy collection install it).
+# dist/mailops-deliverd-<version>.tar.gz (ansible-galaxy collection install it), with the
+# engine's wheel in its wheels/: the spec action imports the validator from it on a controller
+# without deliverd, and the role installs hosts from it (there is no checkout to build from).
 COLLECTION_BUILD := build/collection
 .PHONY: collection
 collection: venv
@@ -59,6 +70,7 @@ collection: venv
 	mkdir -p $(COLLECTION_BUILD)/roles dist
 	cp -a collection/. $(COLLECTION_BUILD)/
 	cp -a roles/deliverd $(COLLECTION_BUILD)/roles/deliverd
+	$(BIN)/pip wheel --quiet --no-deps --wheel-dir $(COLLECTION_BUILD)/wheels .
 	$(BIN)/ansible-galaxy collection build --force --output-path dist $(COLLECTION_BUILD)
 
 # Benchmarks (docs/performance.md): deliverd against Postfix on loopback, then the queue at

@@ -106,10 +106,10 @@ def _spec(prefix: Path, port: int, suffix: str = "", delay: str = "1m") -> dict[
 
 
 def _play(tmp: Path, prefix: Path, spec: dict[str, object], *options: str,
-          state: str = "present") -> str:
+          state: str = "present", **extra: object) -> str:
     variables = {"deliverd_prefix": str(prefix), "deliverd_spec": spec,
                  "deliverd_state": state, "deliverd_purge_queue": True,
-                 "ansible_python_interpreter": sys.executable}
+                 "ansible_python_interpreter": sys.executable, **extra}
     vars_file = tmp / "vars.json"
     vars_file.write_text(json.dumps(variables), encoding="utf-8")
     playbook = tmp / "play.yml"
@@ -228,3 +228,68 @@ def test_the_role_keeps_the_previous_config_and_secrets_as_a_pair_and_rolls_back
     finally:
         _play(tmp_path, prefix, first, state="absent")
     assert not etc.exists()
+
+
+def test_wheelhouse_install_ships_every_wheel_the_controller_made_for_the_host(
+    tmp_path: Path, prefix: Path
+) -> None:
+    port = _free_port()
+    spec = _spec(prefix, port)
+    try:
+        _play(tmp_path, prefix, spec, deliverd_install_from="wheelhouse")
+        shipped = prefix / "opt" / "deliverd" / "dist" / "wheels"
+        names = {p.name.split("-")[0].lower() for p in shipped.glob("*.whl")}
+        # The engine, its dependencies (compiled ones for this host's Python and architecture)
+        # and the fast extra's uvloop: all that the --no-index install on the host needs.
+        assert {"deliverd", "jsonschema", "rpds_py", "pyyaml", "dnspython", "aiosmtpd",
+                "uvloop"} <= names, names
+        venv = prefix / "opt" / "deliverd" / "venv"
+        installed = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "list",
+                                    "--format=json"], capture_output=True, text=True,
+                                   check=True, timeout=120).stdout
+        assert {p["name"].lower().replace("-", "_") for p in json.loads(installed)} >= {
+            "deliverd", "jsonschema", "rpds_py", "uvloop"}
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            assert client.recv(64).startswith(b"220")
+        assert _recap_changed(_play(tmp_path, prefix, spec,
+                                    deliverd_install_from="wheelhouse")) == 0
+    finally:
+        _play(tmp_path, prefix, spec, state="absent")
+
+
+def test_a_controller_without_the_engine_is_told_why_the_spec_check_failed(
+    tmp_path: Path, prefix: Path
+) -> None:
+    # The spec task runs under no_log (its result holds passwords): the reason it failed must
+    # still reach the user, and nothing may change on the host.
+    block = tmp_path / "block"
+    block.mkdir()
+    (block / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'deliverd' or name.startswith('deliverd.'):\n"
+        "            raise ImportError('blocked for the test')\n"
+        "sys.meta_path.insert(0, _Block())\n",
+        encoding="utf-8",
+    )
+    (tmp_path / "vars.json").write_text(json.dumps({
+        "deliverd_prefix": str(prefix), "deliverd_spec": _spec(prefix, _free_port()),
+        "ansible_python_interpreter": sys.executable}), encoding="utf-8")
+    (tmp_path / "play.yml").write_text(yaml.safe_dump([{
+        "name": "Apply the role", "hosts": "localhost", "gather_facts": False,
+        "roles": [{"role": "deliverd"}],
+    }]), encoding="utf-8")
+    proc = subprocess.run(
+        [str(BIN / "ansible-playbook"), "-i", "localhost,", "-c", "local",
+         "-e", f"@{tmp_path / 'vars.json'}", str(tmp_path / "play.yml")],
+        cwd=REPO, env=_env(PYTHONPATH=str(block)), capture_output=True, text=True, timeout=600,
+        check=False,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "needs the deliverd Python package on the controller" in output, output[-3000:]
+    assert "import error: blocked for the test" in output
+    assert not (prefix / "etc").exists()
+    for password in PASSWORDS:
+        assert password not in output

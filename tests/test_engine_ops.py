@@ -4,6 +4,8 @@ against a running engine (smart host mode to a local sink, so no DNS is involved
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -169,3 +171,17 @@ def test_metrics_textfile_counts_attempts_and_survives_a_stop(
     written = textfile_samples(engine)
     assert written[("deliverd_delivery_attempts_total", (("result", "sent"),))] == 2
     assert written[("deliverd_recipients_total", (("route", "smarthost"), ("status", "sent")))] == 2
+
+
+def test_a_queue_the_engine_cannot_open_is_one_log_line_not_a_traceback(
+    engine_factory: Callable[..., Engine],
+) -> None:
+    engine = engine_factory(start=False)
+    blocker = engine.workdir / "not-a-directory"
+    blocker.write_text("", encoding="utf-8")
+    engine.reconfigure({"queue": {"path": str(blocker / "queue")}})
+    proc = subprocess.run([sys.executable, "-m", "deliverd", "run", "-c", str(engine.config)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 1
+    assert f"cannot open the queue {blocker / 'queue'} as " in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -78,3 +78,11 @@ def test_installed_wheel_validates_and_renders_outside_the_checkout(wheel: Path,
     no_lab = subprocess.run([str(python), "-c", "import deliverd_lab"], capture_output=True,
                             text=True, cwd=tmp_path, check=False)
     assert no_lab.returncode != 0 and "ModuleNotFoundError" in no_lab.stderr
+
+
+@pytest.mark.slow
+def test_wheel_installs_the_manual_pages_into_the_venv_share(wheel: Path) -> None:
+    with zipfile.ZipFile(wheel) as zf:
+        data = {Path(n).name for n in zf.namelist()
+                if n.split("/", 1)[0].endswith(".data") and "/data/share/man/man8/" in n}
+    assert data == {p.name for p in (REPO / "man" / "man8").iterdir()}

@@ -5,7 +5,9 @@ kept; the queue is never touched), SIGTERM/SIGINT stop (listeners close at once,
 deliveries get a grace period, anything unfinished stays queued), SIGUSR1 wakes the scheduler
 (``release`` and ``send`` send it), SIGUSR2 also forgets which hosts just failed, so a flushed
 message is really tried again (``deliverd queue flush`` sends it, as Postfix's flush revives
-dead destinations).
+dead destinations). Under systemd (``Type=notify``) it reports READY=1 once it
+listens with the queue open, RELOADING=1/READY=1 around a reload, STOPPING=1, and pings the
+watchdog from the event loop, so a wedged loop is restarted (``deliverd.ops.sdnotify``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import pwd
 import signal
 import socket
 import sys
@@ -25,11 +28,11 @@ from deliverd.delivery.scheduler import Scheduler
 from deliverd.delivery.sts_policies import StsPolicies
 from deliverd.delivery.tls_reporter import TlsReporter
 from deliverd.dns.resolver import Resolver
-from deliverd.ops import eventloop
+from deliverd.ops import eventloop, sdnotify
 from deliverd.ops.logline import configure_logging, format_event
 from deliverd.ops.metrics import Metrics, MetricsServer, QueueShape, split_listen
 from deliverd.queue import showq
-from deliverd.queue.database import QueueDB
+from deliverd.queue.database import QueueDB, QueueError
 from deliverd.queue.store import QueueStore
 from deliverd.smtp.transport import Transport
 from deliverd.submission.listener import start_listeners
@@ -40,6 +43,13 @@ log = logging.getLogger("deliverd")
 STOP_GRACE = 20.0
 METRICS_EVERY = 10.0
 PID_NAME = "deliverd.pid"
+
+
+def _user_name() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
 
 
 def make_resolver(cfg: Config) -> Resolver:
@@ -74,9 +84,17 @@ class Daemon:
         self.store: QueueStore | None = None
         self.scheduler: Scheduler | None = None
         self.tls_reporter: TlsReporter | None = None
+        self.notifier = sdnotify.Notifier()
 
     async def serve(self) -> int:
-        self.store = await QueueStore.open(self.cfg.queue.path)
+        try:
+            self.store = await QueueStore.open(self.cfg.queue.path)
+        except (OSError, QueueError) as exc:
+            # One line the operator can act on (often: the service user cannot reach the
+            # directory), not a traceback.
+            log.error("cannot open the queue %s as %s: %s", self.cfg.queue.path,
+                      _user_name(), exc)
+            return 1
         pid_file = Path(self.cfg.queue.path) / PID_NAME
         transport = Transport(self.cfg, on_session=self.metrics.tls_session)
         resolver = make_resolver(self.cfg)
@@ -102,15 +120,19 @@ class Daemon:
         self._event(f"ready: listening on {where}, mode={self.cfg.routing.mode.value}")
         maildrop = Pickup(self.cfg.queue.path, self.store, self._picked_up, self._current)
         await maildrop.start()
+        self.notifier.ready(f"listening on {where}")
         runner = asyncio.create_task(self.scheduler.run())
         pickup = asyncio.create_task(maildrop.run())
         showq_server = await showq.serve(self.cfg.queue.path, self.store)
         reporter = asyncio.create_task(self._write_metrics_every(METRICS_EVERY))
         self.tls_reporter = TlsReporter(self.cfg, self.store, resolver, self.scheduler.wake)
         tls_reports = asyncio.create_task(self.tls_reporter.run())
+        watchdog = asyncio.create_task(self._ping_watchdog(self.notifier.watchdog_interval))
         await self._stop.wait()
+        self.notifier.stopping()
         reporter.cancel()
         tls_reports.cancel()
+        watchdog.cancel()
         self._event("stopping: closing listeners, finishing in-flight deliveries")
         await self._close_servers()
         pickup.cancel()
@@ -179,6 +201,14 @@ class Daemon:
             self._depth_db.close()
             self._depth_db = None
 
+    async def _ping_watchdog(self, interval: float | None) -> None:
+        """WATCHDOG=1 from the loop itself: a loop that stops turning stops the pings."""
+        if interval is None:
+            return
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
     def _write_metrics(self) -> None:
         try:
             self.metrics.write(self.cfg.queue.path)
@@ -204,7 +234,11 @@ class Daemon:
 
     async def reload(self) -> bool:
         """Load, validate and apply the config; keep the running one when anything is wrong."""
-        applied = await self._reload()
+        self.notifier.reloading()
+        try:
+            applied = await self._reload()
+        finally:
+            self.notifier.ready(f"running, mode={self.cfg.routing.mode.value}")
         self.metrics.config_reloaded(applied)
         return applied
 

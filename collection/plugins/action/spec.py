@@ -8,7 +8,14 @@ plugin only adapts Ansible values to plain Python and the validator's problems t
 
 from __future__ import annotations
 
-from ansible.errors import AnsibleActionFail
+import contextlib
+import hashlib
+import os
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+
 from ansible.module_utils.common.text.converters import to_text
 from ansible.plugins.action import ActionBase
 
@@ -19,6 +26,50 @@ INSTALL_HINT = (
     "(the Python that runs ansible-playbook): install it there, e.g. 'pip install deliverd' or "
     "'pip install -e .' from a deliverd checkout"
 )
+
+
+# An installed collection tarball (make collection) carries the engine's pure-Python wheel here.
+BUNDLED_WHEELS = Path(__file__).resolve().parents[2] / "wheels"
+
+
+def bundled_wheel():
+    found = sorted(BUNDLED_WHEELS.glob("deliverd-*.whl"))
+    return found[-1] if found else None
+
+
+def unpacked(wheel):
+    """The wheel unpacked once into a per-user cache (the engine reads its schema from files)."""
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    target = cache / "mailops.deliverd" / ("%s-%s" % (wheel.stem, digest))
+    if not target.is_dir():
+        partial = target.with_name(target.name + ".%d" % os.getpid())
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extractall(partial)
+        with contextlib.suppress(OSError):  # another run may have unpacked it first
+            partial.rename(target)
+        shutil.rmtree(partial, ignore_errors=True)
+    return str(target)
+
+
+def import_check_spec():
+    """deliverd's validator: the controller's own, else the collection's bundled wheel."""
+    try:
+        from deliverd.spec.validation import check_spec
+        return check_spec
+    except ImportError as exc:
+        wheel = bundled_wheel()
+        if wheel is None:
+            raise
+        first = exc
+    for name in [n for n in sys.modules if n == "deliverd" or n.startswith("deliverd.")]:
+        del sys.modules[name]
+    sys.path.insert(0, unpacked(wheel))
+    try:
+        from deliverd.spec.validation import check_spec
+    except ImportError as exc:
+        raise ImportError("%s; with the collection's %s: %s" % (first, wheel.name, exc)) from exc
+    return check_spec
 
 
 def plain(value):
@@ -85,9 +136,14 @@ class ActionModule(ActionBase):
             argument_spec={"spec": {"type": "dict", "required": True}},
         )
         try:
-            from deliverd.spec.validation import check_spec
+            check_spec = import_check_spec()
         except ImportError as exc:
-            raise AnsibleActionFail("%s (import error: %s)" % (INSTALL_HINT, exc)) from exc
+            # A failed result, not an exception: a caller that registers the result (the role,
+            # under no_log) can still read and show this message, which holds no secret.
+            result["failed"] = True
+            result["problems"] = []
+            result["msg"] = "%s (import error: %s)" % (INSTALL_HINT, exc)
+            return result
 
         spec = plain(params["spec"])
         secrets = secrets_in(spec)
