@@ -169,6 +169,8 @@ class LimitsConfig:
     connection_failure_cache: int = 300
     max_hops: int = 30
     max_message_size: int = 50 * 1024 * 1024
+    max_inbound_sessions: int = 100
+    max_inbound_per_client: int = 20
 
 
 @dataclass(frozen=True)
@@ -444,6 +446,8 @@ def config_to_spec(cfg: Config) -> dict[str, Any]:
             "connection_failure_cache": format_duration(lim.connection_failure_cache),
             "max_hops": lim.max_hops,
             "max_message_size": format_size(lim.max_message_size),
+            "max_inbound_sessions": lim.max_inbound_sessions,
+            "max_inbound_per_client": lim.max_inbound_per_client,
         },
         "metrics": _drop_none({
             "listen": cfg.metrics.listen,

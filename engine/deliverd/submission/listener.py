@@ -16,7 +16,7 @@ import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import AnyStr
+from typing import Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -136,8 +136,88 @@ def envelope_sender(mail_from: str) -> str:
 # One SMTP session
 
 
+class InboundGate:
+    """Counts the inbound SMTP sessions of every listener, in all and per client address.
+
+    ``admit`` is asked when a connection arrives, before any byte is read from it; a refused
+    connection is not counted. One gate lives as long as the daemon, so a reload that rebinds
+    the listeners keeps counting the sessions still open on the old ones.
+    """
+
+    def __init__(self, on_refused: Callable[[str], None] | None = None) -> None:
+        self.total = 0
+        self.per_client: dict[str, int] = {}
+        self.on_refused = on_refused
+
+    def admit(self, client: str, max_sessions: int, max_per_client: int) -> str | None:
+        """Count a new session from ``client``; or the reason it is refused (nothing counted)."""
+        if self.total >= max_sessions:
+            return SESSIONS_REFUSED
+        if self.per_client.get(client, 0) >= max_per_client:
+            return CLIENT_REFUSED
+        self.total += 1
+        self.per_client[client] = self.per_client.get(client, 0) + 1
+        return None
+
+    def release(self, client: str) -> None:
+        self.total -= 1
+        left = self.per_client.get(client, 0) - 1
+        if left > 0:
+            self.per_client[client] = left
+        else:
+            self.per_client.pop(client, None)
+
+
+SESSIONS_REFUSED = "max_inbound_sessions"
+CLIENT_REFUSED = "max_inbound_per_client"
+REPLY_TOO_MANY = b"421 4.3.2 Too many connections, try again later\r\n"
+
+
 class _SubmissionSMTP(SMTP):
-    """aiosmtpd's protocol with the listener's own wording for size refusals."""
+    """aiosmtpd's protocol with the listener's own wording for size refusals, and the inbound
+    session caps: a connection beyond them is answered 421 and closed before its greeting."""
+
+    def __init__(
+        self, handler: _SubmissionHandler, *, gate: InboundGate,
+        limits: Callable[[], tuple[int, int]], **kwargs: Any,
+    ) -> None:
+        super().__init__(handler, **kwargs)
+        self._gate = gate
+        self._limits = limits
+        self._gate_client: str | None = None
+        self._refused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is None and not self._refused:  # not the STARTTLS re-entry
+            client = _ip_of(transport.get_extra_info("peername"))
+            max_sessions, max_per_client = self._limits()
+            reason = self._gate.admit(client, max_sessions, max_per_client)
+            if reason is not None:
+                self._refused = True
+                log.warning("connection refused: client=[%s]: %s reached", client, reason)
+                if self._gate.on_refused is not None:
+                    self._gate.on_refused(reason)
+                assert isinstance(transport, asyncio.WriteTransport)
+                transport.write(REPLY_TOO_MANY)
+                transport.close()
+                return
+            self._gate_client = client
+        super().connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._refused:
+            super().data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return None if self._refused else super().eof_received()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
+        if self._gate_client is not None:
+            self._gate.release(self._gate_client)
+            self._gate_client = None
+        super().connection_lost(error)
 
     async def push(self, status: AnyStr) -> None:
         if isinstance(status, str):
@@ -254,7 +334,11 @@ class _SubmissionHandler:
 
 
 def _peer_ip(session: Session) -> str:
-    peer: object = session.peer  # typed as str by aiosmtpd, but a (host, port, ...) tuple
+    # typed as str by aiosmtpd, but a (host, port, ...) tuple
+    return _ip_of(session.peer)
+
+
+def _ip_of(peer: object) -> str:
     if isinstance(peer, tuple) and peer:
         return str(peer[0])
     return str(peer)
@@ -288,6 +372,7 @@ async def start_listeners(
     trust_loopback: bool = True,
     current: Callable[[], Config] | None = None,
     prebound: Mapping[tuple[str, int], socket.socket] | None = None,
+    gate: InboundGate | None = None,
 ) -> list[asyncio.base_events.Server]:
     """Bind every ``cfg.listen`` entry on the running loop; the caller closes the servers.
 
@@ -298,8 +383,17 @@ async def start_listeners(
     ``prebound`` holds sockets bound before the process gave up root (ports below 1024, see
     ``bind_privileged``); a listener on one of them serves a duplicate of it, so a reload
     that closes the servers leaves the bound socket to the next ones.
+    ``gate`` counts the sessions against ``limits.max_inbound_sessions`` and
+    ``limits.max_inbound_per_client`` of the running config; pass the same one across
+    reloads. By default the listeners get a gate of their own.
     """
     now = current if current is not None else (lambda: cfg)
+    counter = gate if gate is not None else InboundGate()
+
+    def limits() -> tuple[int, int]:
+        running = now().limits
+        return running.max_inbound_sessions, running.max_inbound_per_client
+
     loop = asyncio.get_running_loop()
     name = hostname or cfg.host.name
     servers: list[asyncio.base_events.Server] = []
@@ -312,6 +406,8 @@ async def start_listeners(
             def factory(handler: _SubmissionHandler = handler) -> SMTP:
                 return _SubmissionSMTP(
                     handler,
+                    gate=counter,
+                    limits=limits,
                     data_size_limit=cfg.limits.max_message_size,
                     enable_SMTPUTF8=True,
                     decode_data=False,
