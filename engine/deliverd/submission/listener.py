@@ -23,7 +23,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from deliverd.config.model import Config, Listener
 from deliverd.queue.space import WAL_HEADROOM as WAL_HEADROOM
 from deliverd.queue.space import min_free_bytes
-from deliverd.queue.store import QueueStore, new_queue_id
+from deliverd.queue.store import BodySpool, QueueStore, new_queue_id
 from deliverd.submission.local import LocalPolicy, UnknownLocalUser, local_policy
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,69 @@ def envelope_sender(mail_from: str) -> str:
 # One SMTP session
 
 
+# Bytes gathered before one write to the spool, and the most header kept in memory to be
+# rewritten and counted; a header section longer than that goes on as body.
+_SPOOL_WRITE = 64 * 1024
+_MAX_HEADER = 256 * 1024
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+
+
+class _Incoming:
+    """One message as DATA arrives: the header section is kept until it ends (then masqueraded,
+    its Received: fields counted), everything after it goes to the spool in bounded writes, and
+    8-bit content is noticed on the way. The trace header is the spool's first line."""
+
+    def __init__(self, spool: BodySpool, trace: bytes, policy: LocalPolicy, queue_id: str,
+                 recipients: list[str]) -> None:
+        self.spool = spool
+        self.policy = policy
+        self.queue_id = queue_id
+        self.recipients = recipients
+        self.header: list[bytes] | None = []
+        self.header_size = 0
+        self.hops = 0
+        self.eightbit = False
+        self._buf = bytearray()
+        spool.write(trace)
+
+    def feed(self, line: bytes) -> None:
+        """One unstuffed line, CRLF-terminated (bare LFs inside it become CRLF)."""
+        if b"\n" in line[:-2]:
+            line = _BARE_LF.sub(b"\r\n", line)
+        if self.header is not None:
+            if line != b"\r\n" and self.header_size + len(line) <= _MAX_HEADER:
+                self.header.append(line)
+                self.header_size += len(line)
+                return
+            self._end_header()
+        self._buf += line
+        if len(self._buf) >= _SPOOL_WRITE:
+            self._flush()
+
+    def _end_header(self) -> None:
+        assert self.header is not None
+        header = b"".join(self.header)
+        self.header = None
+        self.hops = count_received(header)
+        self._buf += self.policy.rewrite_message(header)
+
+    def _flush(self) -> None:
+        if not self.eightbit and not self._buf.isascii():
+            self.eightbit = True
+        self.spool.write(self._buf)
+        self._buf.clear()
+
+    def done(self) -> BodySpool:
+        """The whole message (trace header first) in the spool."""
+        if self.header is not None:
+            self._end_header()
+        self._flush()
+        return self.spool
+
+    def close(self) -> None:
+        self.spool.close()
+
+
 class InboundGate:
     """Counts the inbound SMTP sessions of every listener, in all and per client address.
 
@@ -219,6 +282,70 @@ class _SubmissionSMTP(SMTP):
             self._gate_client = None
         super().connection_lost(error)
 
+    async def smtp_DATA(self, arg: str) -> None:
+        """DATA read line by line and handed to the handler's ``_Incoming`` as it arrives
+        (aiosmtpd's own ``smtp_DATA`` would hold the whole message, several times over)."""
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None and self.session is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        handler = self.event_handler
+        assert isinstance(handler, _SubmissionHandler)
+        incoming = handler.begin(self.session, self.envelope)
+        if isinstance(incoming, str):
+            await self.push(incoming)
+            return
+        try:
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            failure = await self._read_data(incoming)
+            if failure is not None:
+                self._set_post_data_state()  # type: ignore[no-untyped-call]
+                await self.push(failure)
+                return
+            status = await handler.finish(self.session, self.envelope, incoming)
+        finally:
+            incoming.close()
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push(status)
+
+    async def _read_data(self, incoming: _Incoming) -> str | None:
+        """Read up to the final dot; the refusal reply if the message cannot be taken (sent
+        only once the whole of DATA was read, RFC 5321 4.2.5)."""
+        limit = self.data_size_limit
+        received = 0
+        failure: str | None = None
+        mid_line = False  # the previous read ended inside an over-long line
+        while self.transport is not None:
+            try:
+                line = await self._reader.readuntil(b"\r\n")
+            except asyncio.CancelledError:
+                self._writer.close()  # the connection was lost during DATA
+                raise
+            except asyncio.LimitOverrunError as exc:
+                failure = failure or "500 Line too long (see RFC5321 4.5.3.1.6)"
+                await self._reader.readexactly(exc.consumed)
+                mid_line = True
+                continue
+            if line == b".\r\n" and not mid_line:
+                return failure
+            after_long, mid_line = mid_line, False
+            received += len(line)
+            if limit and received > limit:
+                failure = failure or REPLY_TOO_BIG
+            if failure is not None or after_long:
+                continue
+            if line[:1] == b".":
+                line = line[1:]  # dot-unstuffing (RFC 5321 4.5.2)
+            incoming.feed(line)
+        return failure
+
     async def push(self, status: AnyStr) -> None:
         if isinstance(status, str):
             await super().push(_LIBRARY_REPLIES.get(status, status))
@@ -290,41 +417,46 @@ class _SubmissionHandler:
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"
 
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        content = envelope.original_content
-        if not isinstance(content, bytes) or not envelope.rcpt_tos or envelope.mail_from is None:
+    def begin(self, session: Session, envelope: Envelope) -> _Incoming | str:
+        """A new message at DATA: its queue id and trace header are chosen now, so the trace
+        is the first thing spooled; or the reply refusing the DATA command."""
+        if not envelope.rcpt_tos or envelope.mail_from is None:
             return REPLY_ERROR
-        peer_ip = _peer_ip(session)
-        policy = self.policy()
-        sender = policy.sender(envelope_sender(envelope.mail_from))
-        content = policy.rewrite_message(content)
+        queue_id = new_queue_id()
         rcpts = list(envelope.rcpt_tos)
+        trace = received_header(
+            helo=session.host_name, peer_ip=_peer_ip(session), by_host=self.hostname,
+            queue_id=queue_id, recipients=rcpts,
+            protocol=protocol_name(session.extended_smtp, bool(envelope.smtp_utf8)),
+            when=datetime.now(UTC).astimezone(),
+        )
+        return _Incoming(self.store.spool(), trace, self.policy(), queue_id, rcpts)
+
+    async def finish(self, session: Session, envelope: Envelope, incoming: _Incoming) -> str:
+        """Queue the message read in full; the final reply (250 only after the COMMIT)."""
+        assert envelope.mail_from is not None
+        peer_ip = _peer_ip(session)
+        spool = incoming.done()
+        sender = incoming.policy.sender(envelope_sender(envelope.mail_from))
+        rcpts = incoming.recipients
         smtputf8 = bool(envelope.smtp_utf8)
-        eightbit = "BODY=8BITMIME" in envelope.mail_options or has_8bit(content)
-        hops = count_received(content)
-        hold_reason = loop_hold_reason(hops, self.max_hops)
-        if self._short_of_space(len(content)):
+        eightbit = "BODY=8BITMIME" in envelope.mail_options or incoming.eightbit
+        hold_reason = loop_hold_reason(incoming.hops, self.max_hops)
+        if self._short_of_space(spool.size):
             log.error("refusing mail: client=[%s] from=<%s>: queue filesystem short of space",
                       peer_ip, sender)
             return REPLY_NO_STORAGE
-        queue_id = new_queue_id()
-        trace = received_header(
-            helo=session.host_name, peer_ip=peer_ip, by_host=self.hostname, queue_id=queue_id,
-            recipients=rcpts, protocol=protocol_name(session.extended_smtp, smtputf8),
-            when=datetime.now(UTC).astimezone(),
-        )
         try:
             queue_id = await self.store.enqueue(
-                sender, rcpts, trace + content, smtputf8=smtputf8, eightbit=eightbit,
-                hold_reason=hold_reason, queue_id=queue_id,
+                sender, rcpts, spool, smtputf8=smtputf8, eightbit=eightbit,
+                hold_reason=hold_reason, queue_id=incoming.queue_id,
             )
         except Exception as exc:  # disk full, I/O, anything: refuse temporarily, store nothing
             log.error("enqueue failed: client=[%s] from=<%s>: %s", peer_ip, sender, exc)
             return REPLY_NO_STORAGE
         log.info(
             "%s: client=[%s] from=<%s> nrcpt=%d size=%d%s", queue_id, peer_ip, sender,
-            len(rcpts), len(trace) + len(content),
-            f" held: {hold_reason}" if hold_reason else "",
+            len(rcpts), spool.size, f" held: {hold_reason}" if hold_reason else "",
         )
         try:
             self.on_enqueued(queue_id)
