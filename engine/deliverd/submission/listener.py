@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import re
 import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -23,7 +22,14 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from deliverd.config.model import Config, Listener
 from deliverd.queue.space import WAL_HEADROOM as WAL_HEADROOM
 from deliverd.queue.space import min_free_bytes
-from deliverd.queue.store import BodySpool, QueueStore, new_queue_id
+from deliverd.queue.store import QueueStore, new_queue_id
+from deliverd.submission.gate import CLIENT_REFUSED as CLIENT_REFUSED
+from deliverd.submission.gate import REPLY_TOO_MANY
+from deliverd.submission.gate import SESSIONS_REFUSED as SESSIONS_REFUSED
+from deliverd.submission.gate import InboundGate as InboundGate
+from deliverd.submission.incoming import IncomingMessage
+from deliverd.submission.incoming import count_received as count_received
+from deliverd.submission.incoming import header_block as header_block
 from deliverd.submission.local import LocalPolicy, UnknownLocalUser, local_policy
 
 log = logging.getLogger(__name__)
@@ -42,8 +48,6 @@ _LIBRARY_REPLIES = {
     "552 Error: Too much mail data": REPLY_TOO_BIG,
 }
 
-_RECEIVED = re.compile(rb"received[ \t]*:", re.IGNORECASE)
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,21 +71,6 @@ def relay_allowed(
     if trust_loopback and ip.is_loopback:
         return True
     return any(ip.version == net.version and ip in net for net in allow_networks)
-
-
-def header_block(data: bytes) -> bytes:
-    """The header section of a message (everything before the first empty line)."""
-    if data.startswith((b"\r\n", b"\n")):
-        return b""
-    end = _HEADER_END.search(data)
-    return data if end is None else data[: end.start()]
-
-
-def count_received(data: bytes) -> int:
-    """How many Received: header fields the message carries (continuation lines excluded)."""
-    return sum(
-        1 for line in header_block(data).splitlines() if _RECEIVED.match(line) is not None
-    )
 
 
 def loop_hold_reason(hops: int, max_hops: int) -> str | None:
@@ -136,106 +125,6 @@ def envelope_sender(mail_from: str) -> str:
 # One SMTP session
 
 
-# Bytes gathered before one write to the spool, and the most header kept in memory to be
-# rewritten and counted; a header section longer than that goes on as body.
-_SPOOL_WRITE = 64 * 1024
-_MAX_HEADER = 256 * 1024
-_BARE_LF = re.compile(rb"(?<!\r)\n")
-
-
-class _Incoming:
-    """One message as DATA arrives: the header section is kept until it ends (then masqueraded,
-    its Received: fields counted), everything after it goes to the spool in bounded writes, and
-    8-bit content is noticed on the way. The trace header is the spool's first line."""
-
-    def __init__(self, spool: BodySpool, trace: bytes, policy: LocalPolicy, queue_id: str,
-                 recipients: list[str]) -> None:
-        self.spool = spool
-        self.policy = policy
-        self.queue_id = queue_id
-        self.recipients = recipients
-        self.header: list[bytes] | None = []
-        self.header_size = 0
-        self.hops = 0
-        self.eightbit = False
-        self._buf = bytearray()
-        spool.write(trace)
-
-    def feed(self, line: bytes) -> None:
-        """One unstuffed line, CRLF-terminated (bare LFs inside it become CRLF)."""
-        if b"\n" in line[:-2]:
-            line = _BARE_LF.sub(b"\r\n", line)
-        if self.header is not None:
-            if line != b"\r\n" and self.header_size + len(line) <= _MAX_HEADER:
-                self.header.append(line)
-                self.header_size += len(line)
-                return
-            self._end_header()
-        self._buf += line
-        if len(self._buf) >= _SPOOL_WRITE:
-            self._flush()
-
-    def _end_header(self) -> None:
-        assert self.header is not None
-        header = b"".join(self.header)
-        self.header = None
-        self.hops = count_received(header)
-        self._buf += self.policy.rewrite_message(header)
-
-    def _flush(self) -> None:
-        if not self.eightbit and not self._buf.isascii():
-            self.eightbit = True
-        self.spool.write(self._buf)
-        self._buf.clear()
-
-    def done(self) -> BodySpool:
-        """The whole message (trace header first) in the spool."""
-        if self.header is not None:
-            self._end_header()
-        self._flush()
-        return self.spool
-
-    def close(self) -> None:
-        self.spool.close()
-
-
-class InboundGate:
-    """Counts the inbound SMTP sessions of every listener, in all and per client address.
-
-    ``admit`` is asked when a connection arrives, before any byte is read from it; a refused
-    connection is not counted. One gate lives as long as the daemon, so a reload that rebinds
-    the listeners keeps counting the sessions still open on the old ones.
-    """
-
-    def __init__(self, on_refused: Callable[[str], None] | None = None) -> None:
-        self.total = 0
-        self.per_client: dict[str, int] = {}
-        self.on_refused = on_refused
-
-    def admit(self, client: str, max_sessions: int, max_per_client: int) -> str | None:
-        """Count a new session from ``client``; or the reason it is refused (nothing counted)."""
-        if self.total >= max_sessions:
-            return SESSIONS_REFUSED
-        if self.per_client.get(client, 0) >= max_per_client:
-            return CLIENT_REFUSED
-        self.total += 1
-        self.per_client[client] = self.per_client.get(client, 0) + 1
-        return None
-
-    def release(self, client: str) -> None:
-        self.total -= 1
-        left = self.per_client.get(client, 0) - 1
-        if left > 0:
-            self.per_client[client] = left
-        else:
-            self.per_client.pop(client, None)
-
-
-SESSIONS_REFUSED = "max_inbound_sessions"
-CLIENT_REFUSED = "max_inbound_per_client"
-REPLY_TOO_MANY = b"421 4.3.2 Too many connections, try again later\r\n"
-
-
 class _SubmissionSMTP(SMTP):
     """aiosmtpd's protocol with the listener's own wording for size refusals, and the inbound
     session caps: a connection beyond them is answered 421 and closed before its greeting."""
@@ -283,7 +172,7 @@ class _SubmissionSMTP(SMTP):
         super().connection_lost(error)
 
     async def smtp_DATA(self, arg: str) -> None:
-        """DATA read line by line and handed to the handler's ``_Incoming`` as it arrives
+        """DATA read line by line and handed to the handler's ``IncomingMessage`` as it arrives
         (aiosmtpd's own ``smtp_DATA`` would hold the whole message, several times over)."""
         if await self.check_helo_needed():
             return
@@ -315,7 +204,7 @@ class _SubmissionSMTP(SMTP):
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push(status)
 
-    async def _read_data(self, incoming: _Incoming) -> str | None:
+    async def _read_data(self, incoming: IncomingMessage) -> str | None:
         """Read up to the final dot; the refusal reply if the message cannot be taken (sent
         only once the whole of DATA was read, RFC 5321 4.2.5)."""
         limit = self.data_size_limit
@@ -417,7 +306,7 @@ class _SubmissionHandler:
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"
 
-    def begin(self, session: Session, envelope: Envelope) -> _Incoming | str:
+    def begin(self, session: Session, envelope: Envelope) -> IncomingMessage | str:
         """A new message at DATA: its queue id and trace header are chosen now, so the trace
         is the first thing spooled; or the reply refusing the DATA command."""
         if not envelope.rcpt_tos or envelope.mail_from is None:
@@ -430,9 +319,9 @@ class _SubmissionHandler:
             protocol=protocol_name(session.extended_smtp, bool(envelope.smtp_utf8)),
             when=datetime.now(UTC).astimezone(),
         )
-        return _Incoming(self.store.spool(), trace, self.policy(), queue_id, rcpts)
+        return IncomingMessage(self.store.spool(), trace, self.policy(), queue_id, rcpts)
 
-    async def finish(self, session: Session, envelope: Envelope, incoming: _Incoming) -> str:
+    async def finish(self, session: Session, envelope: Envelope, incoming: IncomingMessage) -> str:
         """Queue the message read in full; the final reply (250 only after the COMMIT)."""
         assert envelope.mail_from is not None
         peer_ip = _peer_ip(session)
