@@ -4,6 +4,7 @@ multi-MB body to a real (scripted aiosmtpd) server, in clear and over TLS."""
 from __future__ import annotations
 
 import random
+import smtplib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -14,6 +15,7 @@ from deliverd.core.outcomes import Envelope, Hop, Route, StreamedBody
 from deliverd.smtp.policy import WireStuffer, wire_body, wire_size
 from deliverd.smtp.transport import Transport
 from deliverd.spec.normalise import normalise
+from tests.fixtures.engine import Engine
 from tests.fixtures.smtp_sink import SinkFactory
 from tests.test_streamed_bodies import big_message
 
@@ -142,3 +144,29 @@ def _second_pass_fails(data: bytes) -> Callable[[], AsyncIterator[bytes]]:
         return _streamed(data, fail_after=None if len(calls) == 1 else 2).chunks()
 
     return chunks
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_multi_megabyte_message_crosses_the_daemon_byte_identical(
+    engine_factory: Callable[..., Engine], smtp_sink: SinkFactory,
+) -> None:
+    """Listener -> chunk rows -> scheduler -> streamed DATA -> the smart host: what arrives is
+    the submitted message with the daemon's trace header in front, nothing else changed."""
+    sink = smtp_sink("127.0.0.92")
+    engine = engine_factory({
+        "routing": {"mode": "smarthost",
+                    "smarthost": {"host": "127.0.0.92", "port": sink.port, "tls": "none"}},
+        "dsn": {"notify_delayed": False},
+    })
+    data = big_message(7 * CHUNK, seed=29)
+    with smtplib.SMTP("127.0.0.1", engine.port, timeout=60) as smtp:
+        smtp.ehlo("client.test")
+        smtp.sendmail("app@example.test", ["user@example.test"], data)
+    engine.wait_status("user@example.test", "sent", timeout=60)
+    assert sink.wait_for(1, timeout=10)
+    arrived = sink.messages[0].data
+    trace, rest = arrived.split(b"\r\nFrom: app@example.test\r\n", 1)
+    assert trace.startswith(b"Received: from client.test ") and trace.count(b"\r\n") == 2
+    assert b"From: app@example.test\r\n" + rest == data
+    assert engine.queue() == []
