@@ -41,6 +41,7 @@ REPLY_TOO_BIG = "552 5.3.4 Message too big"
 REPLY_NO_STORAGE = "452 4.3.1 Insufficient system storage"
 REPLY_QUEUED = "250 2.0.0 Ok: queued as {queue_id}"
 REPLY_ERROR = "451 4.3.0 Local error in processing"
+REPLY_LOST = "451 4.4.2 Connection lost during DATA"
 
 # aiosmtpd words some refusals itself; the listener answers them with enhanced status codes.
 _LIBRARY_REPLIES = {
@@ -233,7 +234,8 @@ class _SubmissionSMTP(SMTP):
             if line[:1] == b".":
                 line = line[1:]  # dot-unstuffing (RFC 5321 4.5.2)
             incoming.feed(line)
-        return failure
+        # The connection went away without the final dot: nothing of it may be queued.
+        return failure or REPLY_LOST
 
     async def push(self, status: AnyStr) -> None:
         if isinstance(status, str):
