@@ -222,3 +222,14 @@ async def test_a_lost_connection_mid_data_queues_nothing(
     await asyncio.sleep(0.3)
     assert await store.list_messages() == []
     assert line.startswith(b"354")
+
+
+def test_a_large_body_given_as_bytes_is_stored_in_chunks_too(tmp_path: Path) -> None:
+    data = big_message(2 * BODY_CHUNK + 5)
+    with QueueDB.open(tmp_path) as db:
+        qid = db.enqueue("a@example.test", ["b@example.test"], data)
+        sizes = [len(c) for c in db.iter_body(qid)]
+        assert sizes == [BODY_CHUNK, BODY_CHUNK, len(data) - 2 * BODY_CHUNK]
+        assert db.read_data(qid) == data
+        found = db.read_dispatch([qid])[qid]
+        assert not isinstance(found, bytes) and data.startswith(found.head)

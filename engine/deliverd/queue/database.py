@@ -451,12 +451,15 @@ class QueueDB:
 
         ``queue_id`` may be chosen beforehand (the listener writes it into the Received:
         header); should it already exist, a fresh one is used instead. ``data`` may be a
-        ``BodySpool``: a body larger than ``BODY_CHUNK`` is then copied from it into
-        ``body_chunks`` one chunk at a time, inside the same transaction.
+        ``BodySpool``. A body larger than ``BODY_CHUNK`` goes into ``body_chunks`` one chunk
+        at a time (from the spool, or cut from the bytes), inside the same transaction, so
+        it is always read back in chunks.
         """
         small: bytes | None = None
         if isinstance(data, bytes):
-            small, size = data, len(data)
+            size = len(data)
+            if size <= BODY_CHUNK:
+                small = data
         else:
             size = data.size
             if data.in_memory:
@@ -483,8 +486,9 @@ class QueueDB:
             if small is not None:
                 c.execute("INSERT INTO bodies (queue_id, data) VALUES (?, ?)", (qid, small))
             else:
-                assert isinstance(data, BodySpool)
-                for seq, chunk in enumerate(data.chunks()):
+                chunks = data.chunks() if isinstance(data, BodySpool) else (
+                    data[i:i + BODY_CHUNK] for i in range(0, len(data), BODY_CHUNK))
+                for seq, chunk in enumerate(chunks):
                     c.execute("INSERT INTO body_chunks (queue_id, seq, data) VALUES (?, ?, ?)",
                               (qid, seq, chunk))
             c.executemany(
