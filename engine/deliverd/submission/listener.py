@@ -1,7 +1,8 @@
 """The SMTP listener local applications submit mail to (aiosmtpd on the daemon's own loop).
 
 Policy decisions are pure functions at the top (relay check, hop count, Received: header,
-8-bit detection); ``_SubmissionHandler`` applies them to one aiosmtpd session, and
+8-bit detection); ``_SubmissionHandler`` applies them to one aiosmtpd session (DATA is read
+by the listener itself, line by line into an ``IncomingMessage``: never held whole), and
 ``start_listeners`` binds every configured address on the running loop. A message is
 acknowledged (250) only after ``QueueStore.enqueue`` returned, i.e. after its COMMIT.
 """
@@ -48,7 +49,6 @@ _LIBRARY_REPLIES = {
     "552 Error: message size exceeds fixed maximum message size": REPLY_TOO_BIG,
     "552 Error: Too much mail data": REPLY_TOO_BIG,
 }
-
 
 
 # ---------------------------------------------------------------------------------------------
