@@ -84,6 +84,7 @@ class CrashOptions:
     drain_timeout: float = 120.0
     settle: float = 1.0  # the sink count must stay unchanged this long once the queue is empty
     seed: int | None = None
+    size: int = 0  # filler bytes in each message body (large-message mode: MBs, streamed)
     workdir: Path | None = None  # default: a temporary directory, removed unless keep
     keep: bool = False
 
@@ -135,6 +136,7 @@ class CrashReport:
     workdir: str | None
     engine_errors: list[str] = field(default_factory=list)  # reported, not judged here
     engine_log_tail: str = ""
+    damaged: list[str] = field(default_factory=list)  # delivered with a body not as submitted
 
     @property
     def lost(self) -> int:
@@ -154,7 +156,8 @@ class CrashReport:
 
     @property
     def ok(self) -> bool:
-        return self.drained and not self.tally.lost and not self.tally.unknown_delivered
+        return (self.drained and not self.tally.lost and not self.tally.unknown_delivered
+                and not self.damaged)
 
     def to_json(self) -> dict[str, object]:
         tally = asdict(self.tally)
@@ -165,6 +168,7 @@ class CrashReport:
             "ok": self.ok,
             **tally,
             "drained": self.drained,
+            "damaged": self.damaged[:50],
             "still_queued": self.still_queued,
             "dsn_count": self.dsn_count,
             "kills_with_queue_nonempty": self.kills_with_queue_nonempty,
@@ -239,8 +243,10 @@ class _CountingHandler:
 class CountingSink:
     """aiosmtpd on a loopback port in its own thread: counts deliveries per token."""
 
-    def __init__(self, delay: float, host: str = LOOPBACK) -> None:
+    def __init__(self, delay: float, host: str = LOOPBACK, size: int = 0) -> None:
         self.delay = delay
+        self.size = size
+        self.damaged: list[str] = []  # tokens delivered with a body other than the one sent
         self.host = host
         self.port = 0
         self._lock = threading.Lock()
@@ -273,7 +279,10 @@ class CountingSink:
             if mail_from in ("", "<>"):
                 self._dsn += 1
             elif match:
-                self._counts[match.group(1).decode("ascii", "replace")] += 1
+                token = match.group(1).decode("ascii", "replace")
+                self._counts[token] += 1
+                if not data.endswith(message_body(token, self.size)):
+                    self.damaged.append(token)
 
     # -- views (any thread) ---------------------------------------------------------------------
 
@@ -540,7 +549,22 @@ class SubmissionLog:
             return len(self.attempted), len(self.acknowledged), len(self.rejected)
 
 
-def message_bytes(token: str, recipient: str) -> bytes:
+def message_body(token: str, size: int = 0) -> bytes:
+    """The body after the header section: the token, ``size`` bytes of filler lines, and a
+    last line naming the token, so a truncated or spliced body is noticed."""
+    line = (token.encode("ascii") + b" ") * (76 // (len(token) + 1)) + b"\r\n"
+    filler = line * (size // len(line))
+    return b"\r\n" + f"token {token}\r\n".encode("ascii") + filler + (
+        f"end {token}\r\n".encode("ascii") if size else b"")
+
+
+def message_bytes(token: str, recipient: str, size: int = 0) -> bytes:
+    if size:
+        head = "\r\n".join([
+            f"From: <{SENDER}>", f"To: <{recipient}>", f"Subject: crash harness {token}",
+            f"Date: {formatdate(localtime=True)}", f"Message-ID: <{token}@{TOKEN_DOMAIN}>",
+        ]).encode("ascii")
+        return head + message_body(token, size)
     lines = [
         f"From: <{SENDER}>",
         f"To: <{recipient}>",
@@ -558,8 +582,9 @@ class Submitter(threading.Thread):
     """Streams messages over one reused SMTP session until told to stop or cut off."""
 
     def __init__(self, name: str, port: int, log: SubmissionLog, stop: threading.Event,
-                 interval: float, limit: int) -> None:
+                 interval: float, limit: int, size: int = 0) -> None:
         super().__init__(name=name, daemon=True)
+        self.size = size
         self.port = port
         self.log = log
         self.halt = stop
@@ -581,7 +606,7 @@ class Submitter(threading.Thread):
                 sent += 1
                 self.log.attempt(token)
                 try:
-                    smtp.sendmail(SENDER, [recipient], message_bytes(token, recipient))
+                    smtp.sendmail(SENDER, [recipient], message_bytes(token, recipient, self.size))
                 except (smtplib.SMTPRecipientsRefused, smtplib.SMTPSenderRefused,
                         smtplib.SMTPDataError):
                     self.log.reject(token)  # a definite refusal: nothing was queued
@@ -644,7 +669,7 @@ def _round(index: int, engine: EngineProcess, sink: CountingSink, log: Submissio
     interval = options.sessions / options.rate if options.rate > 0 else 0.0
     submitters = [
         Submitter(f"{run_id}r{index:03d}s{n:02d}", engine.port, log, stop, interval,
-                  options.max_per_round)
+                  options.max_per_round, options.size)
         for n in range(options.sessions)
     ]
     try:
@@ -704,7 +729,7 @@ def run_crash(options: CrashOptions) -> CrashReport:
     log = SubmissionLog()
     rounds: list[RoundReport] = []
     with _workdir(options) as workdir:
-        sink = CountingSink(options.sink_delay).start()
+        sink = CountingSink(options.sink_delay, size=options.size).start()
         engine: EngineProcess | None = None
         try:
             engine = EngineProcess(workdir, sink.port)
@@ -721,7 +746,7 @@ def run_crash(options: CrashOptions) -> CrashReport:
                 tally=result, rounds=rounds, drained=drained, still_queued=left,
                 drain_s=drain_s, total_s=time.monotonic() - began, dsn_count=sink.dsn_count,
                 workdir=str(workdir) if (options.keep or options.workdir) else None,
-                engine_errors=engine.errors(),
+                engine_errors=engine.errors(), damaged=list(sink.damaged),
             )
             if not report.ok:
                 report.engine_log_tail = engine.log_tail()
@@ -762,6 +787,8 @@ def parse_args(argv: Sequence[str] | None) -> Invocation:
                    help="cap on submissions per session per round")
     p.add_argument("--drain-timeout", type=float, default=d.drain_timeout)
     p.add_argument("--seed", type=int, default=None, help="replay the kill instants")
+    p.add_argument("--size", type=int, default=0, metavar="BYTES",
+                   help="large-message mode: this many filler bytes in each message")
     p.add_argument("--workdir", type=Path, default=None,
                    help="keep config, queue and engine log here (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
@@ -772,7 +799,8 @@ def parse_args(argv: Sequence[str] | None) -> Invocation:
     options = CrashOptions(
         rounds=args.rounds, sessions=args.sessions, rate=args.rate, kill_min=args.kill_min,
         kill_max=args.kill_max, sink_delay=args.sink_delay, max_per_round=args.max_per_round,
-        drain_timeout=args.drain_timeout, seed=args.seed, workdir=args.workdir, keep=args.keep,
+        drain_timeout=args.drain_timeout, seed=args.seed, size=args.size,
+        workdir=args.workdir, keep=args.keep,
     )
     return Invocation(options, args.json_path, args.quiet)
 
@@ -799,6 +827,8 @@ def format_summary(report: CrashReport, *, quiet: bool = False) -> str:
         lines.append("LOST (acknowledged, never delivered): " + " ".join(t.lost[:20]))
     if t.unknown_delivered:
         lines.append("delivered but never submitted: " + " ".join(t.unknown_delivered[:20]))
+    if report.damaged:
+        lines.append("DAMAGED (body not as submitted): " + " ".join(report.damaged[:20]))
     if not report.drained:
         lines.append(f"queue not drained: {report.still_queued} messages left")
     for line in report.engine_errors[:5]:

@@ -15,7 +15,7 @@ import aiosmtplib
 import pytest
 
 from deliverd.config.model import Config, DsnConfig, HostConfig, LimitsConfig, Listener
-from deliverd.queue.store import QueueFullError, QueueStore
+from deliverd.queue.store import BodySpool, QueueFullError, QueueStore
 from deliverd.submission.listener import (
     REPLY_RELAY_DENIED,
     WAL_HEADROOM,
@@ -260,6 +260,9 @@ class _FullStore:
     def free_bytes(self) -> int:
         return 1 << 40  # the space check passes; the write itself fails
 
+    def spool(self) -> BodySpool:
+        return BodySpool()
+
     async def enqueue(self, *args: object, **kwargs: object) -> str:
         raise QueueFullError("queue storage failure: SQLITE_FULL")
 
@@ -398,6 +401,9 @@ class _ShortStore:
 
     def free_bytes(self) -> int:
         return 4096
+
+    def spool(self) -> BodySpool:
+        return BodySpool()
 
     async def enqueue(self, *args: object, **kwargs: object) -> str:
         raise AssertionError("nothing may be written when space is short")

@@ -35,7 +35,7 @@ from deliverd.queue import showq
 from deliverd.queue.database import QueueDB, QueueError
 from deliverd.queue.store import QueueStore
 from deliverd.smtp.transport import Transport
-from deliverd.submission.listener import start_listeners
+from deliverd.submission.listener import InboundGate, start_listeners
 from deliverd.submission.pickup import Pickup
 
 log = logging.getLogger("deliverd")
@@ -78,6 +78,7 @@ class Daemon:
         self.stop_grace = STOP_GRACE
         self.metrics = Metrics()
         self.metrics_server: MetricsServer | None = None
+        self.gate = InboundGate(on_refused=self.metrics.inbound_refused_by)
         self._depth_db: QueueDB | None = None  # the scrape thread's own read connection
         self._stop = asyncio.Event()
         self._servers: list[asyncio.base_events.Server] = []
@@ -105,7 +106,7 @@ class Daemon:
         try:
             self._servers = await start_listeners(
                 self.cfg, self.store, self._enqueued, current=self._current,
-                prebound=self.prebound,
+                prebound=self.prebound, gate=self.gate,
             )
             self.metrics_server = self._serve_metrics(self.cfg)
         except OSError as exc:
@@ -275,14 +276,14 @@ class Daemon:
         try:
             self._servers = await start_listeners(
                 new, self.store, self._enqueued, current=self._current,
-                prebound=self.prebound,
+                prebound=self.prebound, gate=self.gate,
             )
             return True
         except OSError as exc:
             log.error("reload refused: cannot listen on the new addresses: %s", exc)
             self._servers = await start_listeners(
                 old, self.store, self._enqueued, current=self._current,
-                prebound=self.prebound,
+                prebound=self.prebound, gate=self.gate,
             )
             return False
 

@@ -344,7 +344,8 @@ def _show(args: argparse.Namespace, cfg: Config) -> int:
         if msg is None:
             return _unknown(args.queue_id)
         try:
-            data = db.read_data(args.queue_id)
+            # The header section is in the first chunk: a large body is not read whole.
+            data = next(db.iter_body(args.queue_id), b"")
         except KeyError:
             return _unknown(args.queue_id)
     headers = header_block(data).decode("utf-8", "replace")

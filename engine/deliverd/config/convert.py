@@ -250,6 +250,8 @@ def config_to_spec(cfg: Config) -> dict[str, Any]:
             "connection_failure_cache": format_duration(lim.connection_failure_cache),
             "max_hops": lim.max_hops,
             "max_message_size": format_size(lim.max_message_size),
+            "max_inbound_sessions": lim.max_inbound_sessions,
+            "max_inbound_per_client": lim.max_inbound_per_client,
         },
         "metrics": _drop_none({
             "listen": cfg.metrics.listen,

@@ -181,6 +181,8 @@ class LimitsConfig:
     connection_failure_cache: int = 300
     max_hops: int = 30
     max_message_size: int = 50 * 1024 * 1024
+    max_inbound_sessions: int = 100
+    max_inbound_per_client: int = 20
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ with the stage they came from); the pure planner in ``router`` turns those into 
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -88,10 +89,23 @@ class Hop:
 
 
 @dataclass(frozen=True)
+class StreamedBody:
+    """A body too large to hold in memory: read in bounded chunks each time it is sent.
+
+    ``chunks()`` starts from the beginning on every call; ``head`` is its first chunk (the
+    header section is in it: a DSN quotes no more). ``size`` is the stored size in octets.
+    """
+
+    size: int
+    head: bytes
+    chunks: Callable[[], AsyncIterator[bytes]]
+
+
+@dataclass(frozen=True)
 class Envelope:
     sender: str
     recipients: tuple[str, ...]
-    data: bytes
+    data: bytes | StreamedBody
     smtputf8: bool = False
     eightbit: bool = False
 

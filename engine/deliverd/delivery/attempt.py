@@ -8,7 +8,14 @@ asks DNS for the transport security the receiver publishes (``deliverd.delivery.
 from __future__ import annotations
 
 from deliverd.config.model import Config
-from deliverd.core.outcomes import Envelope, Outcome, Route, Stage, TransactionResult
+from deliverd.core.outcomes import (
+    Envelope,
+    Outcome,
+    Route,
+    Stage,
+    StreamedBody,
+    TransactionResult,
+)
 from deliverd.delivery.credentials import credentials_for
 from deliverd.delivery.router import Attempt, Finished, ResolveAddresses, ResolveMx, Transact
 from deliverd.delivery.security import HopSecurity
@@ -41,7 +48,7 @@ async def run_attempt(
 
     ``metrics`` counts what only this loop sees: DNS failures and failed connections.
     """
-    security = HopSecurity(cfg, resolver, sts, enabled=not is_tls_required_no(envelope.data))
+    security = HopSecurity(cfg, resolver, sts, enabled=not is_tls_required_no(_head(envelope)))
     while True:
         action = attempt.next_action()
         if isinstance(action, Finished):
@@ -109,3 +116,9 @@ def _count_connection(metrics: Metrics, result: TransactionResult) -> None:
         metrics.connection_failure(
             "greeting" if rejected else connection_failure_kind(failure.error)
         )
+
+
+def _head(envelope: Envelope) -> bytes:
+    """The start of the message, where its header section is (all of it for a small body)."""
+    data = envelope.data
+    return data.head if isinstance(data, StreamedBody) else data

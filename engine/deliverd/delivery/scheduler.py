@@ -17,7 +17,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 
 from deliverd.config.model import Config, DkimKey, OnExpiry
-from deliverd.core.outcomes import Envelope, Kind, Outcome, Route, Stage
+from deliverd.core.outcomes import Envelope, Kind, Outcome, Route, Stage, StreamedBody
 from deliverd.delivery.attempt import run_attempt
 from deliverd.delivery.backoff import expired, next_attempt, retry_until
 from deliverd.delivery.router import Attempt
@@ -29,6 +29,7 @@ from deliverd.dns.resolver import Resolver
 from deliverd.ops.logline import dsn_sent, format_attempt, format_event
 from deliverd.ops.metrics import Metrics
 from deliverd.queue.store import (
+    ChunkedBody,
     QueuedMessage,
     QueueFullError,
     QueueStore,
@@ -148,7 +149,8 @@ class Scheduler:
         due = await self.store.due_with_data(
             time.time(), limit=free, exclude=frozenset(self._inflight) | self._cooling.keys()
         )
-        for message, data in due:
+        for message, stored in due:
+            data = self._body(message, stored)
             if self._stopping:
                 return
             if message.queue_id in self._inflight:
@@ -157,7 +159,14 @@ class Scheduler:
             task = asyncio.create_task(self._deliver_guarded(message, data))
             self._inflight[message.queue_id] = task
 
-    async def _deliver_guarded(self, message: QueuedMessage, data: bytes) -> None:
+    def _body(self, message: QueuedMessage, stored: bytes | ChunkedBody) -> bytes | StreamedBody:
+        """A body stored in chunks is sent streamed, read again from the queue each time."""
+        if isinstance(stored, bytes):
+            return stored
+        qid = message.queue_id
+        return StreamedBody(message.size, stored.head, lambda: self.store.body_chunks(qid))
+
+    async def _deliver_guarded(self, message: QueuedMessage, data: bytes | StreamedBody) -> None:
         try:
             await self._deliver(message, data)
         except asyncio.CancelledError:
@@ -178,7 +187,7 @@ class Scheduler:
             self._slots.release()
             self._wake.set()
 
-    async def _deliver(self, message: QueuedMessage, data: bytes) -> None:
+    async def _deliver(self, message: QueuedMessage, data: bytes | StreamedBody) -> None:
         cfg = self.cfg
         now = time.time()
         active = [
@@ -210,7 +219,9 @@ class Scheduler:
         results = await asyncio.gather(*attempts)
         return [outcome for group in results for outcome in group]
 
-    async def _settle(self, message: QueuedMessage, data: bytes, outcomes: list[Outcome]) -> None:
+    async def _settle(
+        self, message: QueuedMessage, data: bytes | StreamedBody, outcomes: list[Outcome]
+    ) -> None:
         cfg, now = self.cfg, time.time()
         is_expired = expired(arrival=message.arrival, now=now, retry=cfg.retry)
         attempts = {r.address: r.attempts for r in message.recipients}
@@ -300,7 +311,7 @@ class Scheduler:
     async def _send_dsn(
         self,
         message: QueuedMessage,
-        data: bytes,
+        data: bytes | StreamedBody,
         outcomes: list[Outcome],
         kind: DsnKind,
         is_expiry: bool,
@@ -319,7 +330,7 @@ class Scheduler:
                 original_sender=message.sender,
                 queue_id=message.queue_id,
                 arrival=datetime.fromtimestamp(message.arrival, UTC),
-                original=data,
+                original=data if isinstance(data, bytes) else data.head,
                 outcomes=outcomes,
                 include_transcript=cfg.dsn.include_transcript,
                 retry_until=until,

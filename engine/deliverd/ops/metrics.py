@@ -68,6 +68,7 @@ DNS_FAILURES = ("nxdomain", "null_mx", "no_address", "temporary")
 TLS_RESULTS = ("established", "cleartext", "failed")
 CONNECTION_FAILURES = ("refused", "timeout", "unreachable", "lost", "greeting", "other")
 QUEUE_STATES = ("pending", "deferred", "held")
+INBOUND_LIMITS = ("max_inbound_sessions", "max_inbound_per_client")
 
 _STATUS_CLASS = re.compile(r"^([245])\.([0-9]{1,3})\.[0-9]{1,3}$")
 
@@ -167,6 +168,10 @@ class Metrics:
         self.dsn = Counter(
             "deliverd_dsn_sent", "Delivery status notifications queued, by kind.",
             ["kind"], registry=r)
+        self.inbound_refused = Counter(
+            "deliverd_inbound_refused",
+            "Inbound SMTP connections refused with 421, by the limit reached.",
+            ["reason"], registry=r)
         self.reload_failures = Counter(
             "deliverd_config_reload_failures", "Reloads refused (the running config kept).",
             registry=r)
@@ -207,6 +212,8 @@ class Metrics:
             self.connection_failures.labels(kind)
         for kind in ("failure", "delay"):
             self.dsn.labels(kind)
+        for reason in INBOUND_LIMITS:
+            self.inbound_refused.labels(reason)
 
     # -- what the stages report ---------------------------------------------------------------
 
@@ -244,6 +251,10 @@ class Metrics:
 
     def connection_failure(self, kind: str) -> None:
         self.connection_failures.labels(kind).inc()
+
+    def inbound_refused_by(self, reason: str) -> None:
+        """A new inbound connection got 421: ``reason`` is the limit it hit."""
+        self.inbound_refused.labels(reason).inc()
 
     def dsn_sent(self, kind: str) -> None:
         self.dsn.labels(kind).inc()

@@ -28,11 +28,13 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TypeVar
 
+from deliverd.queue.spool import BODY_CHUNK, BodySpool
+
 T = TypeVar("T")
 _P = TypeVar("_P")
 
 DB_NAME = "queue.db"
-SCHEMA_VERSION = 2  # 2: mta_sts_policies, tls_results (every statement is IF NOT EXISTS)
+SCHEMA_VERSION = 3  # 2: mta_sts_policies, tls_results; 3: body_chunks (all IF NOT EXISTS)
 BUSY_TIMEOUT_MS = 30_000
 # SQLite limits host parameters per statement; fetch messages by id in chunks below it.
 # (Every f-string query below interpolates only these constant column lists or "?" marks.)
@@ -189,6 +191,14 @@ CREATE TABLE IF NOT EXISTS bodies (
     queue_id TEXT PRIMARY KEY REFERENCES messages(queue_id) ON DELETE CASCADE,
     data BLOB NOT NULL
 ) WITHOUT ROWID;
+-- Bodies larger than one chunk, in order (version 2): a message has its body either in
+-- bodies (one row, as every version-1 queue holds them) or here, never in both.
+CREATE TABLE IF NOT EXISTS body_chunks (
+    queue_id TEXT NOT NULL REFERENCES messages(queue_id) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (queue_id, seq)
+);
 CREATE TABLE IF NOT EXISTS recipients (
     queue_id TEXT NOT NULL REFERENCES messages(queue_id) ON DELETE CASCADE,
     idx INTEGER NOT NULL,
@@ -300,6 +310,18 @@ def _fsync_dir(path: Path) -> None:
 
 def _unique(addresses: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(addresses))
+
+
+# How much of a chunked body ``read_dispatch`` returns: more than the listener keeps of a
+# header section, so the whole header is in it.
+HEAD_SIZE = 320 * 1024
+
+
+@dataclass(frozen=True)
+class ChunkedBody:
+    """A body stored in chunks, not read yet: its first ``HEAD_SIZE`` octets."""
+
+    head: bytes
 
 
 class QueueDB:
@@ -440,7 +462,7 @@ class QueueDB:
         self,
         sender: str,
         recipients: Sequence[str],
-        data: bytes,
+        data: bytes | BodySpool,
         *,
         smtputf8: bool = False,
         eightbit: bool = False,
@@ -452,8 +474,20 @@ class QueueDB:
         """Store a message; durable when it returns (or when the enclosing batch commits).
 
         ``queue_id`` may be chosen beforehand (the listener writes it into the Received:
-        header); should it already exist, a fresh one is used instead.
+        header); should it already exist, a fresh one is used instead. ``data`` may be a
+        ``BodySpool``. A body larger than ``BODY_CHUNK`` goes into ``body_chunks`` one chunk
+        at a time (from the spool, or cut from the bytes), inside the same transaction, so
+        it is always read back in chunks.
         """
+        small: bytes | None = None
+        if isinstance(data, bytes):
+            size = len(data)
+            if size <= BODY_CHUNK:
+                small = data
+        else:
+            size = data.size
+            if data.in_memory:
+                small = data.getvalue()
         rcpts = _unique(recipients)
         if not rcpts:
             raise ValueError("a message needs at least one recipient")
@@ -467,13 +501,20 @@ class QueueDB:
                 try:
                     c.execute(
                         f"INSERT INTO messages ({_MSG_COLS}) VALUES (?,?,?,?,?,?,?,?,?,0)",  # noqa: S608
-                        (qid, sender, arrival, len(data), smtputf8, eightbit, is_dsn, held,
+                        (qid, sender, arrival, size, smtputf8, eightbit, is_dsn, held,
                          hold_reason),
                     )
                     break
                 except sqlite3.IntegrityError:
                     qid = new_queue_id(arrival)
-            c.execute("INSERT INTO bodies (queue_id, data) VALUES (?, ?)", (qid, data))
+            if small is not None:
+                c.execute("INSERT INTO bodies (queue_id, data) VALUES (?, ?)", (qid, small))
+            else:
+                chunks = data.chunks() if isinstance(data, BodySpool) else (
+                    data[i:i + BODY_CHUNK] for i in range(0, len(data), BODY_CHUNK))
+                for seq, chunk in enumerate(chunks):
+                    c.execute("INSERT INTO body_chunks (queue_id, seq, data) VALUES (?, ?, ?)",
+                              (qid, seq, chunk))
             c.executemany(
                 "INSERT INTO recipients (queue_id, idx, address, state) VALUES (?,?,?,?)",
                 [(qid, i, addr, state.value) for i, addr in enumerate(rcpts)],
@@ -596,27 +637,56 @@ class QueueDB:
         return found[0] if found else None
 
     def read_data(self, queue_id: str) -> bytes:
-        """The message body; KeyError if the message is not queued."""
+        """The whole message body; KeyError if the message is not queued. A large body is
+        better read with ``iter_body``, which holds one chunk at a time."""
+        return b"".join(self.iter_body(queue_id))
+
+    def iter_body(self, queue_id: str) -> Iterator[bytes]:
+        """The message body in chunks of at most ``BODY_CHUNK`` bytes (one query each, so
+        memory stays bounded whatever the size); KeyError (at the first chunk) if the message
+        is not queued. The body of a queued message never changes; should the message be
+        removed while it is read, the chunks stop with KeyError."""
         row = self._read(
             lambda c: c.execute(
                 "SELECT data FROM bodies WHERE queue_id = ?", (queue_id,)
             ).fetchone()
         )
-        if row is None:
+        if row is not None:
+            whole: bytes = row[0]
+            for start in range(0, len(whole), BODY_CHUNK):
+                yield whole[start:start + BODY_CHUNK]
+            return
+        if self.get(queue_id) is None:
             raise KeyError(queue_id)
-        data: bytes = row[0]
-        return data
+        seq = 0
+        while (chunk := self._read(_chunk_reader(queue_id, seq))) is not None:
+            yield chunk
+            seq += 1
 
     def read_many(self, queue_ids: Sequence[str]) -> dict[str, bytes]:
-        """Bodies of the queued messages among ``queue_ids`` (one read for a whole dispatch)."""
+        """Bodies of the queued messages among ``queue_ids`` (one read for a whole dispatch),
+        whole, whatever their size; the daemon uses ``read_dispatch``."""
+        found = self.read_dispatch(queue_ids)
+        return {qid: b"".join(self.iter_body(qid)) if isinstance(body, ChunkedBody) else body
+                for qid, body in found.items()}
 
-        def op(c: sqlite3.Connection) -> dict[str, bytes]:
-            found: dict[str, bytes] = {}
+    def read_dispatch(self, queue_ids: Sequence[str]) -> dict[str, bytes | ChunkedBody]:
+        """Like ``read_many``, but a body stored in chunks is not read: only its head."""
+
+        def op(c: sqlite3.Connection) -> dict[str, bytes | ChunkedBody]:
+            found: dict[str, bytes | ChunkedBody] = {}
             for start in range(0, len(queue_ids), _ID_CHUNK):
                 chunk = list(queue_ids[start:start + _ID_CHUNK])
                 marks = ",".join("?" * len(chunk))
                 sql = f"SELECT queue_id, data FROM bodies WHERE queue_id IN ({marks})"  # noqa: S608
                 found.update(c.execute(sql, chunk))
+            for qid in queue_ids:  # bodies larger than one chunk
+                if qid not in found:
+                    row = c.execute(
+                        "SELECT substr(data, 1, ?) FROM body_chunks WHERE queue_id = ?"
+                        " AND seq = 0", (HEAD_SIZE, qid)).fetchone()
+                    if row is not None:
+                        found[qid] = ChunkedBody(bytes(row[0]))
             return found
 
         return self._read(op)
@@ -896,11 +966,22 @@ class QueueDB:
         return self._read(op)
 
 
+def _chunk_reader(queue_id: str, seq: int) -> Callable[[sqlite3.Connection], bytes | None]:
+    def op(c: sqlite3.Connection) -> bytes | None:
+        row = c.execute(
+            "SELECT data FROM body_chunks WHERE queue_id = ? AND seq = ?", (queue_id, seq)
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    return op
+
+
 def _delete(c: sqlite3.Connection, queue_id: str) -> bool:
     # Explicit deletes rather than relying on ON DELETE CASCADE being enabled on every
     # connection that ever touched the file.
     c.execute("DELETE FROM recipients WHERE queue_id = ?", (queue_id,))
     c.execute("DELETE FROM bodies WHERE queue_id = ?", (queue_id,))
+    c.execute("DELETE FROM body_chunks WHERE queue_id = ?", (queue_id,))
     return c.execute("DELETE FROM messages WHERE queue_id = ?", (queue_id,)).rowcount > 0
 
 

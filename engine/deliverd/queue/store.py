@@ -16,13 +16,14 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
 from deliverd.queue.database import (
+    ChunkedBody,
     QueueDB,
     QueuedMessage,
     QueuedRecipient,
@@ -37,8 +38,12 @@ from deliverd.queue.database import (
     is_queue_id,
     new_queue_id,
 )
+from deliverd.queue.spool import BODY_CHUNK, BodySpool
 
 __all__ = [
+    "BODY_CHUNK",
+    "BodySpool",
+    "ChunkedBody",
     "QueueDB",
     "QueueError",
     "QueueFullError",
@@ -217,7 +222,7 @@ class QueueStore:
         self,
         sender: str,
         recipients: Sequence[str],
-        data: bytes,
+        data: bytes | BodySpool,
         *,
         smtputf8: bool = False,
         eightbit: bool = False,
@@ -228,6 +233,8 @@ class QueueStore:
         """Queue a message; returns its id once the transaction holding it has committed.
 
         Raises ``QueueFullError`` (disk full, I/O error) with nothing of the message stored.
+        A ``BodySpool`` (see ``spool()``) is read by the writer thread, chunk by chunk; the
+        caller must not touch it until this returns.
         """
         rcpts = tuple(recipients)
         arrival = time.time()
@@ -237,6 +244,11 @@ class QueueStore:
                 hold_reason=hold_reason, queue_id=queue_id, now=arrival,
             )
         )
+
+    def spool(self) -> BodySpool:
+        """An empty spool for a body arriving in pieces (its overflow file in the queue's
+        directory, so it is on the filesystem the free-space checks watch)."""
+        return BodySpool(self.path)
 
     async def record(self, queue_id: str, updates: Sequence[RecipientUpdate]) -> None:
         """Store an attempt's outcome durably; attempts of each updated recipient grow by 1."""
@@ -281,13 +293,14 @@ class QueueStore:
 
     async def due_with_data(
         self, now: float, limit: int, *, exclude: Collection[str] = ()
-    ) -> list[tuple[QueuedMessage, bytes]]:
+    ) -> list[tuple[QueuedMessage, bytes | ChunkedBody]]:
         """``due`` and the bodies of what it found, in one trip to the reader thread (the
-        scheduler's dispatch: one read per batch of messages instead of one per message)."""
+        scheduler's dispatch: one read per batch of messages instead of one per message).
+        A body stored in chunks comes as a ``ChunkedBody``: read it with ``body_chunks``."""
 
-        def op(db: QueueDB) -> list[tuple[QueuedMessage, bytes]]:
+        def op(db: QueueDB) -> list[tuple[QueuedMessage, bytes | ChunkedBody]]:
             messages = db.due(now, limit, exclude=exclude)
-            bodies = db.read_many([m.queue_id for m in messages])
+            bodies = db.read_dispatch([m.queue_id for m in messages])
             return [(m, bodies[m.queue_id]) for m in messages if m.queue_id in bodies]
 
         return await self._read(op)
@@ -299,6 +312,14 @@ class QueueStore:
     async def read_data(self, queue_id: str) -> bytes:
         """The message; KeyError when it is not queued."""
         return await self._read(lambda db: db.read_data(queue_id))
+
+    async def body_chunks(self, queue_id: str) -> AsyncIterator[bytes]:
+        """The message in chunks of at most ``BODY_CHUNK`` bytes, each read on the reader
+        thread when asked for: the way to read a body of any size. KeyError when it is not
+        queued."""
+        chunks = self._reader.iter_body(queue_id)
+        while (chunk := await self._read(lambda _db: next(chunks, None))) is not None:
+            yield chunk
 
     async def get(self, queue_id: str) -> QueuedMessage | None:
         return await self._read(lambda db: db.get(queue_id))

@@ -42,7 +42,9 @@ def needs_smtputf8(envelope: Envelope) -> bool:
 
 
 def is_eightbit(envelope: Envelope) -> bool:
-    return envelope.eightbit or not envelope.data.isascii()
+    # A streamed body was judged chunk by chunk when it was queued (``eightbit``).
+    data = envelope.data
+    return envelope.eightbit or (isinstance(data, bytes) and not data.isascii())
 
 
 def unsafe_address(address: str) -> bool:
@@ -78,6 +80,47 @@ def wire_body(data: bytes) -> bytes:
     if not body.endswith(b"\r\n"):
         body += b"\r\n"
     return _LEADING_DOT.sub(b"..", body) + b".\r\n"
+
+
+class WireStuffer:
+    """``wire_body`` on a stream: CRLF line ends and dot-stuffing across chunk boundaries.
+
+    ``feed`` each chunk in order, send what it returns, then send ``finish()`` (the final
+    CRLF when missing and the dot). ``size`` is then the RFC 1870 SIZE of what was fed.
+    """
+
+    def __init__(self) -> None:
+        self._at_line_start = True
+        self._pending_cr = False  # a chunk ended in CR: is it half of a CRLF?
+        self._empty = True
+        self.size = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._pending_cr:
+            chunk = b"\r" + chunk
+            self._pending_cr = False
+        if chunk.endswith(b"\r"):
+            chunk = chunk[:-1]
+            self._pending_cr = True
+        if not chunk:
+            return b""
+        self._empty = False
+        body = _LINE_ENDINGS.sub(b"\r\n", chunk)
+        self.size += len(body)
+        # A leading "x" keeps a chunk that starts mid-line from being stuffed at its start.
+        stuffed = _LEADING_DOT.sub(b"..", (b"\n" if self._at_line_start else b"x") + body)
+        self._at_line_start = body.endswith(b"\n")
+        return stuffed[1:]
+
+    def finish(self) -> bytes:
+        tail = b""
+        if self._pending_cr:
+            self._pending_cr, self._empty, self._at_line_start = False, False, True
+            tail = b"\r\n"
+        if self._empty or not self._at_line_start:
+            tail += b"\r\n"
+        self.size += len(tail)
+        return tail + b".\r\n"
 
 
 def wire_size(data: bytes) -> int:

@@ -13,9 +13,11 @@ import asyncio
 import base64
 import socket
 import ssl
+from collections.abc import AsyncIterator
 
 import aiosmtplib
 from aiosmtplib.errors import SMTPAuthenticationError, SMTPResponseException
+from aiosmtplib.protocol import SMTPProtocol
 from aiosmtplib.response import SMTPResponse
 
 from deliverd.config.model import Credentials, TimeoutsConfig
@@ -28,7 +30,7 @@ from deliverd.smtp.errors import (
     map_errors,
     reply_from,
 )
-from deliverd.smtp.policy import is_loop_banner
+from deliverd.smtp.policy import WireStuffer, is_loop_banner
 
 MAX_TRANSCRIPT_LINES = 400
 MAX_TRANSCRIPT_LINE = 512
@@ -267,6 +269,41 @@ class SmtpSession:
             raise
         self._note_reply(response.code, response.message)
         return start, reply_from(response.code, response.message)
+
+    async def data_stream(self, chunks: AsyncIterator[bytes]) -> tuple[Reply, Reply | None]:
+        """``data`` for a body read in chunks: each is dot-stuffed on the fly and written once
+        the previous one has left the socket's buffer, so memory stays bounded whatever the
+        size. Should the body fail to read, the connection is dropped before the final dot:
+        the next hop never takes half a message."""
+        start = await self.command(Stage.DATA, b"DATA")
+        if start.code != 354:
+            return start, None
+        smtp = self._client(Stage.DATA)
+        protocol = smtp.protocol
+        stuffer = WireStuffer()
+        try:
+            with map_errors(Stage.DATA):
+                if protocol is None:
+                    raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+                async for chunk in chunks:
+                    protocol.write(stuffer.feed(chunk))
+                    await self._drained(protocol)
+                protocol.write(stuffer.finish())
+                self.note(f">>> ({stuffer.size} octets of message data)")
+                self.note(">>> .")
+                response = await protocol.read_response(timeout=self.timeouts.data_response)
+        except BaseException:
+            smtp.close()
+            raise
+        self._note_reply(response.code, response.message)
+        return start, reply_from(response.code, response.message)
+
+    async def _drained(self, protocol: SMTPProtocol) -> None:
+        """Wait until the transport's write buffer is below its high-water mark."""
+        try:
+            await asyncio.wait_for(protocol._drain_helper(), self.timeouts.data_response)
+        except TimeoutError:
+            raise aiosmtplib.SMTPTimeoutError("timed out sending message data") from None
 
     async def quit(self) -> None:
         """Polite QUIT, bounded; the connection is closed whatever happens."""

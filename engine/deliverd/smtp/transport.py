@@ -21,6 +21,7 @@ from deliverd.core.outcomes import (
     Route,
     SessionFailure,
     Stage,
+    StreamedBody,
     TransactionResult,
 )
 from deliverd.smtp.dane import verify as dane_verify
@@ -33,6 +34,7 @@ from deliverd.smtp.errors import (
     failure_from_reply,
 )
 from deliverd.smtp.policy import (
+    WireStuffer,
     choose_mechanism,
     is_eightbit,
     mail_parameters,
@@ -351,7 +353,8 @@ async def _transaction(
             Stage.MAIL, "sender address cannot be sent in SMTP", temporary=False, status="5.1.7"
         )
         return
-    size = wire_size(envelope.data)
+    data = envelope.data
+    size = wire_size(data) if isinstance(data, bytes) else await _streamed_wire_size(data)
     limit = size_limit(features)
     if limit is not None and size > limit:
         progress.failure = SessionFailure(
@@ -393,7 +396,10 @@ async def _transaction(
         progress.in_sync = await _reset(session)
         return
 
-    start, final = await session.data(wire_body(envelope.data))
+    if isinstance(data, bytes):
+        start, final = await session.data(wire_body(data))
+    else:
+        start, final = await session.data_stream(data.chunks())
     if final is None:
         progress.failure = failure_from_reply(Stage.DATA, start)
         progress.in_sync = start.code != 421 and await _reset(session)
@@ -402,6 +408,15 @@ async def _transaction(
         progress.in_sync = final.code != 421
     else:
         progress.data_reply = final
+
+
+async def _streamed_wire_size(body: StreamedBody) -> int:
+    """The SIZE of a streamed body: one pass over it, a chunk at a time."""
+    stuffer = WireStuffer()
+    async for chunk in body.chunks():
+        stuffer.feed(chunk)
+    stuffer.finish()
+    return stuffer.size
 
 
 async def _reset(session: SmtpSession) -> bool:

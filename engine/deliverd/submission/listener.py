@@ -1,7 +1,8 @@
 """The SMTP listener local applications submit mail to (aiosmtpd on the daemon's own loop).
 
 Policy decisions are pure functions at the top (relay check, hop count, Received: header,
-8-bit detection); ``_SubmissionHandler`` applies them to one aiosmtpd session, and
+8-bit detection); ``_SubmissionHandler`` applies them to one aiosmtpd session (DATA is read
+by the listener itself, line by line into an ``IncomingMessage``: never held whole), and
 ``start_listeners`` binds every configured address on the running loop. A message is
 acknowledged (250) only after ``QueueStore.enqueue`` returned, i.e. after its COMMIT.
 """
@@ -11,21 +12,28 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import re
 import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import AnyStr
+from typing import Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from deliverd.config.model import Config, Listener
+from deliverd.config.model import Config, DkimKey, Listener
 from deliverd.dkim.keys import DkimKeyError
 from deliverd.dkim.signer import signed
 from deliverd.queue.space import WAL_HEADROOM as WAL_HEADROOM
 from deliverd.queue.space import min_free_bytes
+from deliverd.queue.spool import BodySpool
 from deliverd.queue.store import QueueStore, new_queue_id
+from deliverd.submission.gate import CLIENT_REFUSED as CLIENT_REFUSED
+from deliverd.submission.gate import REPLY_TOO_MANY
+from deliverd.submission.gate import SESSIONS_REFUSED as SESSIONS_REFUSED
+from deliverd.submission.gate import InboundGate as InboundGate
+from deliverd.submission.incoming import IncomingMessage
+from deliverd.submission.incoming import count_received as count_received
+from deliverd.submission.incoming import header_block as header_block
 from deliverd.submission.local import LocalPolicy, UnknownLocalUser, local_policy
 
 log = logging.getLogger(__name__)
@@ -37,15 +45,13 @@ REPLY_TOO_BIG = "552 5.3.4 Message too big"
 REPLY_NO_STORAGE = "452 4.3.1 Insufficient system storage"
 REPLY_QUEUED = "250 2.0.0 Ok: queued as {queue_id}"
 REPLY_ERROR = "451 4.3.0 Local error in processing"
+REPLY_LOST = "451 4.4.2 Connection lost during DATA"
 
 # aiosmtpd words some refusals itself; the listener answers them with enhanced status codes.
 _LIBRARY_REPLIES = {
     "552 Error: message size exceeds fixed maximum message size": REPLY_TOO_BIG,
     "552 Error: Too much mail data": REPLY_TOO_BIG,
 }
-
-_RECEIVED = re.compile(rb"received[ \t]*:", re.IGNORECASE)
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,21 +75,6 @@ def relay_allowed(
     if trust_loopback and ip.is_loopback:
         return True
     return any(ip.version == net.version and ip in net for net in allow_networks)
-
-
-def header_block(data: bytes) -> bytes:
-    """The header section of a message (everything before the first empty line)."""
-    if data.startswith((b"\r\n", b"\n")):
-        return b""
-    end = _HEADER_END.search(data)
-    return data if end is None else data[: end.start()]
-
-
-def count_received(data: bytes) -> int:
-    """How many Received: header fields the message carries (continuation lines excluded)."""
-    return sum(
-        1 for line in header_block(data).splitlines() if _RECEIVED.match(line) is not None
-    )
 
 
 def loop_hold_reason(hops: int, max_hops: int) -> str | None:
@@ -139,7 +130,115 @@ def envelope_sender(mail_from: str) -> str:
 
 
 class _SubmissionSMTP(SMTP):
-    """aiosmtpd's protocol with the listener's own wording for size refusals."""
+    """aiosmtpd's protocol with the listener's own wording for size refusals, and the inbound
+    session caps: a connection beyond them is answered 421 and closed before its greeting."""
+
+    def __init__(
+        self, handler: _SubmissionHandler, *, gate: InboundGate,
+        limits: Callable[[], tuple[int, int]], **kwargs: Any,
+    ) -> None:
+        super().__init__(handler, **kwargs)
+        self._gate = gate
+        self._limits = limits
+        self._gate_client: str | None = None
+        self._refused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is None and not self._refused:  # not the STARTTLS re-entry
+            client = _ip_of(transport.get_extra_info("peername"))
+            max_sessions, max_per_client = self._limits()
+            reason = self._gate.admit(client, max_sessions, max_per_client)
+            if reason is not None:
+                self._refused = True
+                log.warning("connection refused: client=[%s]: %s reached", client, reason)
+                if self._gate.on_refused is not None:
+                    self._gate.on_refused(reason)
+                assert isinstance(transport, asyncio.WriteTransport)
+                transport.write(REPLY_TOO_MANY)
+                transport.close()
+                return
+            self._gate_client = client
+        super().connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._refused:
+            super().data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return None if self._refused else super().eof_received()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
+        if self._gate_client is not None:
+            self._gate.release(self._gate_client)
+            self._gate_client = None
+        super().connection_lost(error)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        """DATA read line by line and handed to the handler's ``IncomingMessage`` as it arrives
+        (aiosmtpd's own ``smtp_DATA`` would hold the whole message, several times over)."""
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None and self.session is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        handler = self.event_handler
+        assert isinstance(handler, _SubmissionHandler)
+        incoming = handler.begin(self.session, self.envelope)
+        if isinstance(incoming, str):
+            await self.push(incoming)
+            return
+        try:
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            failure = await self._read_data(incoming)
+            if failure is not None:
+                self._set_post_data_state()  # type: ignore[no-untyped-call]
+                await self.push(failure)
+                return
+            status = await handler.finish(self.session, self.envelope, incoming)
+        finally:
+            incoming.close()
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push(status)
+
+    async def _read_data(self, incoming: IncomingMessage) -> str | None:
+        """Read up to the final dot; the refusal reply if the message cannot be taken (sent
+        only once the whole of DATA was read, RFC 5321 4.2.5)."""
+        limit = self.data_size_limit
+        received = 0
+        failure: str | None = None
+        mid_line = False  # the previous read ended inside an over-long line
+        while self.transport is not None:
+            try:
+                line = await self._reader.readuntil(b"\r\n")
+            except asyncio.CancelledError:
+                self._writer.close()  # the connection was lost during DATA
+                raise
+            except asyncio.LimitOverrunError as exc:
+                failure = failure or "500 Line too long (see RFC5321 4.5.3.1.6)"
+                await self._reader.readexactly(exc.consumed)
+                mid_line = True
+                continue
+            if line == b".\r\n" and not mid_line:
+                return failure
+            after_long, mid_line = mid_line, False
+            received += len(line)
+            if limit and received > limit:
+                failure = failure or REPLY_TOO_BIG
+            if failure is not None or after_long:
+                continue
+            if line[:1] == b".":
+                line = line[1:]  # dot-unstuffing (RFC 5321 4.5.2)
+            incoming.feed(line)
+        # The connection went away without the final dot: nothing of it may be queued.
+        return failure or REPLY_LOST
 
     async def push(self, status: AnyStr) -> None:
         if isinstance(status, str):
@@ -212,50 +311,58 @@ class _SubmissionHandler:
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"
 
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        content = envelope.original_content
-        if not isinstance(content, bytes) or not envelope.rcpt_tos or envelope.mail_from is None:
+    def begin(self, session: Session, envelope: Envelope) -> IncomingMessage | str:
+        """A new message at DATA: its queue id and trace header are chosen now, so the trace
+        is the first thing spooled; or the reply refusing the DATA command."""
+        if not envelope.rcpt_tos or envelope.mail_from is None:
             return REPLY_ERROR
-        peer_ip = _peer_ip(session)
-        policy = self.policy()
-        sender = policy.sender(envelope_sender(envelope.mail_from))
-        content = policy.rewrite_message(content)
+        queue_id = new_queue_id()
         rcpts = list(envelope.rcpt_tos)
+        trace = received_header(
+            helo=session.host_name, peer_ip=_peer_ip(session), by_host=self.hostname,
+            queue_id=queue_id, recipients=rcpts,
+            protocol=protocol_name(session.extended_smtp, bool(envelope.smtp_utf8)),
+            when=datetime.now(UTC).astimezone(),
+        )
+        return IncomingMessage(self.store.spool(), trace, self.policy(), queue_id, rcpts)
+
+    async def finish(self, session: Session, envelope: Envelope, incoming: IncomingMessage) -> str:
+        """Queue the message read in full; the final reply (250 only after the COMMIT)."""
+        assert envelope.mail_from is not None
+        peer_ip = _peer_ip(session)
+        spool = incoming.done()
+        sender = incoming.policy.sender(envelope_sender(envelope.mail_from))
+        rcpts = incoming.recipients
         smtputf8 = bool(envelope.smtp_utf8)
-        eightbit = "BODY=8BITMIME" in envelope.mail_options or has_8bit(content)
-        hops = count_received(content)
-        hold_reason = loop_hold_reason(hops, self.max_hops)
-        if self._short_of_space(len(content)):
+        eightbit = "BODY=8BITMIME" in envelope.mail_options or incoming.eightbit
+        hold_reason = loop_hold_reason(incoming.hops, self.max_hops)
+        if self._short_of_space(spool.size):
             log.error("refusing mail: client=[%s] from=<%s>: queue filesystem short of space",
                       peer_ip, sender)
             return REPLY_NO_STORAGE
         dkim = self.current().dkim
         if dkim:
             # Signed once, here, below the Received: field (never signed): every attempt and
-            # route sends these bytes. RSA in pure Python takes milliseconds: off the loop.
+            # route sends these bytes. dkimpy signs a whole message in memory, so signed mail
+            # is held once here; RSA in pure Python takes milliseconds: off the loop.
             try:
-                content = await asyncio.to_thread(signed, dkim, content)
+                spool = await asyncio.to_thread(
+                    _signed_spool, dkim, spool, incoming.trace_size, self.store.spool
+                )
             except DkimKeyError as exc:
                 log.error("refusing mail: client=[%s] from=<%s>: %s", peer_ip, sender, exc)
                 return REPLY_ERROR
-        queue_id = new_queue_id()
-        trace = received_header(
-            helo=session.host_name, peer_ip=peer_ip, by_host=self.hostname, queue_id=queue_id,
-            recipients=rcpts, protocol=protocol_name(session.extended_smtp, smtputf8),
-            when=datetime.now(UTC).astimezone(),
-        )
         try:
             queue_id = await self.store.enqueue(
-                sender, rcpts, trace + content, smtputf8=smtputf8, eightbit=eightbit,
-                hold_reason=hold_reason, queue_id=queue_id,
+                sender, rcpts, spool, smtputf8=smtputf8, eightbit=eightbit,
+                hold_reason=hold_reason, queue_id=incoming.queue_id,
             )
         except Exception as exc:  # disk full, I/O, anything: refuse temporarily, store nothing
             log.error("enqueue failed: client=[%s] from=<%s>: %s", peer_ip, sender, exc)
             return REPLY_NO_STORAGE
         log.info(
             "%s: client=[%s] from=<%s> nrcpt=%d size=%d%s", queue_id, peer_ip, sender,
-            len(rcpts), len(trace) + len(content),
-            f" held: {hold_reason}" if hold_reason else "",
+            len(rcpts), spool.size, f" held: {hold_reason}" if hold_reason else "",
         )
         try:
             self.on_enqueued(queue_id)
@@ -264,8 +371,24 @@ class _SubmissionHandler:
         return REPLY_QUEUED.format(queue_id=queue_id)
 
 
+def _signed_spool(
+    dkim: tuple[DkimKey, ...], spool: BodySpool, trace_size: int, new_spool: Callable[[], BodySpool]
+) -> BodySpool:
+    """The message of ``spool`` with its DKIM signatures between the trace and the message."""
+    with spool:
+        data = spool.getvalue()
+    out = new_spool()
+    out.write(data[:trace_size])
+    out.write(signed(dkim, data[trace_size:]))
+    return out
+
+
 def _peer_ip(session: Session) -> str:
-    peer: object = session.peer  # typed as str by aiosmtpd, but a (host, port, ...) tuple
+    # typed as str by aiosmtpd, but a (host, port, ...) tuple
+    return _ip_of(session.peer)
+
+
+def _ip_of(peer: object) -> str:
     if isinstance(peer, tuple) and peer:
         return str(peer[0])
     return str(peer)
@@ -299,6 +422,7 @@ async def start_listeners(
     trust_loopback: bool = True,
     current: Callable[[], Config] | None = None,
     prebound: Mapping[tuple[str, int], socket.socket] | None = None,
+    gate: InboundGate | None = None,
 ) -> list[asyncio.base_events.Server]:
     """Bind every ``cfg.listen`` entry on the running loop; the caller closes the servers.
 
@@ -309,8 +433,17 @@ async def start_listeners(
     ``prebound`` holds sockets bound before the process gave up root (ports below 1024, see
     ``bind_privileged``); a listener on one of them serves a duplicate of it, so a reload
     that closes the servers leaves the bound socket to the next ones.
+    ``gate`` counts the sessions against ``limits.max_inbound_sessions`` and
+    ``limits.max_inbound_per_client`` of the running config; pass the same one across
+    reloads. By default the listeners get a gate of their own.
     """
     now = current if current is not None else (lambda: cfg)
+    counter = gate if gate is not None else InboundGate()
+
+    def limits() -> tuple[int, int]:
+        running = now().limits
+        return running.max_inbound_sessions, running.max_inbound_per_client
+
     loop = asyncio.get_running_loop()
     name = hostname or cfg.host.name
     servers: list[asyncio.base_events.Server] = []
@@ -323,6 +456,8 @@ async def start_listeners(
             def factory(handler: _SubmissionHandler = handler) -> SMTP:
                 return _SubmissionSMTP(
                     handler,
+                    gate=counter,
+                    limits=limits,
                     data_size_limit=cfg.limits.max_message_size,
                     enable_SMTPUTF8=True,
                     decode_data=False,
