@@ -15,7 +15,7 @@ from deliverd.cli.main import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = REPO / "man" / "man8"
-COMMANDS = ("validate", "render", "check-config", "run", "queue", "send", "probe")
+COMMANDS = ("validate", "render", "check-config", "run", "queue", "send", "probe", "dkim")
 
 
 def test_committed_pages_match_the_parser(tmp_path: Path) -> None:

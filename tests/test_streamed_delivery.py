@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from deliverd.config.model import Config, config_from_spec
+from deliverd.config.convert import config_from_spec
+from deliverd.config.model import Config
 from deliverd.core.outcomes import Envelope, Hop, Route, StreamedBody
 from deliverd.smtp.policy import WireStuffer, wire_body, wire_size
 from deliverd.smtp.transport import Transport

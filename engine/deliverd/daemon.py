@@ -104,14 +104,17 @@ class Daemon:
             metrics=self.metrics, sts=StsPolicies(resolver, self.store),
         )
         try:
+            # The endpoint first: a port that cannot be had stops the start before any client
+            # could see the SMTP listener open.
+            self.metrics_server = self._serve_metrics(self.cfg)
             self._servers = await start_listeners(
                 self.cfg, self.store, self._enqueued, current=self._current,
                 prebound=self.prebound, gate=self.gate,
             )
-            self.metrics_server = self._serve_metrics(self.cfg)
         except OSError as exc:
             log.error("cannot listen: %s", exc)
             await self._close_servers()
+            self._close_metrics()
             await self.store.close()
             return 1
         self.metrics.watch_queue(self._queue_shape)

@@ -1,8 +1,9 @@
 """The SMTP listener local applications submit mail to (aiosmtpd on the daemon's own loop).
 
-Policy decisions are pure functions at the top (relay check, hop count, Received: header,
-8-bit detection); ``_SubmissionHandler`` applies them to one aiosmtpd session (DATA is read
-by the listener itself, line by line into an ``IncomingMessage``: never held whole), and
+Policy decisions are pure functions in ``deliverd.submission.policy`` (relay check, hop
+count, Received: header, 8-bit detection); ``_SubmissionHandler`` applies them to one aiosmtpd
+session (DATA is read by the listener itself, line by line into an ``IncomingMessage``: never
+held whole), and
 ``start_listeners`` binds every configured address on the running loop. A message is
 acknowledged (250) only after ``QueueStore.enqueue`` returned, i.e. after its COMMIT.
 """
@@ -10,12 +11,10 @@ acknowledged (250) only after ``QueueStore.enqueue`` returned, i.e. after its CO
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
-from email.utils import format_datetime
 from typing import Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -35,10 +34,17 @@ from deliverd.submission.incoming import IncomingMessage
 from deliverd.submission.incoming import count_received as count_received
 from deliverd.submission.incoming import header_block as header_block
 from deliverd.submission.local import LocalPolicy, UnknownLocalUser, local_policy
+from deliverd.submission.policy import IPNetwork
+from deliverd.submission.policy import envelope_sender as envelope_sender
+from deliverd.submission.policy import has_8bit as has_8bit
+from deliverd.submission.policy import loop_hold_reason as loop_hold_reason
+from deliverd.submission.policy import parse_networks as parse_networks
+from deliverd.submission.policy import protocol_name as protocol_name
+from deliverd.submission.policy import received_header as received_header
+from deliverd.submission.policy import relay_allowed as relay_allowed
 
 log = logging.getLogger(__name__)
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 REPLY_RELAY_DENIED = "554 5.7.1 Relay access denied"
 REPLY_TOO_BIG = "552 5.3.4 Message too big"
@@ -52,77 +58,6 @@ _LIBRARY_REPLIES = {
     "552 Error: message size exceeds fixed maximum message size": REPLY_TOO_BIG,
     "552 Error: Too much mail data": REPLY_TOO_BIG,
 }
-
-
-# ---------------------------------------------------------------------------------------------
-# Pure policy
-
-
-def parse_networks(cidrs: Iterable[str]) -> tuple[IPNetwork, ...]:
-    return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
-
-
-def relay_allowed(
-    peer_ip: str, allow_networks: Sequence[IPNetwork], *, trust_loopback: bool = True
-) -> bool:
-    """May this client relay? Loopback always may (unless told otherwise), others by network."""
-    try:
-        ip = ipaddress.ip_address(peer_ip.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if trust_loopback and ip.is_loopback:
-        return True
-    return any(ip.version == net.version and ip in net for net in allow_networks)
-
-
-def loop_hold_reason(hops: int, max_hops: int) -> str | None:
-    """Why the message is held for too many hops, or None when it may go on."""
-    return f"mail loop: {hops} hops" if hops > max_hops else None
-
-
-def has_8bit(data: bytes) -> bool:
-    # bytes.isascii runs in C: a 50 MB message is checked without stalling the event loop.
-    return not data.isascii()
-
-
-def _header_safe(text: str) -> str:
-    # Client-chosen text (HELO name) must not be able to inject header lines.
-    return "".join(ch if ch.isprintable() else "?" for ch in text)[:255]
-
-
-def received_header(
-    *,
-    helo: str | None,
-    peer_ip: str,
-    by_host: str,
-    queue_id: str,
-    recipients: Sequence[str],
-    protocol: str,
-    when: datetime,
-) -> bytes:
-    """A Postfix-style trace field, CRLF-terminated (RFC 5321 4.4)."""
-    from_part = f"from {_header_safe(helo)} ([{peer_ip}])" if helo else f"from [{peer_ip}]"
-    lines = [f"Received: {from_part}", f"\tby {by_host} with {protocol} id {queue_id}"]
-    # One recipient is named (as Postfix does); naming several would disclose Bcc recipients.
-    if len(recipients) == 1:
-        lines.append(f"\tfor <{_header_safe(recipients[0])}>; {format_datetime(when)}")
-    else:
-        lines[-1] += f"; {format_datetime(when)}"
-    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
-
-
-def protocol_name(esmtp: bool, smtputf8: bool) -> str:
-    """The ``with`` keyword of RFC 3848 / RFC 6531."""
-    if smtputf8:
-        return "UTF8SMTP"
-    return "ESMTP" if esmtp else "SMTP"
-
-
-def envelope_sender(mail_from: str) -> str:
-    """aiosmtpd keeps ``<>`` for the null reverse-path; the queue stores it as ''."""
-    return "" if mail_from == "<>" else mail_from
 
 
 # ---------------------------------------------------------------------------------------------
