@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.fixtures.role import ansible_env, recap_changed, run_role, write_import_blocker
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -36,17 +38,6 @@ def _free_port() -> int:
         return port
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["ANSIBLE_CONFIG"] = str(REPO / "ansible.cfg")
-    env["ANSIBLE_NOCOLOR"] = "1"
-    env["ANSIBLE_FORCE_COLOR"] = "0"
-    env["NO_COLOR"] = "1"
-    env.update(extra)
-    return env
-
-
 @pytest.fixture
 def prefix() -> Iterator[Path]:
     # Directly under /tmp: molecule's destroy refuses any other prefix.
@@ -56,18 +47,13 @@ def prefix() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _recap_changed(output: str) -> int:
-    found = re.findall(r"localhost\s+: ok=\d+\s+changed=(\d+)", output)
-    assert found, output[-3000:]
-    return int(found[-1])
-
-
 def test_molecule_default_scenario_converges_idempotently_and_verifies(prefix: Path) -> None:
     shutil.rmtree(prefix)  # the scenario creates and destroys the prefix itself
     proc = subprocess.run(
         [str(BIN / "molecule"), "test", "-s", "default"], cwd=REPO, capture_output=True,
         text=True, timeout=1200, check=False,
-        env=_env(DELIVERD_MOLECULE_PREFIX=str(prefix), DELIVERD_MOLECULE_PORT=str(_free_port())),
+        env=ansible_env(DELIVERD_MOLECULE_PREFIX=str(prefix),
+                        DELIVERD_MOLECULE_PORT=str(_free_port())),
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
@@ -107,21 +93,9 @@ def _spec(prefix: Path, port: int, suffix: str = "", delay: str = "1m") -> dict[
 
 def _play(tmp: Path, prefix: Path, spec: dict[str, object], *options: str,
           state: str = "present", **extra: object) -> str:
-    variables = {"deliverd_prefix": str(prefix), "deliverd_spec": spec,
-                 "deliverd_state": state, "deliverd_purge_queue": True,
-                 "ansible_python_interpreter": sys.executable, **extra}
-    vars_file = tmp / "vars.json"
-    vars_file.write_text(json.dumps(variables), encoding="utf-8")
-    playbook = tmp / "play.yml"
-    playbook.write_text(yaml.safe_dump([{
-        "name": "Apply the role", "hosts": "localhost", "gather_facts": False,
-        "roles": [{"role": "deliverd"}],
-    }]), encoding="utf-8")
-    proc = subprocess.run(
-        [str(BIN / "ansible-playbook"), "-i", "localhost,", "-c", "local",
-         "-e", f"@{vars_file}", *options, str(playbook)],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600, check=False,
-    )
+    proc = run_role(tmp, {"deliverd_prefix": str(prefix), "deliverd_spec": spec,
+                          "deliverd_state": state, "deliverd_purge_queue": True, **extra},
+                    *options, timeout=600)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
     return output
@@ -149,12 +123,12 @@ def test_verbose_diff_runs_never_print_a_password_and_check_mode_changes_nothing
         # A check-mode run after a spec change reports the change and changes nothing.
         later = _spec(prefix, port, suffix="-3", delay="3m")
         outputs.append(_play(tmp_path, prefix, later, "-v", "--check", "--diff"))
-        assert _recap_changed(outputs[-1]) > 0
+        assert recap_changed(outputs[-1]) > 0
         assert _digest(etc / "deliverd.toml") == config_before
         assert _digest(etc / "secrets.toml") == secrets_before
 
         # Idempotent: the same spec again changes nothing.
-        assert _recap_changed(_play(tmp_path, prefix, changed)) == 0
+        assert recap_changed(_play(tmp_path, prefix, changed)) == 0
         assert (etc / "secrets.toml").stat().st_mode & 0o777 == 0o600
     finally:
         outputs.append(_play(tmp_path, prefix, _spec(prefix, port), "-v", "--diff",
@@ -167,21 +141,8 @@ def test_verbose_diff_runs_never_print_a_password_and_check_mode_changes_nothing
 
 
 def _rollback(tmp: Path, prefix: Path, spec: dict[str, object]) -> str:
-    variables = {"deliverd_prefix": str(prefix), "deliverd_spec": spec,
-                 "ansible_python_interpreter": sys.executable}
-    vars_file = tmp / "rollback-vars.json"
-    vars_file.write_text(json.dumps(variables), encoding="utf-8")
-    playbook = tmp / "rollback.yml"
-    playbook.write_text(yaml.safe_dump([{
-        "name": "Roll back", "hosts": "localhost", "gather_facts": False,
-        "tasks": [{"name": "Roll back", "ansible.builtin.include_role": {
-            "name": "deliverd", "tasks_from": "rollback"}}],
-    }]), encoding="utf-8")
-    proc = subprocess.run(
-        [str(BIN / "ansible-playbook"), "-i", "localhost,", "-c", "local",
-         "-e", f"@{vars_file}", str(playbook)],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600, check=False,
-    )
+    proc = run_role(tmp, {"deliverd_prefix": str(prefix), "deliverd_spec": spec},
+                    tasks_from="rollback", timeout=600)
     return proc.stdout + proc.stderr + f"\nrc={proc.returncode}"
 
 
@@ -211,7 +172,7 @@ def test_the_role_keeps_the_previous_config_and_secrets_as_a_pair_and_rolls_back
         _play(tmp_path, prefix, third)
         # The pair that ran before: the second config with the secrets it ran with.
         assert (_digest(previous_config), _digest(previous_secrets)) == second_digests
-        assert _recap_changed(_play(tmp_path, prefix, third)) == 0
+        assert recap_changed(_play(tmp_path, prefix, third)) == 0
         log = prefix / "var" / "log" / "deliverd" / "deliverd.log"
         reloads = log.read_text().count("reloaded: mode=")
 
@@ -251,7 +212,7 @@ def test_wheelhouse_install_ships_every_wheel_the_controller_made_for_the_host(
             "deliverd", "jsonschema", "rpds_py", "uvloop"}
         with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
             assert client.recv(64).startswith(b"220")
-        assert _recap_changed(_play(tmp_path, prefix, spec,
+        assert recap_changed(_play(tmp_path, prefix, spec,
                                     deliverd_install_from="wheelhouse")) == 0
     finally:
         _play(tmp_path, prefix, spec, state="absent")
@@ -262,17 +223,7 @@ def test_a_controller_without_the_engine_is_told_why_the_spec_check_failed(
 ) -> None:
     # The spec task runs under no_log (its result holds passwords): the reason it failed must
     # still reach the user, and nothing may change on the host.
-    block = tmp_path / "block"
-    block.mkdir()
-    (block / "sitecustomize.py").write_text(
-        "import sys\n"
-        "class _Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'deliverd' or name.startswith('deliverd.'):\n"
-        "            raise ImportError('blocked for the test')\n"
-        "sys.meta_path.insert(0, _Block())\n",
-        encoding="utf-8",
-    )
+    block = write_import_blocker(tmp_path / "block")
     (tmp_path / "vars.json").write_text(json.dumps({
         "deliverd_prefix": str(prefix), "deliverd_spec": _spec(prefix, _free_port()),
         "ansible_python_interpreter": sys.executable}), encoding="utf-8")
@@ -283,8 +234,8 @@ def test_a_controller_without_the_engine_is_told_why_the_spec_check_failed(
     proc = subprocess.run(
         [str(BIN / "ansible-playbook"), "-i", "localhost,", "-c", "local",
          "-e", f"@{tmp_path / 'vars.json'}", str(tmp_path / "play.yml")],
-        cwd=REPO, env=_env(PYTHONPATH=str(block)), capture_output=True, text=True, timeout=600,
-        check=False,
+        cwd=REPO, env=ansible_env(PYTHONPATH=str(block)), capture_output=True, text=True,
+        timeout=600, check=False,
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0

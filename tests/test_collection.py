@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.fixtures.role import ansible_env, write_import_blocker
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 PASSWORD = "Spec-Test-Secret-5e1c9"
@@ -39,17 +41,8 @@ def _tool(name: str) -> str:
     return str(path)
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["ANSIBLE_CONFIG"] = str(REPO / "ansible.cfg")
-    env["ANSIBLE_NOCOLOR"] = "1"
-    env["ANSIBLE_FORCE_COLOR"] = "0"
-    return env
-
-
 def _run(argv: list[str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, cwd=REPO, env=_env(), capture_output=True, text=True,
+    return subprocess.run(argv, cwd=REPO, env=ansible_env(), capture_output=True, text=True,
                           timeout=timeout, check=False)
 
 
@@ -143,17 +136,7 @@ def test_spec_action_explains_how_to_install_deliverd_when_it_is_missing(
 ) -> None:
     # A controller Python without deliverd: the venv has it installed, so a sitecustomize on
     # PYTHONPATH blocks its import in ansible-playbook.
-    block = tmp_path / "block"
-    block.mkdir()
-    (block / "sitecustomize.py").write_text(
-        "import sys\n"
-        "class _Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'deliverd' or name.startswith('deliverd.'):\n"
-        "            raise ImportError('blocked for the test')\n"
-        "sys.meta_path.insert(0, _Block())\n",
-        encoding="utf-8",
-    )
+    block = write_import_blocker(tmp_path / "block")
     monkeypatch.setenv("PYTHONPATH", f"{block}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     _proc, result = _run_spec_action(tmp_path, {"version": 1, "host": {"name": "a.example"}})
     assert result["failed"] is True

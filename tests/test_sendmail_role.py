@@ -6,7 +6,6 @@ change nothing, and ``deliverd_state: absent`` puts the previous programs back b
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import smtplib
@@ -18,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from deliverd_lab.sink import Sink, free_port
+from tests.fixtures.role import recap_changed, run_role
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -38,14 +37,6 @@ def _state(path: Path) -> tuple[str, str] | None:
     return None
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["ANSIBLE_CONFIG"] = str(REPO / "ansible.cfg")
-    env["ANSIBLE_NOCOLOR"] = "1"
-    return env
-
-
 @pytest.fixture
 def prefix() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="deliverd-mta-role-", dir="/tmp"))
@@ -56,33 +47,12 @@ def prefix() -> Iterator[Path]:
 
 def _play(tmp: Path, prefix: Path, spec: dict[str, Any], *options: str,
           state: str = "present") -> str:
-    variables = {"deliverd_prefix": str(prefix), "deliverd_spec": spec,
-                 "deliverd_state": state, "deliverd_purge_queue": True,
-                 "deliverd_provide_sendmail": True,
-                 "ansible_python_interpreter": sys.executable}
-    vars_file = tmp / "vars.json"
-    vars_file.write_text(json.dumps(variables), encoding="utf-8")
-    playbook = tmp / "play.yml"
-    playbook.write_text(yaml.safe_dump([{
-        "name": "Apply the role", "hosts": "localhost", "gather_facts": False,
-        "roles": [{"role": "deliverd"}],
-    }]), encoding="utf-8")
-    proc = subprocess.run(
-        [str(BIN / "ansible-playbook"), "-i", "localhost,", "-c", "local",
-         "-e", f"@{vars_file}", *options, str(playbook)],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1200, check=False,
-    )
+    proc = run_role(tmp, {"deliverd_prefix": str(prefix), "deliverd_spec": spec,
+                          "deliverd_state": state, "deliverd_purge_queue": True,
+                          "deliverd_provide_sendmail": True}, *options)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
     return output
-
-
-def _changed(output: str) -> int:
-    import re
-
-    found = re.findall(r"localhost\s+: ok=\d+\s+changed=(\d+)", output)
-    assert found, output[-3000:]
-    return int(found[-1])
 
 
 def test_role_makes_deliverd_the_hosts_mta_and_absent_gives_the_programs_back(
@@ -128,8 +98,8 @@ def test_role_makes_deliverd_the_hosts_mta_and_absent_gives_the_programs_back(
                                  capture_output=True, check=False, timeout=60)
         assert listing.returncode == 0, listing.stderr
 
-        assert _changed(_play(tmp_path, prefix, spec)) == 0
-        assert _changed(_play(tmp_path, prefix, spec, "--check", "--diff")) == 0
+        assert recap_changed(_play(tmp_path, prefix, spec)) == 0
+        assert recap_changed(_play(tmp_path, prefix, spec, "--check", "--diff")) == 0
     finally:
         _play(tmp_path, prefix, spec, state="absent")
     assert {path: _state(path) for path in PROGRAMS} == before
