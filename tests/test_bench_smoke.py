@@ -57,6 +57,14 @@ def test_relay_bench_runs_exim_opensmtpd_and_haraka_beside_deliverd(tmp_path: Pa
     assert all(r["delivered"] == 40 and r["lost"] == 0 for r in data["runs"])
 
 
+@pytest.mark.skipif(not Path("/usr/sbin/smtp-sink").exists(), reason="Postfix is not installed")
+def test_sendmail_bench_delivers_through_deliverd_and_postfix(tmp_path: Path) -> None:
+    done = run_bench("sendmail", "-n", "4", "--mtas", "deliverd,postfix", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "not measured" not in done.stdout
+    assert done.stdout.count("deliverd ") >= 2 and done.stdout.count("postfix ") >= 2
+
+
 def test_queue_scale_bench_writes_its_json(tmp_path: Path) -> None:
     done = run_bench("queue-scale", "--messages", "2000", "--out", str(tmp_path / "out"),
                      cwd=tmp_path)
