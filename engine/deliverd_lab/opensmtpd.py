@@ -1,6 +1,7 @@
 """OpenSMTPD 6.8 (Debian's opensmtpd, unpacked, see ``deliverd_lab.unpacked``) as a relay.
 
-The whole smtpd.conf (``config()``): listen on loopback, ``relay host smtp://HOST:PORT`` for
+The whole smtpd.conf (``config()``): the per-session message limit raised from 100, listen on
+loopback, ``relay host smtp://HOST:PORT`` for
 mail from local addresses. Its spool (``/var/spool/smtpd``), chroot (``/var/lib/opensmtpd``)
 and control socket (``/run/smtpd.sock``) are compiled in: inside the server's mount namespace
 they are bind mounts of the work directory. The queue (``queue_fs``) writes the message and its
@@ -48,7 +49,9 @@ class OpenSmtpdRelay(ForegroundServer):
         self.config_path.chmod(0o644)
 
     def config(self, smarthost: str, smarthost_port: int) -> str:
-        return (f"listen on {self.listen} port {self.port}\n"
+        # Its default of 100 messages per session ends smtp-source's longer sessions with 452.
+        return ("smtp limit max-mails 100000\n"
+                f"listen on {self.listen} port {self.port}\n"
                 f'action "relay" relay host smtp://{smarthost}:{smarthost_port}\n'
                 'match from local for any action "relay"\n')
 
