@@ -282,7 +282,7 @@ class Peer:
 
     DURABILITY = {
         "exim": "spool -D/-H files fsynced before 250 (Exim default)",
-        "opensmtpd": "queue_fs: message and envelope committed before 250",
+        "opensmtpd": "queue_fs: message and envelope in the spool before 250 (fsync not traced)",
         "haraka": "no queue: smtp_forward relays during DATA, 250 is the smart host's",
     }
 

@@ -4,8 +4,9 @@ The whole smtpd.conf (``config()``): the per-session message limit raised from 1
 loopback, ``relay host smtp://HOST:PORT`` for
 mail from local addresses. Its spool (``/var/spool/smtpd``), chroot (``/var/lib/opensmtpd``)
 and control socket (``/run/smtpd.sock``) are compiled in: inside the server's mount namespace
-they are bind mounts of the work directory. The queue (``queue_fs``) writes the message and its
-envelope files and commits before the 250; its users opensmtpd/opensmtpq exist in the
+they are bind mounts of the work directory. The queue (``queue_fs``) has the message and its
+envelope files in the spool before the 250 (the binary imports ``fsync``; which files it syncs
+was not traced); its users opensmtpd/opensmtpq exist in the
 namespace only.
 """
 
