@@ -11,9 +11,16 @@ invocations/s and the time until the sink has every message. The sendmail progra
 - exim: the unpacked ``exim4 -C CONF -t -i`` (background delivery), run through the namespace
   that gives it its user and its re-exec path (``deliverd_lab.unpacked``);
 - dma: the unpacked ``dma -t -i`` with its /etc/dma/dma.conf overlaid in a mount namespace;
-- msmtp: the unpacked ``msmtp -C CONF -t`` (no queue: it talks SMTP to the sink itself).
+- msmtp: the unpacked ``msmtp -C CONF -t`` (no queue: it talks SMTP to the sink itself);
+- nullmailer: its ``sendmail`` -> ``nullmailer-inject`` -> ``nullmailer-queue`` into the queue
+  that ``nullmailer-send`` (running as mail) delivers from; both in namespaces that see the
+  same /var/spool/nullmailer and /etc/nullmailer (the compiled-in paths), with the unpacked
+  /usr/bin, /usr/sbin and /usr/lib overlaid;
+- opensmtpd: its ``smtpctl`` as ``sendmail`` (setgid opensmtpq, as the package installs it),
+  in a namespace with the daemon's /run and /var/spool, so it reaches the daemon's socket.
 
-Exim's and dma's figures include ``unshare`` + ``sh`` + the mounts, a few ms per call.
+Exim's, dma's, nullmailer's and OpenSMTPD's figures include ``unshare`` + ``sh`` + the mounts,
+a few ms per call.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,15 +44,12 @@ from _stats import percentile, table
 
 from deliverd_lab.common import LabError
 from deliverd_lab.exim import EximRelay
+from deliverd_lab.opensmtpd import USERS as OPENSMTPD_USERS
+from deliverd_lab.opensmtpd import OpenSmtpdRelay
 from deliverd_lab.unpacked import LIB_DIR, Isolation, unpack
 
 MTAS = ("deliverd", "postfix", "exim", "dma", "msmtp", "nullmailer", "opensmtpd")
-NOT_WIRED = {
-    "nullmailer": "needs nullmailer-send running with its compiled-in /etc/nullmailer and "
-                  "/var/spool/nullmailer in the same namespace as every invocation; not wired",
-    "opensmtpd": "its sendmail (smtpctl) talks to the daemon's compiled-in /run/smtpd.sock, "
-                 "visible only inside the daemon's namespace; not wired",
-}
+NOT_WIRED: dict[str, str] = {}
 MESSAGE = (b"From: bench@source.test\nTo: sink@dest.test\nSubject: sendmail bench\n\n"
            b"one line of body\n")
 
@@ -112,8 +117,54 @@ def target(kind: str, workdir: Path, sink_port: int) -> Iterator[Target]:
         conf.chmod(0o600)
         env["LD_LIBRARY_PATH"] = str(root / LIB_DIR.lstrip("/"))
         yield Target([str(root / "usr/bin/msmtp"), "-C", str(conf), "-t"], env, lambda: True)
+    elif kind == "nullmailer":
+        with nullmailer(workdir, sink_port) as t:
+            yield t
+    elif kind == "opensmtpd":
+        osmtpd = OpenSmtpdRelay(workdir / "opensmtpd", CACHE, listen=LOOPBACK, port=free_port(),
+                                smarthost=LOOPBACK, smarthost_port=sink_port)
+        osmtpd.start()
+        sendmail = workdir / "sendmail"
+        shutil.copy(osmtpd.root / "usr/sbin/smtpctl", sendmail)
+        os.chown(sendmail, 0, OPENSMTPD_USERS[1].uid)
+        sendmail.chmod(0o2555)
+        isolation = Isolation(osmtpd.workdir, users=OPENSMTPD_USERS,
+                              binds={"/var/spool": osmtpd.spool, "/run": osmtpd.run})
+        try:
+            yield Target(isolation.command([str(sendmail), "-t", "-i"]), env,
+                         osmtpd.queue_empty)
+        finally:
+            osmtpd.stop()
     else:
         raise LabError(NOT_WIRED.get(kind, f"unknown MTA {kind}"))
+
+
+@contextlib.contextmanager
+def nullmailer(workdir: Path, sink_port: int) -> Iterator[Target]:
+    root = unpack(CACHE / "nullmailer", ("nullmailer",))  # its own sendmail, not another's
+    spool = workdir / "spool" / "nullmailer"
+    for name in ("queue", "tmp", "failed"):
+        (spool / name).mkdir(parents=True)
+    os.mkfifo(spool / "trigger")
+    subprocess.run(["chown", "-R", "mail:mail", str(spool)], check=True)
+    etc = workdir / "etc"
+    (etc / "nullmailer").mkdir(parents=True)
+    (etc / "nullmailer" / "remotes").write_text(f"{LOOPBACK} smtp --port={sink_port}\n")
+    (etc / "nullmailer" / "defaultdomain").write_text("nullmailer.bench\n")
+    (etc / "mailname").write_text("nullmailer.bench\n")
+    isolation = Isolation(workdir, binds={"/var/spool": workdir / "spool"}, overlays={
+        "/etc": etc, "/usr/sbin": root / "usr/sbin", "/usr/lib": root / "usr/lib",
+        "/usr/bin": root / "usr/bin"})
+    with (workdir / "nullmailer-send.log").open("wb") as log:
+        daemon = subprocess.Popen(isolation.command(
+            ["setpriv", "--reuid", "mail", "--regid", "mail", "--clear-groups",
+             str(root / "usr/sbin/nullmailer-send")]), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield Target(isolation.command([str(root / "usr/sbin/sendmail"), "-t", "-i"]),
+                     dict(os.environ), lambda: not any((spool / "queue").iterdir()))
+    finally:
+        daemon.terminate()
+        daemon.wait(10)
 
 
 def invoke(t: Target) -> float:
