@@ -40,6 +40,8 @@ def test_relay_bench_delivers_everything_and_prints_the_ratio_line(tmp_path: Pat
 CACHE = REPO / ".cache"
 PEERS_READY = (CACHE / "haraka" / "node_modules" / ".bin" / "haraka").exists() and all(
     any((CACHE / "debs").glob(f"{p}_*.deb")) for p in ("exim4-daemon-light", "opensmtpd"))
+SENDMAILS_READY = PEERS_READY and all(
+    any((CACHE / "debs").glob(f"{p}_*.deb")) for p in ("dma", "msmtp"))
 
 
 @pytest.mark.skipif(not PEERS_READY, reason="peers not fetched into .cache (run bench/relay once)")
@@ -63,6 +65,16 @@ def test_sendmail_bench_delivers_through_deliverd_and_postfix(tmp_path: Path) ->
     assert done.returncode == 0, done.stdout + done.stderr
     assert "not measured" not in done.stdout
     assert done.stdout.count("deliverd ") >= 2 and done.stdout.count("postfix ") >= 2
+
+
+@pytest.mark.skipif(not SENDMAILS_READY, reason="peers not fetched into .cache")
+def test_sendmail_bench_runs_every_peers_sendmail(tmp_path: Path) -> None:
+    done = run_bench("sendmail", "-n", "3", "--mtas", "exim,dma,msmtp,nullmailer,opensmtpd",
+                     cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "not measured" not in done.stdout
+    for mta in ("exim", "dma", "msmtp", "nullmailer", "opensmtpd"):
+        assert done.stdout.count(f"{mta} ") >= 2, done.stdout
 
 
 def test_queue_scale_bench_writes_its_json(tmp_path: Path) -> None:
