@@ -77,8 +77,10 @@ collection: venv
 # scale. The bench extra brings matplotlib (plot) and py-spy (profiling); fast brings uvloop.
 BENCH_ARGS ?=
 QUEUE_SCALE_ARGS ?=
+SENDMAIL_ARGS ?=
 .PHONY: bench
 bench: system-deps venv
 	$(BIN)/pip install --quiet -e '.[bench,fast]'
 	$(BIN)/python bench/relay $(BENCH_ARGS)
+	$(BIN)/python bench/sendmail $(SENDMAIL_ARGS)
 	$(BIN)/python bench/queue-scale $(QUEUE_SCALE_ARGS)

@@ -1,4 +1,7 @@
-"""bench/relay: smtp-source -> MTA -> smtp-sink on loopback, deliverd (A) against Postfix (B).
+"""bench/relay: smtp-source -> MTA -> smtp-sink on loopback, deliverd against every peer.
+
+The peers: Postfix (the machine's), Exim, OpenSMTPD (each from its unpacked Debian package) and
+Haraka (from npm), all from ``deliverd_lab``, each configured to relay everything to the sink.
 
 Each run starts a fresh MTA (empty durable queue) and a fresh sink, then times one workload:
 
@@ -12,8 +15,9 @@ Each run starts a fresh MTA (empty durable queue) and a fresh sink, then times o
   one process with all threads), snapshot before and after; peak memory: the tree's summed
   Pss (shared pages counted once) sampled every 200 ms, and the root's VmHWM in the JSON.
 
-Runs alternate A/B (ABBA...) so drift hits both sides; ratios are paired per round and the
-median ratio of end-to-end messages/s is the headline: ``ratio deliverd/postfix: X.XX``.
+Runs alternate (deliverd, peers... then the reverse order) so drift hits every side; ratios are
+paired per round and the median ratio of end-to-end messages/s per peer is the headline:
+``ratio deliverd/<peer>: X.XX``. A peer that cannot be started here is reported as not measured.
 """
 
 from __future__ import annotations
@@ -43,7 +47,10 @@ from _stats import median, percentile, ratio, sent_delays, table
 from deliverd.queue.database import QueueDB
 from deliverd.spec.normalise import normalise
 from deliverd.spec.render import write_rendered
-from deliverd_lab.common import wait_for_port
+from deliverd_lab.common import LabError, wait_for_port
+from deliverd_lab.exim import EximRelay
+from deliverd_lab.haraka import HarakaForward
+from deliverd_lab.opensmtpd import OpenSmtpdRelay
 from deliverd_lab.postfix import PostfixRelay
 
 LOOPBACK = "127.0.0.1"
@@ -51,6 +58,8 @@ SENDER = "bench@source.test"
 RECIPIENT = "sink@dest.test"
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 SMTP_SINK = "/usr/sbin/smtp-sink"
+PEERS = ("postfix", "exim", "opensmtpd", "haraka")
+CACHE = Path(__file__).resolve().parent.parent / ".cache"
 
 # What the benchmark sets in deliverd's spec, as a user would; reported in the JSON.
 DELIVERD_LIMITS: dict[str, Any] = {
@@ -147,6 +156,7 @@ class Mta(Protocol):
     def root(self) -> int: ...
     def queue_empty(self) -> bool: ...
     def log_text(self) -> str: ...
+    def delays(self) -> list[float]: ...
     def settings(self) -> dict[str, Any]: ...
 
 
@@ -215,6 +225,9 @@ class Deliverd:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def delays(self) -> list[float]:
+        return sent_delays(self.log_text())
+
     def settings(self) -> dict[str, Any]:
         return {"limits": self.limits, "queue": "SQLite WAL, synchronous=FULL, group commit",
                 "log": "text, INFO"}
@@ -256,9 +269,65 @@ class Postfix:
     def log_text(self) -> str:
         return self.relay.log_text()
 
+    def delays(self) -> list[float]:
+        return sent_delays(self.log_text())
+
     def settings(self) -> dict[str, Any]:
         return {"relayhost": self.relay.relayhost,
                 "config": "Debian defaults; queue fsynced before 250 (Postfix default)"}
+
+
+class Peer:
+    """Exim, OpenSMTPD or Haraka from ``deliverd_lab`` (unpacked packages / npm, own config)."""
+
+    DURABILITY = {
+        "exim": "spool -D/-H files fsynced before 250 (Exim default)",
+        "opensmtpd": "queue_fs: message and envelope in the spool before 250 (fsync not traced)",
+        "haraka": "no queue: smtp_forward relays during DATA, 250 is the smart host's",
+    }
+
+    def __init__(self, kind: str, workdir: Path, sink_port: int) -> None:
+        self.name = kind
+        self.port = free_port()
+        classes: dict[str, type[EximRelay | OpenSmtpdRelay | HarakaForward]] = {
+            "exim": EximRelay, "opensmtpd": OpenSmtpdRelay, "haraka": HarakaForward}
+        self.server = classes[kind](workdir / kind, CACHE, listen=LOOPBACK, port=self.port,
+                          smarthost=LOOPBACK, smarthost_port=sink_port)
+
+    def start(self) -> None:
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def root(self) -> int:
+        pid = self.server.pid
+        if pid is None:
+            raise BenchError(f"{self.name} is not running: {self.server.log_text()[-1000:]}")
+        return pid
+
+    def tree(self) -> list[int]:
+        return descendants(self.root())
+
+    def queue_empty(self) -> bool:
+        return self.server.queue_empty()
+
+    def log_text(self) -> str:
+        return self.server.log_text()
+
+    def delays(self) -> list[float]:
+        return self.server.delays()
+
+    def settings(self) -> dict[str, Any]:
+        return {"durability": self.DURABILITY[self.name]}
+
+
+def make_mta(kind: str, workdir: Path, sink_port: int, limits: dict[str, Any]) -> Mta:
+    if kind == "deliverd":
+        return Deliverd(workdir, sink_port, limits)
+    if kind == "postfix":
+        return Postfix(workdir, sink_port)
+    return Peer(kind, workdir, sink_port)
 
 
 # -- one run -------------------------------------------------------------------------------------
@@ -281,10 +350,12 @@ def _wait_drained(mta: Mta, sink: Sink, want: int, timeout: float) -> float:
 
 def _wait_log(mta: Mta, want: int, timeout: float = 10.0) -> list[float]:
     deadline = time.monotonic() + timeout
-    delays = sent_delays(mta.log_text())
+    delays = mta.delays()
+    if isinstance(mta, Peer) and mta.name == "haraka":
+        return delays  # no queue, no queue delay in its log
     while len(delays) < want and time.monotonic() < deadline:
         time.sleep(0.2)  # Postfix's postlogd writes asynchronously
-        delays = sent_delays(mta.log_text())
+        delays = mta.delays()
     return delays
 
 
@@ -294,10 +365,10 @@ def run_once(kind: str, rnd: int, work: Workload, base: Path, limits: dict[str, 
     workdir.mkdir()
     workdir.chmod(0o755)
     sink = Sink(workdir)
-    mta: Mta = Deliverd(workdir, sink.port, limits) if kind == "deliverd" else Postfix(
-        workdir, sink.port)
     spy: subprocess.Popen[bytes] | None = None
+    mta: Mta | None = None
     try:
+        mta = make_mta(kind, workdir, sink.port, limits)
         mta.start()
         time.sleep(0.5)  # let start-up work (Postfix's first queue scan) settle
         if profile is not None and kind == "deliverd":
@@ -329,7 +400,8 @@ def run_once(kind: str, rnd: int, work: Workload, base: Path, limits: dict[str, 
             spy.send_signal(signal.SIGINT)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 spy.wait(30)
-        mta.stop()
+        if mta is not None:
+            mta.stop()
         sink.stop()
     e2e = t_end - t0
     return RunResult(
@@ -378,22 +450,31 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version(), "postfix": version}
 
 
-def summarise(results: list[RunResult]) -> tuple[list[dict[str, Any]], dict[str, list[float]]]:
+def summarise(results: list[RunResult], peers: list[str], not_measured: dict[str, str],
+              ) -> tuple[list[dict[str, Any]], dict[str, dict[str, list[float]]]]:
     rows: list[dict[str, Any]] = [asdict(r) for r in results]
-    for kind in ("deliverd", "postfix"):
+    for kind in ("deliverd", *peers):
         mine = [r for r in rows if r["mta"] == kind]
+        if not mine:
+            rows.append({"mta": kind, "round": "not measured"})
+            continue
         rows.append({"mta": kind, "round": "median",
                      **{k: median(r[k] for r in mine) for k, _ in COLUMNS[2:8]},
                      "lost": sum(r["lost"] for r in mine),
                      "duplicated": sum(r["duplicated"] for r in mine)})
-    ratios: dict[str, list[float]] = {}
+    ratios: dict[str, dict[str, list[float]]] = {}
     rounds = sorted({r.round for r in results})
-    for key, label in RATIO_METRICS:
-        ratios[label] = []
-        for rnd in rounds:
-            a = next(asdict(r)[key] for r in results if r.mta == "deliverd" and r.round == rnd)
-            b = next(asdict(r)[key] for r in results if r.mta == "postfix" and r.round == rnd)
-            ratios[label].append(ratio(a, b))
+    for peer in peers:
+        if peer in not_measured:
+            continue
+        ratios[peer] = {}
+        for key, label in RATIO_METRICS:
+            ratios[peer][label] = []
+            for rnd in rounds:
+                a = [asdict(r)[key] for r in results if r.mta == "deliverd" and r.round == rnd]
+                b = [asdict(r)[key] for r in results if r.mta == peer and r.round == rnd]
+                if a and b:
+                    ratios[peer][label].append(ratio(a[0], b[0]))
     return rows, ratios
 
 
@@ -402,9 +483,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--messages", type=int, default=Workload.messages)
     p.add_argument("--sessions", type=int, default=Workload.sessions)
     p.add_argument("--size", type=int, default=Workload.size, help="message size in bytes")
-    p.add_argument("--rounds", type=int, default=3, help="A/B pairs (order alternates)")
-    p.add_argument("--only", choices=("deliverd", "postfix"), default=None,
-                   help="run one side only (profiling); no ratio then")
+    p.add_argument("--rounds", type=int, default=3, help="rounds (the order alternates)")
+    p.add_argument("--peers", default=",".join(PEERS),
+                   help=f"comma-separated peers to compare with (default {','.join(PEERS)})")
+    p.add_argument("--only", choices=("deliverd", *PEERS), default=None,
+                   help="run one MTA only (profiling); no ratio then")
     p.add_argument("--per-destination", type=int, default=DELIVERD_LIMITS["per_destination"],
                    help="deliverd limits.per_destination")
     p.add_argument("--profile", type=Path, default=None,
@@ -412,7 +495,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("bench-results"),
                    help="directory for relay-<time>.json and .png")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.peers = [x for x in args.peers.split(",") if x]
+    unknown = set(args.peers) - set(PEERS)
+    if unknown:
+        p.error(f"unknown peers: {', '.join(sorted(unknown))} (known: {', '.join(PEERS)})")
+    return args
 
 
 @contextlib.contextmanager
@@ -436,41 +524,64 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     work = Workload(args.messages, args.sessions, args.size)
     limits = {**DELIVERD_LIMITS, "per_destination": args.per_destination}
-    kinds = [args.only] if args.only else ["deliverd", "postfix"]
+    kinds = [args.only] if args.only else ["deliverd", *args.peers]
     results: list[RunResult] = []
+    not_measured: dict[str, str] = {}
     with _workdir(args.keep) as base:
         for rnd in range(1, args.rounds + 1):
             order = kinds if rnd % 2 else kinds[::-1]
             for kind in order:
-                result = run_once(kind, rnd, work, base, limits, args.profile)
+                if kind in not_measured:
+                    continue
+                try:
+                    result = run_once(kind, rnd, work, base, limits, args.profile)
+                except (BenchError, LabError) as exc:
+                    if kind == "deliverd":
+                        raise
+                    not_measured[kind] = str(exc).strip().splitlines()[0][:300]
+                    print(f"round {rnd} {kind:9s} not measured: {not_measured[kind]}",
+                          flush=True)
+                    continue
                 results.append(result)
-                print(f"round {rnd} {kind:8s} {result.msgs_per_s:8.0f} msg/s end-to-end, "
+                print(f"round {rnd} {kind:9s} {result.msgs_per_s:8.0f} msg/s end-to-end, "
                       f"{result.injection_per_s:8.0f} injected/s, lost {result.lost}, "
                       f"dup {result.duplicated}", flush=True)
     if args.only:
         rows = [asdict(r) for r in results]
         print(table(rows, COLUMNS))
         return 0
-    rows, ratios = summarise(results)
-    headline = median(ratios["end-to-end msg/s"])
+    rows, ratios = summarise(results, args.peers, not_measured)
+    headlines = {peer: median(r["end-to-end msg/s"]) for peer, r in ratios.items()}
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / f"relay-{stamp}.json"
     png_path = args.out / f"relay-{stamp}.png"
-    title = (f"deliverd / Postfix, {work.messages} x {work.size} B, {work.sessions} sessions, "
+    title = (f"deliverd / peers, {work.messages} x {work.size} B, {work.sessions} sessions, "
              f"{args.rounds} rounds")
-    renderer = plot_ratios(ratios, png_path, title)
+    flat = {f"{peer}: {label}": values for peer, series in ratios.items()
+            for label, values in series.items()
+            if label in ("end-to-end msg/s", "CPU s/1k")}
+    renderer = plot_ratios(flat, png_path, title)
     json_path.write_text(json.dumps({
         "workload": asdict(work), "rounds": args.rounds, "machine": machine(),
+        "peers": args.peers, "not_measured": not_measured,
         "deliverd_limits": limits, "runs": [asdict(r) for r in results],
-        "ratios": ratios, "median_ratios": {k: median(v) for k, v in ratios.items()},
-        "ratio_deliverd_postfix": headline, "plot": png_path.name, "plot_renderer": renderer,
-        "latency_source": "each MTA's own delay= log field (arrival -> remote 250)",
+        "ratios": ratios,
+        "median_ratios": {p: {k: median(v) for k, v in r.items()} for p, r in ratios.items()},
+        "ratio_deliverd": headlines, "ratio_deliverd_postfix": headlines.get("postfix"),
+        "plot": png_path.name, "plot_renderer": renderer,
+        "latency_source": "each MTA's own log: Postfix/deliverd delay=, Exim QT=, OpenSMTPD "
+                          "delay= (whole seconds); Haraka has no queue delay",
     }, indent=2, default=lambda o: None if isinstance(o, float) and math.isnan(o) else o))
     print(table(rows, COLUMNS))
-    print("median ratios deliverd/postfix: " + ", ".join(
-        f"{k} {median(v):.2f}" for k, v in ratios.items()))
+    for peer, series in ratios.items():
+        print(f"median ratios deliverd/{peer}: " + ", ".join(
+            f"{k} {median(v):.2f}" for k, v in series.items()))
     print(f"results: {json_path}  plot: {png_path}")
     lost = sum(r.lost + r.duplicated for r in results)
-    print(f"ratio deliverd/postfix: {headline:.2f}")
+    for peer in args.peers:
+        if peer in headlines:
+            print(f"ratio deliverd/{peer}: {headlines[peer]:.2f}")
+        else:
+            print(f"ratio deliverd/{peer}: not measured ({not_measured.get(peer, '?')})")
     return 1 if lost else 0
