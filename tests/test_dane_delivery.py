@@ -4,15 +4,13 @@ that does not."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.fixtures.dnssec import DnssecLab
-from tests.fixtures.engine import Engine
+from tests.fixtures.engine import Engine, textfile_samples
 from tests.fixtures.smtp_sink import Script, Sink, TlsCA, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -61,8 +59,8 @@ def test_matching_tlsa_delivers_over_dane_verified_tls(
     assert sink.messages[0].rcpt_tos == ("bob@secure.test",)
     assert sink.sessions[-1].tls
     engine.stop()
-    metrics = json.loads((Path(engine.spec["queue"]["path"]) / "metrics.json").read_text())
-    assert metrics["counters"]["tls.dane"] == 1
+    samples = textfile_samples(engine)
+    assert samples[("deliverd_delivered_tls_total", (("tls", "dane"),))] == 1
 
 
 def test_certificate_matching_no_tlsa_defers_and_the_log_says_why(

@@ -11,9 +11,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.fixtures.engine import Engine
+from tests.fixtures.engine import Engine, textfile_samples
 from tests.fixtures.smtp_sink import Sink, free_port
 
 pytestmark = pytest.mark.integration
@@ -26,15 +25,6 @@ def relay_spec(port: int, **smarthost: Any) -> dict[str, Any]:
         "routing": {"mode": "smarthost",
                     "smarthost": {"host": "127.0.0.1", "port": port, "tls": "none", **smarthost}},
         "dsn": {"notify_delayed": False},
-    }
-
-
-def textfile_samples(engine: Engine) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """``<queue>/deliverd.prom`` (Prometheus text format) as {(name, labels): value}."""
-    text = (engine.workdir / "queue" / "deliverd.prom").read_text()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text) for sample in family.samples
     }
 
 
