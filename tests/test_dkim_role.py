@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_ansible_role import _free_port, _play, _recap_changed, _spec, prefix
+from tests.fixtures.role import recap_changed
+from tests.test_ansible_role import _free_port, _play, _spec, prefix
 
 __all__ = ["prefix"]  # the fixture, shared with the role's other tests
 
@@ -44,7 +45,7 @@ def test_the_role_makes_missing_dkim_keys_for_the_engine_and_shows_their_records
             assert re.search(line, output), output[-4000:]
         assert (keys / "ed2026.key").read_text().strip() not in output  # the seed is secret
 
-        assert _recap_changed(_play(tmp_path, prefix, spec)) == 0
+        assert recap_changed(_play(tmp_path, prefix, spec)) == 0
         for name, digest in digests.items():
             assert hashlib.sha256((keys / name).read_bytes()).hexdigest() == digest
     finally:
