@@ -10,4 +10,5 @@ pytest_plugins = [
     "tests.fixtures.prometheus",
     "tests.fixtures.mta",
     "tests.fixtures.dnssec",
+    "tests.fixtures.sdbox",
 ]

@@ -1,107 +1,167 @@
-"""The role with ``deliverd_provide_sendmail: true`` on this machine: /usr/sbin/sendmail,
-/usr/lib/sendmail and /usr/bin/mailq become deliverd's, the engine answers on port 25 as its
-own user, a non-root user's sendmail reaches the smart host, a second run and a check-mode run
-change nothing, and ``deliverd_state: absent`` puts the previous programs back byte for byte."""
+"""The role with ``deliverd_provide_sendmail: true`` on a host already running Postfix on
+127.0.0.1:25, under both service managers: converge stops and disables Postfix, deliverd answers
+on port 25 as its own user, /usr/sbin/sendmail, /usr/lib/sendmail and /usr/bin/mailq are
+deliverd's, a non-root user's sendmail reaches the smart host masqueraded, a second run and a
+check-mode run change nothing, and ``deliverd_state: absent`` puts Postfix's programs back byte
+for byte and Postfix back on port 25.
+
+Each case runs in its own real systemd container (tests/fixtures/sdbox.py: Debian 12, Postfix
+installed as Debian's "Local only" configuration), never on this machine's own programs.
+"""
 
 from __future__ import annotations
 
-import hashlib
+import json
 import os
-import shutil
-import smtplib
-import subprocess
-import sys
-import tempfile
-from collections.abc import Callable, Iterator
+import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from deliverd_lab.sink import Sink, free_port
-from tests.fixtures.role import recap_changed, run_role
+from tests.fixtures.sdbox import IN_WHEELS, SdBox, booted, wait_until
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-PROGRAMS = (Path("/usr/sbin/sendmail"), Path("/usr/lib/sendmail"), Path("/usr/bin/mailq"))
-SINK_ADDRESS = "127.0.0.106"
+pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(1200)]
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration]
+if os.geteuid() != 0:
+    pytest.skip("booting a systemd container (systemd-nspawn) needs root", allow_module_level=True)
+
+PROGRAMS = ("/usr/sbin/sendmail", "/usr/lib/sendmail", "/usr/bin/mailq")
+WRAPPERS = "/opt/deliverd/bin"
+SINK_PORT = 2525
+USER = "alice"
+# What each program is: a link and its target, or a file and its SHA-256 (inside the container).
+STATE_SCRIPT = """import hashlib, json, os, sys
+state = {}
+for path in sys.argv[1:]:
+    if os.path.islink(path):
+        state[path] = ["link", os.readlink(path)]
+    elif os.path.exists(path):
+        state[path] = ["file", hashlib.sha256(open(path, "rb").read()).hexdigest()]
+    else:
+        state[path] = None
+print(json.dumps(state))
+"""
+BANNER_SCRIPT = """import socket
+with socket.create_connection(("127.0.0.1", 25), 5) as s:
+    print(s.recv(512).decode())
+"""
 
 
-def _state(path: Path) -> tuple[str, str] | None:
-    if path.is_symlink():
-        return ("link", os.readlink(path))
-    if path.exists():
-        return ("file", hashlib.sha256(path.read_bytes()).hexdigest())
-    return None
+def _spec() -> dict[str, object]:
+    return {
+        "version": 1,
+        "host": {"name": "web1.role-mta.deliverd.test"},
+        "listen": [{"address": "127.0.0.1", "port": 25}],
+        "routing": {"mode": "smarthost",
+                    "smarthost": {"host": "127.0.0.1", "port": SINK_PORT, "tls": "none"}},
+        "local": {"aliases": {"root": ["ops@example.com"]}},
+        "masquerade": {"domain": "example.com"},
+        "dns": {"nameservers": ["127.0.0.1:9"]},
+    }
 
 
-@pytest.fixture
-def prefix() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="deliverd-mta-role-", dir="/tmp"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+def _vars(manager: str, state: str = "present") -> dict[str, object]:
+    return {"deliverd_spec": _spec(), "deliverd_state": state, "deliverd_purge_queue": True,
+            "deliverd_provide_sendmail": True, "deliverd_service_manager": manager,
+            "deliverd_install_from": "wheelhouse", "deliverd_wheelhouse": IN_WHEELS,
+            "ansible_python_interpreter": "/usr/bin/python3"}
 
 
-def _play(tmp: Path, prefix: Path, spec: dict[str, Any], *options: str,
-          state: str = "present") -> str:
-    proc = run_role(tmp, {"deliverd_prefix": str(prefix), "deliverd_spec": spec,
-                          "deliverd_state": state, "deliverd_purge_queue": True,
-                          "deliverd_provide_sendmail": True}, *options)
+def _play(box: SdBox, manager: str, *options: str, state: str = "present") -> str:
+    proc = box.play(_vars(manager, state), *options)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
     return output
 
 
-def test_role_makes_deliverd_the_hosts_mta_and_absent_gives_the_programs_back(
-    tmp_path: Path, prefix: Path, smtp_sink: Callable[..., Sink], local_users: list[str],
-) -> None:
-    if not (BIN / "ansible-playbook").exists() or shutil.which("dpkg-divert") is None:
-        pytest.skip("needs ansible-playbook in the venv and dpkg-divert")
-    before = {path: _state(path) for path in PROGRAMS}
-    sink = smtp_sink(SINK_ADDRESS, free_port([SINK_ADDRESS]))
-    spec: dict[str, Any] = {
-        "version": 1,
-        "host": {"name": "web1.role-mta.deliverd.test"},
-        "listen": [{"address": "127.0.0.1", "port": free_port()},
-                   {"address": SINK_ADDRESS, "port": 25}],
-        "queue": {"path": str(prefix / "var" / "spool" / "deliverd")},
-        "routing": {"mode": "smarthost",
-                    "smarthost": {"host": SINK_ADDRESS, "port": sink.port, "tls": "none"}},
-        "local": {"aliases": {"root": ["ops@example.com"]}},
-        "masquerade": {"domain": "example.com"},
-        "dns": {"nameservers": ["127.0.0.1:9"]},
-    }
-    wrappers = prefix / "opt" / "deliverd" / "bin"
-    try:
-        _play(tmp_path, prefix, spec, "--diff")
-        for path in PROGRAMS:
-            assert path.is_symlink() and Path(os.readlink(path)).parent == wrappers, path
-            if before[path] is not None:
-                assert _state(Path(f"{path}.pre-deliverd")) == before[path]
+def _changed(output: str) -> int:
+    found = re.findall(r"localhost\s+: ok=\d+\s+changed=(\d+)", output)
+    assert found, output[-3000:]
+    return int(found[-1])
 
-        with smtplib.SMTP(SINK_ADDRESS, 25, timeout=10) as smtp:
-            assert smtp.sendmail("app@example.org", ["root@localhost"],
-                                 b"Subject: port 25\r\n\r\nhi\r\n") == {}
-        user = local_users[1]
-        sent = subprocess.run(["runuser", "-u", user, "--", "/usr/sbin/sendmail", "-i", "root"],
-                              input=b"Subject: sendmail\n\nhi\n", capture_output=True,
-                              check=False, timeout=60)
-        assert sent.returncode == 0, sent.stderr
-        assert sink.wait_for(2, timeout=30)
-        assert {m.mail_from for m in sink.messages} == {"app@example.org",
-                                                        f"{user}@example.com"}
-        assert all(m.rcpt_tos == ("ops@example.com",) for m in sink.messages)
-        listing = subprocess.run(["runuser", "-u", user, "--", "/usr/bin/mailq"],
-                                 capture_output=True, check=False, timeout=60)
-        assert listing.returncode == 0, listing.stderr
 
-        assert recap_changed(_play(tmp_path, prefix, spec)) == 0
-        assert recap_changed(_play(tmp_path, prefix, spec, "--check", "--diff")) == 0
-    finally:
-        _play(tmp_path, prefix, spec, state="absent")
-    assert {path: _state(path) for path in PROGRAMS} == before
-    for path in PROGRAMS:
-        assert not Path(f"{path}.pre-deliverd").exists()
+def _programs(box: SdBox, suffix: str = "") -> dict[str, list[str] | None]:
+    paths = [path + suffix for path in PROGRAMS]
+    state: dict[str, list[str] | None] = json.loads(
+        box.run("python3", "-c", STATE_SCRIPT, *paths).stdout)
+    return {path.removesuffix(suffix) if suffix else path: value
+            for path, value in state.items()}
+
+
+def _banner(box: SdBox) -> str:
+    """The greeting on the container's 127.0.0.1:25 ("" when nothing answers)."""
+    return box.run("python3", "-c", BANNER_SCRIPT, check=False).stdout
+
+
+def _unit_state(box: SdBox, unit: str) -> tuple[str, str]:
+    active = box.run("systemctl", "is-active", unit, check=False).stdout.strip()
+    enabled = box.run("systemctl", "is-enabled", unit, check=False).stdout.strip()
+    return active, enabled
+
+
+def _messages(box: SdBox, maildir: str) -> list[str]:
+    names = box.run("sh", "-c", f"ls {maildir}/new 2>/dev/null || true").stdout.split()
+    return [box.run("cat", f"{maildir}/new/{name}").stdout for name in names]
+
+
+@pytest.fixture(params=["systemd", "supervised"])
+def manager(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def box(manager: str, sdbox_wheels: Path, tmp_path: Path) -> Iterator[SdBox]:
+    work = tmp_path / "work"
+    work.mkdir()
+    with booted(f"deliverd-mta-{manager}-{os.getpid()}", sdbox_wheels, work) as sdbox:
+        yield sdbox
+
+
+def test_role_replaces_a_running_postfix_and_absent_gives_it_back(box: SdBox,
+                                                                  manager: str) -> None:
+    box.run("systemctl", "enable", "--now", "postfix.service")
+    wait_until(lambda: box.answers(25), "Postfix on port 25")
+    assert "Postfix" in _banner(box)
+    before = _programs(box)
+    assert before["/usr/sbin/sendmail"] is not None and before["/usr/sbin/sendmail"][0] == "file"
+    maildir = box.start_sink(SINK_PORT)
+
+    output = _play(box, manager, "--diff")
+    assert "Stop and disable a Postfix or Exim that holds port 25" in output
+    assert _unit_state(box, "postfix.service") == ("inactive", "disabled")
+    wait_until(lambda: box.answers(25), "deliverd on port 25")
+    assert "Postfix" not in _banner(box)
+    engine_user = box.run("ps", "-o", "user=", "-C", "deliverd").stdout
+    assert set(engine_user.split()) == {"deliverd"}, engine_user
+    for path, state in _programs(box).items():
+        assert state is not None and state[0] == "link", (path, state)
+        assert Path(state[1]).parent == Path(WRAPPERS), (path, state)
+    assert _programs(box, ".pre-deliverd") == before
+
+    box.run("python3", "-c", "import smtplib\n"
+            "with smtplib.SMTP('127.0.0.1', 25, timeout=10) as s:\n"
+            "    s.sendmail('app@example.org', ['root@localhost'],"
+            " b'Subject: port 25\\r\\n\\r\\nthrough-port-25\\r\\n')")
+    box.run("useradd", "-m", "-s", "/bin/sh", USER)
+    box.run("sh", "-c", f"printf 'Subject: sendmail\\n\\nfrom-{USER}\\n' | "
+            f"runuser -u {USER} -- /usr/sbin/sendmail -i root")
+    wait_until(lambda: box.delivered(maildir, "through-port-25")
+               and box.delivered(maildir, f"from-{USER}"), "both messages at the smart host")
+    messages = _messages(box, maildir)
+    assert len(messages) == 2, messages
+    for message in messages:
+        assert "X-RcptTo: ops@example.com" in message, message
+    from_user = next(m for m in messages if f"from-{USER}" in m)
+    assert f"X-MailFrom: {USER}@example.com" in from_user, from_user
+    assert re.search(rf"^From: .*\b{USER}@example\.com\b", from_user, re.M), from_user
+    box.run("runuser", "-u", USER, "--", "/usr/bin/mailq")
+
+    assert _changed(_play(box, manager)) == 0
+    assert _changed(_play(box, manager, "--check", "--diff")) == 0
+
+    _play(box, manager, state="absent")
+    assert _programs(box) == before
+    assert all(state is None for state in _programs(box, ".pre-deliverd").values())
+    assert _unit_state(box, "postfix.service") == ("active", "enabled")
+    wait_until(lambda: "Postfix" in _banner(box), "Postfix back on port 25")

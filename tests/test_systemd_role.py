@@ -15,13 +15,12 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.fixtures.sdbox import IN_WHEELS, IN_WORK, REPO, SdBox, booted
+from tests.fixtures.sdbox import IN_WHEELS, IN_WORK, REPO, SdBox, booted, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(1200)]
 
@@ -67,32 +66,10 @@ def _changed(output: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The engine's wheel built from this checkout, with every dependency, as the controller
-    would ship them (the container cannot download anything)."""
-    out = tmp_path_factory.mktemp("wheelhouse")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(out),
-                    f"{REPO}[fast]"], check=True, timeout=600)
-    return out
-
-
-@pytest.fixture(scope="module")
-def box(wheels: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SdBox]:
+def box(sdbox_wheels: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SdBox]:
     work = tmp_path_factory.mktemp("sdbox-work")
-    with booted(f"deliverd-test-{os.getpid()}", wheels, work) as sdbox:
+    with booted(f"deliverd-test-{os.getpid()}", sdbox_wheels, work) as sdbox:
         yield sdbox
-
-
-def _start_sink(box: SdBox, port: int) -> str:
-    """An aiosmtpd smart host on the container's loopback, storing mail in a Maildir."""
-    maildir = f"/var/tmp/sink-{port}"
-    box.run("systemd-run", f"--unit=deliverd-test-sink-{port}", "-E",
-            "PYTHONPATH=/opt/controller", "/usr/bin/python3", "-m", "aiosmtpd", "-n", "-l",
-            f"127.0.0.1:{port}", "-c", "aiosmtpd.handlers.Mailbox", maildir)
-    _wait(lambda: box.run("python3", "-c", f"import socket; socket.create_connection("
-                          f"('127.0.0.1', {port}), 1)", check=False).returncode == 0,
-          f"sink on {port}")
-    return maildir
 
 
 def _stop_sink(box: SdBox, port: int) -> None:
@@ -107,20 +84,6 @@ def _submit(box: SdBox, recipient: str, text: str, port: int = LISTEN_PORT) -> s
                     "    print(s.data(sys.argv[1].encode())[1].decode())",
                     f"Subject: systemd test\r\n\r\n{text}\r\n").stdout
     return reply.split()[-1]
-
-
-def _delivered(box: SdBox, maildir: str, text: str) -> bool:
-    return box.run("grep", "-rqs", text, f"{maildir}/new", check=False).returncode == 0
-
-
-def _wait(predicate: object, what: str, timeout: float = 30) -> None:
-    assert callable(predicate)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _queue_ids(box: SdBox) -> list[str]:
@@ -150,14 +113,14 @@ def test_check_diff_on_a_fresh_host_reports_the_start_and_changes_nothing(box: S
 
 
 def test_converge_starts_the_notify_unit_and_mail_reaches_the_smart_host(box: SdBox) -> None:
-    maildir = _start_sink(box, SINK_PORT)
+    maildir = box.start_sink(SINK_PORT)
     _ok(box.play(_vars()))
     assert box.run("systemctl", "is-active", UNIT, check=False).stdout.strip() == "active"
     assert box.show(UNIT, "Type") == "notify"
     assert box.show(UNIT, "WatchdogUSec") == f"{WATCHDOG_SEC}s"
     # Type=notify: the start returned after READY=1, so the listener takes mail at once.
     _submit(box, "ops@example.net", "first-message")
-    _wait(lambda: _delivered(box, maildir, "first-message"), "delivery to the smart host")
+    wait_until(lambda: box.delivered(maildir, "first-message"), "delivery to the smart host")
     assert _queue_ids(box) == []  # root's deliverd command reads the queue
     journal = box.run("journalctl", "-u", UNIT, "--no-pager", "-o", "cat").stdout
     assert "status=sent" in journal  # the log lines are in the journal, not in a file
@@ -189,14 +152,14 @@ def test_check_diff_on_the_deployed_host_announces_the_reload(box: SdBox) -> Non
 def test_spec_change_reloads_with_the_main_pid_unchanged_and_the_new_route_applies(
     box: SdBox,
 ) -> None:
-    maildir = _start_sink(box, SINK2_PORT)
+    maildir = box.start_sink(SINK2_PORT)
     pid = box.show(UNIT, "MainPID")
     output = _ok(box.play(_vars(_spec(SINK2_PORT))))
     assert "Reload the engine" in output and "Restart the engine" not in output
     assert box.show(UNIT, "MainPID") == pid
     assert box.show(UNIT, "NRestarts") == "0"
     _submit(box, "ops@example.net", "after-reload")
-    _wait(lambda: _delivered(box, maildir, "after-reload"), "delivery to the new smart host")
+    wait_until(lambda: box.delivered(maildir, "after-reload"), "delivery to the new smart host")
     assert "reloaded" in box.run("journalctl", "-u", UNIT, "--no-pager", "-o", "cat").stdout
 
 
@@ -209,7 +172,8 @@ def test_unit_change_restarts_the_engine(box: SdBox) -> None:
     _ok(box.play(_vars(_spec(SINK2_PORT))))  # back to the short watchdog for the next test
 
 
-def test_engine_change_restarts_the_engine(box: SdBox, wheels: Path, tmp_path: Path) -> None:
+def test_engine_change_restarts_the_engine(box: SdBox, sdbox_wheels: Path,
+                                           tmp_path: Path) -> None:
     # The same version with different code, as a rebuilt checkout gives: a new engine wheel.
     source = tmp_path / "source"
     shutil.copytree(REPO, source, symlinks=True, ignore=shutil.ignore_patterns(
@@ -220,7 +184,7 @@ def test_engine_change_restarts_the_engine(box: SdBox, wheels: Path, tmp_path: P
     changed.mkdir()
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir",
                     str(changed), str(source)], check=True, timeout=600)
-    for wheel in wheels.glob("*.whl"):
+    for wheel in sdbox_wheels.glob("*.whl"):
         if not wheel.name.startswith("deliverd-"):
             shutil.copy2(wheel, changed / wheel.name)
     pid = box.show(UNIT, "MainPID")
@@ -242,16 +206,16 @@ def test_watchdog_restarts_a_stopped_engine_and_the_queue_is_intact(box: SdBox) 
     pid = box.show(UNIT, "MainPID")
     restarts = int(box.show(UNIT, "NRestarts"))
     box.run("kill", "-STOP", pid)
-    _wait(lambda: int(box.show(UNIT, "NRestarts")) > restarts
+    wait_until(lambda: int(box.show(UNIT, "NRestarts")) > restarts
           and box.show(UNIT, "ActiveState") == "active", "the watchdog restart",
           timeout=WATCHDOG_SEC + 30)
     assert box.show(UNIT, "MainPID") not in (pid, "0")
     journal = box.run("journalctl", "-u", UNIT, "--no-pager").stdout
     assert "Watchdog timeout" in journal, journal[-3000:]
     assert _queue_ids(box) == queued
-    maildir = _start_sink(box, SINK2_PORT)
+    maildir = box.start_sink(SINK2_PORT)
     box.run(ENGINE, "queue", "-c", CONFIG, "flush")
-    _wait(lambda: _delivered(box, maildir, "kept-in-the-queue"), "delivery after the restart")
+    wait_until(lambda: box.delivered(maildir, "kept-in-the-queue"), "delivery after the restart")
 
 
 def test_a_listener_below_1024_runs_with_only_the_bind_capability(box: SdBox) -> None:
@@ -260,13 +224,13 @@ def test_a_listener_below_1024_runs_with_only_the_bind_capability(box: SdBox) ->
     maildir = f"/var/tmp/sink-{SINK2_PORT}"
     if box.run("systemctl", "is-active", f"deliverd-test-sink-{SINK2_PORT}",
                check=False).stdout.strip() != "active":
-        maildir = _start_sink(box, SINK2_PORT)
+        maildir = box.start_sink(SINK2_PORT)
     _ok(box.play(_vars(_spec(SINK2_PORT, listen_port=25))))
     assert box.show(UNIT, "ActiveState") == "active"
     assert box.show(UNIT, "CapabilityBoundingSet") == "cap_net_bind_service"
     assert box.show(UNIT, "PrivateUsers") == "no"
     _submit(box, "ops@example.net", "through-port-25", port=25)
-    _wait(lambda: _delivered(box, maildir, "through-port-25"), "delivery from port 25")
+    wait_until(lambda: box.delivered(maildir, "through-port-25"), "delivery from port 25")
     security = box.run("systemd-analyze", "security", UNIT, "--no-pager").stdout
     score = re.search(r"Overall exposure level for deliverd\.service: ([\d.]+)", security)
     assert score and float(score.group(1)) <= 2.0, security
