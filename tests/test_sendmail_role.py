@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.role import recap_changed
 from tests.fixtures.sdbox import IN_WHEELS, SdBox, booted, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(1200)]
@@ -73,12 +74,6 @@ def _play(box: SdBox, manager: str, *options: str, state: str = "present") -> st
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
     return output
-
-
-def _changed(output: str) -> int:
-    found = re.findall(r"localhost\s+: ok=\d+\s+changed=(\d+)", output)
-    assert found, output[-3000:]
-    return int(found[-1])
 
 
 def _programs(box: SdBox, suffix: str = "") -> dict[str, list[str] | None]:
@@ -157,8 +152,8 @@ def test_role_replaces_a_running_postfix_and_absent_gives_it_back(box: SdBox,
     assert re.search(rf"^From: .*\b{USER}@example\.com\b", from_user, re.M), from_user
     box.run("runuser", "-u", USER, "--", "/usr/bin/mailq")
 
-    assert _changed(_play(box, manager)) == 0
-    assert _changed(_play(box, manager, "--check", "--diff")) == 0
+    assert recap_changed(_play(box, manager)) == 0
+    assert recap_changed(_play(box, manager, "--check", "--diff")) == 0
 
     _play(box, manager, state="absent")
     assert _programs(box) == before

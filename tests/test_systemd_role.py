@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.role import recap_changed
 from tests.fixtures.sdbox import IN_WHEELS, IN_WORK, REPO, SdBox, booted, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(1200)]
@@ -57,12 +58,6 @@ def _ok(proc: subprocess.CompletedProcess[str]) -> str:
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
     return output
-
-
-def _changed(output: str) -> int:
-    found = re.findall(r"localhost\s+: ok=\d+\s+changed=(\d+)", output)
-    assert found, output[-3000:]
-    return int(found[-1])
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +102,7 @@ def test_the_container_has_no_route_to_any_package_index(box: SdBox) -> None:
 def test_check_diff_on_a_fresh_host_reports_the_start_and_changes_nothing(box: SdBox) -> None:
     output = _ok(box.play(_vars(), "--check", "--diff"))
     assert "deliverd.service would be installed, enabled and started" in output
-    assert _changed(output) > 0
+    assert recap_changed(output) > 0
     assert box.run("test", "-e", UNIT_FILE, check=False).returncode != 0
     assert box.run("systemctl", "is-active", UNIT, check=False).stdout.strip() != "active"
 
@@ -127,7 +122,7 @@ def test_converge_starts_the_notify_unit_and_mail_reaches_the_smart_host(box: Sd
 
 
 def test_second_converge_changes_nothing(box: SdBox) -> None:
-    assert _changed(_ok(box.play(_vars()))) == 0
+    assert recap_changed(_ok(box.play(_vars()))) == 0
 
 
 def test_unit_verifies_with_its_man_page_and_scores_ok_for_security(box: SdBox) -> None:

@@ -13,31 +13,21 @@ import os
 import re
 from pathlib import Path
 
-from deliverd_lab.served import ForegroundServer
-from deliverd_lab.unpacked import LIB_DIR, Isolation, User, uid_owned, unpack
+from deliverd_lab.unpacked import LIB_DIR, Isolation, UnpackedRelay, User, span_seconds, uid_owned
 
 PACKAGES = ("exim4-base", "exim4-config", "exim4-daemon-light", "libidn12")
 EXIM_USER = User("Debian-exim", 64990)
 # Exim's QT= (time on the queue, +millisec): "0.045s", "1.5s", "2m3s", "1h2m".
 _QT = re.compile(r" => .* QT=(?P<t>[0-9hms.]+)")
-_PART = re.compile(r"(\d+(?:\.\d+)?)([hms])")
 
 
-def exim_seconds(text: str) -> float:
-    scale = {"h": 3600.0, "m": 60.0, "s": 1.0}
-    return sum(float(n) * scale[u] for n, u in _PART.findall(text))
-
-
-class EximRelay(ForegroundServer):
+class EximRelay(UnpackedRelay):
     name = "exim"
+    packages = PACKAGES
 
     def __init__(self, workdir: Path, cache: Path, *, listen: str = "127.0.0.1", port: int,
                  smarthost: str, smarthost_port: int) -> None:
-        self.workdir = workdir
-        workdir.mkdir(parents=True, exist_ok=True)
-        workdir.chmod(0o755)
-        super().__init__(workdir / "daemon.out", listen, port)
-        self.root = unpack(cache, PACKAGES)
+        super().__init__(workdir, cache, listen=listen, port=port)
         self.spool = workdir / "spool"
         self.logs = workdir / "log"
         for directory in (self.spool, self.logs):
@@ -106,4 +96,4 @@ begin retry
 
     def delays(self) -> list[float]:
         """Per-recipient time on the queue (arrival -> the next hop's 250), Exim's QT=."""
-        return [exim_seconds(m["t"]) for m in _QT.finditer(self.log_text())]
+        return [span_seconds(m["t"]) for m in _QT.finditer(self.log_text())]

@@ -16,30 +16,20 @@ import os
 import re
 from pathlib import Path
 
-from deliverd_lab.served import ForegroundServer
-from deliverd_lab.unpacked import Isolation, User, unpack
+from deliverd_lab.unpacked import Isolation, UnpackedRelay, User, span_seconds
 
 PACKAGES = ("opensmtpd",)
 USERS = (User("opensmtpd", 64991), User("opensmtpq", 64992))
 _DELAY = re.compile(r"mta delivery .* delay=(?P<t>[0-9hmsd]+) result=\"Ok\"")
-_PART = re.compile(r"(\d+)([dhms])")
 
 
-def opensmtpd_seconds(text: str) -> float:
-    scale = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
-    return sum(float(n) * scale[u] for n, u in _PART.findall(text))
-
-
-class OpenSmtpdRelay(ForegroundServer):
+class OpenSmtpdRelay(UnpackedRelay):
     name = "opensmtpd"
+    packages = PACKAGES
 
     def __init__(self, workdir: Path, cache: Path, *, listen: str = "127.0.0.1", port: int,
                  smarthost: str, smarthost_port: int) -> None:
-        self.workdir = workdir
-        workdir.mkdir(parents=True, exist_ok=True)
-        workdir.chmod(0o755)
-        super().__init__(workdir / "daemon.out", listen, port)
-        self.root = unpack(cache, PACKAGES)
+        super().__init__(workdir, cache, listen=listen, port=port)
         self.spool = workdir / "spool"
         self.varlib = workdir / "varlib"
         self.run = workdir / "run"
@@ -67,4 +57,4 @@ class OpenSmtpdRelay(ForegroundServer):
 
     def delays(self) -> list[float]:
         """Per-recipient delay= of its delivery lines (whole seconds only)."""
-        return [opensmtpd_seconds(m["t"]) for m in _DELAY.finditer(self.log_text())]
+        return [span_seconds(m["t"]) for m in _DELAY.finditer(self.log_text())]

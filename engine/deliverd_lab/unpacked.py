@@ -17,6 +17,7 @@ Nothing outside the cache and the work directory is written.
 
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 from collections.abc import Sequence
@@ -24,8 +25,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deliverd_lab.common import LabError
+from deliverd_lab.served import ForegroundServer
 
 LIB_DIR = "/usr/lib/x86_64-linux-gnu"
+_SPAN_PART = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
+_SPAN_SCALE = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+
+
+def span_seconds(text: str) -> float:
+    """A duration the way Exim (``QT=1m2.5s``) and OpenSMTPD (``delay=1d2h``) log it."""
+    return sum(float(n) * _SPAN_SCALE[unit] for n, unit in _SPAN_PART.findall(text))
 
 
 def unpack(cache: Path, packages: Sequence[str], timeout: float = 300.0) -> Path:
@@ -96,3 +105,16 @@ class Isolation:
 def uid_owned(path: Path, user: User) -> None:
     """``chown -R`` to a user that exists only inside the namespace (numeric ids)."""
     subprocess.run(["chown", "-R", f"{user.uid}:{user.uid}", str(path)], check=True)
+
+
+class UnpackedRelay(ForegroundServer):
+    """A relay run from its unpacked packages, in its own world-readable work directory."""
+
+    packages: tuple[str, ...] = ()
+
+    def __init__(self, workdir: Path, cache: Path, *, listen: str, port: int) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        workdir.chmod(0o755)
+        super().__init__(workdir / "daemon.out", listen, port)
+        self.root = unpack(cache, self.packages)
