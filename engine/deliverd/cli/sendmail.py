@@ -151,6 +151,9 @@ def _apply_value(flag: str, value: str, opts: Options) -> None:
             raise Failure(EX_USAGE, "-R takes hdrs or full")
         opts.ret = value.upper()
     elif flag == "V":
+        # RFC 3461 §4.4: printable US-ASCII, at most 100 characters (checked again at pickup).
+        if not value or len(value) > 100 or not (value.isascii() and value.isprintable()):
+            raise Failure(EX_USAGE, "-V takes 1 to 100 printable ASCII characters")
         opts.envid = value
     # -B (body type), -L, -h, -O, -X, -p: accepted, nothing to do
 

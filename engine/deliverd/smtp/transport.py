@@ -36,6 +36,8 @@ from deliverd.smtp.errors import (
 from deliverd.smtp.policy import (
     WireStuffer,
     choose_mechanism,
+    dsn_mail_parameters,
+    dsn_rcpt_parameters,
     is_eightbit,
     mail_parameters,
     may_authenticate,
@@ -365,6 +367,7 @@ async def _transaction(
 
     encoding = "utf-8" if smtputf8 else "ascii"
     params = mail_parameters(features, size, is_eightbit(envelope), smtputf8)
+    params += dsn_mail_parameters(features, envelope.dsn)
     mail = await session.command(
         Stage.MAIL, b"MAIL", b"FROM:<" + envelope.sender.encode(encoding) + b">",
         *(p.encode("ascii") for p in params),
@@ -379,7 +382,8 @@ async def _transaction(
             progress.rcpt_replies[recipient] = Reply(553, "address not sendable in SMTP", "5.1.3")
             continue
         reply = await session.command(
-            Stage.RCPT, b"RCPT", b"TO:<" + recipient.encode(encoding) + b">"
+            Stage.RCPT, b"RCPT", b"TO:<" + recipient.encode(encoding) + b">",
+            *dsn_rcpt_parameters(features, envelope.dsn.of(recipient)),
         )
         progress.rcpt_replies[recipient] = reply
         if reply.code == 421:  # the server is closing the session
@@ -476,6 +480,7 @@ def _result(
         transcript=transcript,
         aborted=progress.aborted,
         tls=plan.outcome(session.tls_active).value,
+        dsn="dsn" in session.features,
     )
 
 
