@@ -4,6 +4,10 @@
 that already did), then MAIL, RCPT for every recipient and DATA, and returns the raw replies as
 a ``TransactionResult``. Network trouble of any kind ends as ``result.failure``; judging what
 the replies mean for each recipient is the router's job, not this module's.
+
+This module is long because session set-up, pooling and the transaction share one lifecycle
+(a failure at any step decides whether the session goes back to the pool): split, each half
+would need the other's state. Its decisions are already pure functions in ``policy.py``.
 """
 
 from __future__ import annotations

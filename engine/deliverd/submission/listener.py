@@ -11,30 +11,22 @@ acknowledged (250) only after ``QueueStore.enqueue`` returned, i.e. after its CO
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import socket
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any, AnyStr, TypeVar
+from typing import Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from deliverd.config.model import Config, DkimKey, Listener
-from deliverd.core.dsn_params import (
-    DsnSyntaxError,
-    MailDsn,
-    RcptDsn,
-    orcpt_of,
-    parse_mail_params,
-    parse_rcpt_params,
-)
 from deliverd.dkim.keys import DkimKeyError
 from deliverd.dkim.signer import signed
 from deliverd.queue.space import WAL_HEADROOM as WAL_HEADROOM
 from deliverd.queue.space import min_free_bytes
 from deliverd.queue.spool import BodySpool
 from deliverd.queue.store import QueueStore, new_queue_id
+from deliverd.submission.dsn_smtp import DsnEnvelope, DsnSMTP, keep_rcpt_dsn
 from deliverd.submission.gate import CLIENT_REFUSED as CLIENT_REFUSED
 from deliverd.submission.gate import REPLY_TOO_MANY
 from deliverd.submission.gate import SESSIONS_REFUSED as SESSIONS_REFUSED
@@ -53,8 +45,6 @@ from deliverd.submission.policy import received_header as received_header
 from deliverd.submission.policy import relay_allowed as relay_allowed
 
 log = logging.getLogger(__name__)
-
-_D = TypeVar("_D", MailDsn, RcptDsn)
 
 
 REPLY_RELAY_DENIED = "554 5.7.1 Relay access denied"
@@ -75,20 +65,10 @@ _LIBRARY_REPLIES = {
 # One SMTP session
 
 
-class _DsnEnvelope(Envelope):
-    """aiosmtpd's envelope with what RFC 3461 parameters asked for, per message and per
-    recipient address (after aliases)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.dsn = MailDsn()
-        self.notify: dict[str, str] = {}
-        self.orcpt: dict[str, str] = {}
-
-
-class _SubmissionSMTP(SMTP):
-    """aiosmtpd's protocol with the listener's own wording for size refusals, and the inbound
-    session caps: a connection beyond them is answered 421 and closed before its greeting."""
+class _SubmissionSMTP(DsnSMTP):
+    """aiosmtpd's protocol with RFC 3461 (``DsnSMTP``), the listener's own wording for size
+    refusals, and the inbound session caps: a connection beyond them is answered 421 and
+    closed before its greeting."""
 
     def __init__(
         self, handler: _SubmissionHandler, *, gate: InboundGate,
@@ -99,63 +79,6 @@ class _SubmissionSMTP(SMTP):
         self._limits = limits
         self._gate_client: str | None = None
         self._refused = False
-        # RFC 3461 §5: RET and ENVID lengthen MAIL by 110 characters, NOTIFY and ORCPT RCPT by
-        # 500 (on this instance: aiosmtpd's own table is shared by every session).
-        self.command_size_limits = collections.defaultdict(
-            lambda: SMTP.command_size_limit,
-            {"MAIL": SMTP.command_size_limit + 110, "RCPT": SMTP.command_size_limit + 500},
-        )
-        self.rcpt_dsn = RcptDsn()  # the parameters of the RCPT being handled
-
-    def _create_envelope(self) -> Envelope:
-        return _DsnEnvelope()
-
-    async def smtp_MAIL(self, arg: str | None) -> None:
-        """RET and ENVID are taken out of the command (their case kept: aiosmtpd upper-cases
-        every parameter, and refuses the ones it does not know) before aiosmtpd reads it."""
-        taken = self._dsn_parameters(arg, "FROM:", parse_mail_params)
-        if isinstance(taken, str):
-            await self.push(taken)
-            return
-        dsn, rest = taken if taken is not None else (MailDsn(), arg)
-        await super().smtp_MAIL(rest)
-        envelope = self.envelope
-        if isinstance(envelope, _DsnEnvelope) and envelope.mail_from is not None:
-            envelope.dsn = dsn
-
-    async def smtp_RCPT(self, arg: str | None) -> None:
-        """NOTIFY and ORCPT taken out as RET and ENVID are from MAIL; the handler reads them
-        from ``rcpt_dsn``."""
-        taken = self._dsn_parameters(arg, "TO:", parse_rcpt_params)
-        if isinstance(taken, str):
-            await self.push(taken)
-            return
-        self.rcpt_dsn, rest = taken if taken is not None else (RcptDsn(), arg)
-        try:
-            await super().smtp_RCPT(rest)
-        finally:
-            self.rcpt_dsn = RcptDsn()
-
-    def _dsn_parameters(
-        self, arg: str | None, keyword: str,
-        parse: Callable[[list[str]], tuple[_D, list[str]]],
-    ) -> tuple[_D, str] | str | None:
-        """(what ``parse`` found, the command without it), a 501 reply, or None when the
-        command is left to aiosmtpd as it came (no session, no EHLO, no address)."""
-        if arg is None or self.session is None or not self.session.extended_smtp:
-            return None
-        stripped = self._strip_command_keyword(keyword, arg)
-        if stripped is None:
-            return None
-        address, params = self._getaddr(stripped)
-        if address is None or not params:
-            return None
-        head = stripped[: len(stripped) - len(params)]
-        try:
-            found, rest = parse(params.split())
-        except DsnSyntaxError as exc:
-            return exc.reply
-        return found, f"{keyword}{head.rstrip()} {' '.join(rest)}".rstrip()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None and not self._refused:  # not the STARTTLS re-entry
@@ -331,8 +254,8 @@ class _SubmissionHandler:
             return exc.smtp_reply
         envelope.rcpt_tos.extend(t for t in targets if t not in envelope.rcpt_tos)
         envelope.rcpt_options.extend(rcpt_options)
-        if isinstance(server, _SubmissionSMTP) and isinstance(envelope, _DsnEnvelope):
-            _keep_rcpt_dsn(envelope, address, targets, server.rcpt_dsn)
+        if isinstance(server, DsnSMTP) and isinstance(envelope, DsnEnvelope):
+            keep_rcpt_dsn(envelope, address, targets, server.rcpt_dsn)
         return "250 2.1.5 Ok"
 
     def begin(self, session: Session, envelope: Envelope) -> IncomingMessage | str:
@@ -376,7 +299,7 @@ class _SubmissionHandler:
             except DkimKeyError as exc:
                 log.error("refusing mail: client=[%s] from=<%s>: %s", peer_ip, sender, exc)
                 return REPLY_ERROR
-        dsn = envelope if isinstance(envelope, _DsnEnvelope) else _DsnEnvelope()
+        dsn = envelope if isinstance(envelope, DsnEnvelope) else DsnEnvelope()
         try:
             queue_id = await self.store.enqueue(
                 sender, rcpts, spool, smtputf8=smtputf8, eightbit=eightbit,
@@ -396,22 +319,6 @@ class _SubmissionHandler:
         except Exception:  # the scheduler's wake-up must never turn a queued message into an error
             log.exception("%s: on_enqueued callback failed", queue_id)
         return REPLY_QUEUED.format(queue_id=queue_id)
-
-
-def _keep_rcpt_dsn(
-    envelope: _DsnEnvelope, address: str, targets: Sequence[str], dsn: RcptDsn
-) -> None:
-    """NOTIFY and ORCPT of one RCPT, for every address it became. An address an alias
-    rewrote keeps the RCPT address as its ORCPT when the client gave none (as Postfix does),
-    so a later notice names what the client sent to."""
-    orcpt = dsn.orcpt
-    if orcpt is None and list(targets) != [address]:
-        orcpt = orcpt_of(address)
-    for target in targets:
-        if dsn.notify is not None:
-            envelope.notify.setdefault(target, dsn.notify)
-        if orcpt is not None:
-            envelope.orcpt.setdefault(target, orcpt)
 
 
 def _signed_spool(
