@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from flufl.bounce import all_failures
 
+from deliverd.reports.dsn import RETURN_FULL_LIMIT
 from deliverd_lab.postfix import PostfixRelay
 from tests.fixtures.engine import Engine, free_port
 from tests.fixtures.mailservers import _require
@@ -194,6 +195,44 @@ def test_ret_decides_whether_a_failure_notice_returns_the_body(
     assert parts[2].get_content_type() == returned_type
     assert (MARKER.encode() in notice.data) is body_returned
     assert b"Subject: dsn test" in notice.data
+
+
+def test_ret_full_of_a_message_stored_in_chunks_returns_its_first_mebibyte_and_says_so(
+    smtp_sink: Callable[..., Sink], engine_factory: Callable[..., Engine],
+) -> None:
+    port = free_port()
+    sink = smtp_sink("127.0.0.1", port, rcpt={"gone@dest.test": "550 5.1.1 no such user"})
+    engine = engine_to(engine_factory, port)
+    line = "x" * 98 + "\r\n"
+    body = BODY + line * (3 * 1024 * 1024 // len(line)) + "the-last-line\r\n"
+    submit(engine, ["RET=FULL"], [("gone@dest.test", [])], body=body)
+    assert sink.wait_for(1, timeout=60), engine.log_text()
+    [notice] = notices(sink)
+    msg = email.message_from_bytes(notice.data)
+    text, _, returned = msg.get_payload()  # type: ignore[misc]
+    assert returned.get_content_type() == "message/rfc822"
+    assert "only its first" in text.get_payload(decode=True).decode()
+    assert MARKER.encode() in notice.data and b"the-last-line" not in notice.data
+    assert RETURN_FULL_LIMIT - len(line) < len(notice.data) - len(text.as_bytes()) < (
+        RETURN_FULL_LIMIT + 64 * 1024)
+
+
+def test_notify_without_delay_gets_no_delay_notice(
+    smtp_sink: Callable[..., Sink], engine_factory: Callable[..., Engine],
+) -> None:
+    port = free_port()
+    later = "451 4.3.0 try later"
+    sink = smtp_sink("127.0.0.1", port, rcpt={"wait@dest.test": later,
+                                              "nodelay@dest.test": later})
+    engine = engine_to(engine_factory, port,
+                       dsn={"notify_delayed": True, "include_transcript": False})
+    submit(engine, [], [("nodelay@dest.test", ["NOTIFY=FAILURE"]),
+                        ("wait@dest.test", ["NOTIFY=DELAY,FAILURE"])])
+    assert sink.wait_for(1, timeout=30), engine.log_text()
+    [notice] = notices(sink)
+    _, blocks = report_fields(notice.data)
+    assert [(b["Final-Recipient"], b["Action"]) for b in blocks] == [
+        ("rfc822; wait@dest.test", "delayed")]
 
 
 # -- a real Postfix next hop, which offers DSN ------------------------------------------------
