@@ -16,7 +16,7 @@ from flufl.bounce import all_failures
 
 from deliverd.reports.dsn import RETURN_FULL_LIMIT
 from deliverd_lab.postfix import PostfixRelay
-from tests.fixtures.engine import Engine, free_port
+from tests.fixtures.engine import Engine, free_port, textfile_samples
 from tests.fixtures.mailservers import _require
 from tests.fixtures.mta import MtaHost
 from tests.fixtures.smtp_sink import ReceivedMessage, Sink
@@ -137,6 +137,10 @@ def test_notify_success_to_a_hop_without_dsn_yields_a_relayed_notice_that_is_no_
     assert block["Status"].startswith("2.")
     assert all_failures(email.message_from_bytes(notice.data)) == (frozenset(), frozenset())
     assert "sender delivery status notification" in engine.log_text()
+    engine.stop()
+    samples = textfile_samples(engine)
+    assert samples[("deliverd_dsn_sent_total", (("kind", "relayed"),))] == 1
+    assert samples[("deliverd_dsn_sent_total", (("kind", "failure"),))] == 0
 
 
 def test_an_alias_keeps_the_address_the_client_used_as_original_recipient(
