@@ -13,6 +13,7 @@ from flufl.bounce import all_failures
 from hypothesis import given
 from hypothesis import strategies as st
 
+from deliverd.cli.sendmail import Failure, parse_args
 from deliverd.core.dsn_params import (
     DsnEvent,
     DsnSyntaxError,
@@ -154,8 +155,9 @@ def test_bad_rcpt_parameters_get_501_with_an_enhanced_code(
 
 
 @pytest.mark.parametrize(("envid", "ok"), [
-    ("abc-123", True), ("x" * 100, True), ("with space", True),
-    ("", False), ("x" * 101, False), ("tab\tx", False), ("caf\u00e9", False),
+    ("abc-123", True), ("x" * 100, True), ("with space", True), ("+" * 33, True),
+    ("", False), ("x" * 101, False), ("+" * 34, False),  # 102 characters as xtext
+    ("tab\tx", False), ("caf\u00e9", False),
 ])
 def test_sendmail_envid_is_printable_ascii_up_to_100(envid: str, ok: bool) -> None:
     if ok:
@@ -163,6 +165,24 @@ def test_sendmail_envid_is_printable_ascii_up_to_100(envid: str, ok: bool) -> No
     else:
         with pytest.raises(DsnSyntaxError):
             check_envid(envid)
+
+
+@pytest.mark.parametrize("envid", [
+    "abc-123", "x" * 100, "with space", "+" * 33, "= " * 16 + "ab", "",
+    "x" * 101, "+" * 34, " " * 34, "tab\tx", "caf\u00e9",
+])
+def test_sendmail_checks_v_as_the_pickup_does(envid: str) -> None:
+    try:
+        check_envid(envid)
+        valid = True
+    except DsnSyntaxError:
+        valid = False
+    if valid:
+        assert parse_args(["-V", envid, "x@example.org"]).envid == envid
+    else:
+        with pytest.raises(Failure) as caught:
+            parse_args(["-V", envid, "x@example.org"])
+        assert caught.value.code == 64
 
 
 # -- which notices NOTIFY asks for --------------------------------------------------------------

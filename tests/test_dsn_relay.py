@@ -306,4 +306,4 @@ def test_sendmail_refuses_a_bad_envelope_id(mta_host: type[MtaHost]) -> None:
     host = mta_host()
     result = host.run(host.users[0], "-V", "tab\tinside", "x@example.org", stdin=b"x\n")
     assert result.returncode == 64
-    assert b"-V takes" in result.stderr
+    assert b"-V: ENVID must be printable US-ASCII, at most 100" in result.stderr

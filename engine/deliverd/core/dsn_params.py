@@ -96,11 +96,11 @@ def parse_envid(value: str) -> str:
 
 def check_envid(envid: str) -> str:
     """An envelope id as text (``sendmail -V``, or decoded): printable US-ASCII (RFC 3461
-    §4.4), at most 100 characters."""
+    §4.4), at most 100 characters once xtext-encoded, so a next hop takes it as it is."""
     if not envid or not envid.isprintable() or not envid.isascii():
         raise DsnSyntaxError("ENVID must be printable US-ASCII")
-    if len(envid) > MAX_ENVID:
-        raise DsnSyntaxError(f"ENVID longer than {MAX_ENVID} characters")
+    if len(xtext_encode(envid)) > MAX_ENVID:
+        raise DsnSyntaxError(f"ENVID longer than {MAX_ENVID} characters as xtext")
     return envid
 
 
