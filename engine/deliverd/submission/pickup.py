@@ -196,7 +196,7 @@ class Pickup:
             return False
         policy = local_policy(cfg.local, cfg.masquerade)
         recipients: list[str] = []
-        orcpt: dict[str, str] = {}  # as the listener keeps them: see _keep_rcpt_dsn there
+        orcpt: dict[str, str] = {}  # as the listener keeps them (dsn_smtp.keep_rcpt_dsn)
         for rcpt in drop.envelope.recipients:
             try:
                 targets = policy.resolve_recipients([rcpt])
