@@ -283,12 +283,17 @@ def format_message(msg: QueuedMessage, headers: str) -> str:
     ]
     if msg.held:
         lines.append(f"held:      {msg.hold_reason or 'operator'}")
+    if msg.ret or msg.envid:
+        lines.append("dsn:       " + " ".join(
+            f"{name}={value}" for name, value in (("RET", msg.ret), ("ENVID", msg.envid))
+            if value))
     lines.append("recipients:")
     for r in msg.recipients:
         lines.append(f"  <{r.address}>  {r.state.value}  attempts={r.attempts}")
         if r.state.value == "deferred":
             lines.append(f"    next attempt: {_when(r.next_attempt)}")
-        for label, value in (("status", r.last_status), ("diagnostic", r.last_diagnostic),
+        for label, value in (("notify", r.notify), ("orcpt", r.orcpt),
+                             ("status", r.last_status), ("diagnostic", r.last_diagnostic),
                              ("relay", r.last_relay)):
             if value:
                 lines.append(f"    {label}: {value}")

@@ -151,6 +151,13 @@ def _apply_value(flag: str, value: str, opts: Options) -> None:
             raise Failure(EX_USAGE, "-R takes hdrs or full")
         opts.ret = value.upper()
     elif flag == "V":
+        # RFC 3461 §4.4: printable US-ASCII, at most 100 characters as xtext, where space, "+"
+        # and "=" take three. deliverd.core.dsn_params.check_envid says the same at pickup
+        # (anyone may write a drop file); not imported here: it costs this path milliseconds.
+        xtext_len = len(value) + 2 * sum(c in " +=" for c in value)
+        if not value or xtext_len > 100 or not (value.isascii() and value.isprintable()):
+            raise Failure(EX_USAGE, "-V: ENVID must be printable US-ASCII, at most 100"
+                                    " characters as xtext")
         opts.envid = value
     # -B (body type), -L, -h, -O, -X, -p: accepted, nothing to do
 

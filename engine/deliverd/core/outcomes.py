@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from deliverd.core.dsn_params import EnvelopeDsn
+
 
 class Route(StrEnum):
     DIRECT = "direct"
@@ -108,6 +110,7 @@ class Envelope:
     data: bytes | StreamedBody
     smtputf8: bool = False
     eightbit: bool = False
+    dsn: EnvelopeDsn = field(default_factory=EnvelopeDsn)  # RFC 3461, passed on where offered
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,7 @@ class TransactionResult:
     transcript: tuple[str, ...] = ()
     aborted: bool = False  # abort_on_rcpt_5xx: RSET sent, no DATA
     tls: str | None = None  # how the session was protected: dane, mta-sts, verified, ...
+    dsn: bool = False  # the hop offered DSN (RFC 3461): it took NOTIFY/ORCPT/RET/ENVID
 
 
 class Kind(StrEnum):
@@ -167,6 +171,8 @@ class Outcome:
     stage: Stage | None = None  # where a session failure happened, when one did
     route_name: str | None = None  # the routes[] entry the recipient took, if one matched
     tls: str | None = None  # delivered: how the session was protected (TransactionResult.tls)
+    # delivered to a hop that offered DSN: any later notice, success included, is the hop's
+    hop_dsn: bool = False
 
     @property
     def relay(self) -> str:

@@ -70,6 +70,7 @@ async def run_attempt(
                 data=envelope.data,
                 smtputf8=envelope.smtputf8,
                 eightbit=envelope.eightbit,
+                dsn=envelope.dsn,
             )
             creds = (
                 credentials_for(envelope.sender, cfg)

@@ -362,7 +362,7 @@ class Attempt:
         if verdict.delivered is not None:
             self._settle(recipient, Outcome(
                 recipient, Kind.DELIVERED, "2.0.0", f"smtp; {verdict.delivered}", result.hop,
-                result.transcript, tls=result.tls))
+                result.transcript, tls=result.tls, hop_dsn=result.dsn))
             return
         failure = verdict.failure
         assert failure is not None  # a verdict is either delivered or failed

@@ -17,6 +17,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 
 from deliverd.config.model import Config, DkimKey, OnExpiry
+from deliverd.core.dsn_params import DsnEvent, EnvelopeDsn, RcptDsn, Ret, notify_wants
 from deliverd.core.outcomes import Envelope, Kind, Outcome, Route, Stage, StreamedBody
 from deliverd.delivery.attempt import run_attempt
 from deliverd.delivery.backoff import expired, next_attempt, retry_until
@@ -36,7 +37,14 @@ from deliverd.queue.store import (
     RcptState,
     RecipientUpdate,
 )
-from deliverd.reports.dsn import DsnKind, build_dsn, needs_dsn, requires_smtputf8
+from deliverd.reports.dsn import (
+    RETURN_FULL_LIMIT,
+    DsnKind,
+    build_dsn,
+    needs_dsn,
+    requires_smtputf8,
+    returned_message,
+)
 from deliverd.smtp.transport import Transport
 
 log = logging.getLogger("deliverd")
@@ -200,7 +208,8 @@ class Scheduler:
             await self.store.finish(message.queue_id)
             return
         envelope = Envelope(
-            message.sender, tuple(active), data, message.smtputf8, message.eightbit
+            message.sender, tuple(active), data, message.smtputf8, message.eightbit,
+            envelope_dsn(message),
         )
         outcomes = await self._attempt_all(cfg, envelope)
         await self._settle(message, data, outcomes)
@@ -252,15 +261,28 @@ class Scheduler:
                 )
             )
         bounce_to_sender = needs_dsn(message.sender, message.is_dsn)
+        notify = {r.address: r.notify for r in message.recipients}
         if failed and not bounce_to_sender:
             # Never bounce a bounce: hold it for the operator instead (DESIGN §2).
             updates = [_held_instead(u) if u.state is RcptState.BOUNCED else u for u in updates]
             self._event(message.queue_id, "undeliverable notice held for the operator")
         elif failed:
-            await self._send_dsn(message, data, failed, DsnKind.FAILURE, is_expired)
+            wanted = _wanted(failed, notify, DsnEvent.FAILURE)
+            self._unreported(message.queue_id, failed, wanted)
+            to = [(message.sender, wanted)]
+            if is_expired and cfg.dsn.notify_postmaster:
+                to.append((cfg.dsn.postmaster, failed))  # the operator's copy, whatever NOTIFY
+            await self._send_dsn(message, data, DsnKind.FAILURE, to)
         if delayed and cfg.dsn.notify_delayed and not message.delay_notified and bounce_to_sender:
-            await self._send_dsn(message, data, delayed, DsnKind.DELAY, False)
+            wanted = _wanted(delayed, notify, DsnEvent.DELAY)
+            await self._send_dsn(message, data, DsnKind.DELAY, [(message.sender, wanted)])
             await self.store.mark_delay_notified(message.queue_id)
+        if bounce_to_sender:
+            # NOTIFY=SUCCESS: a hop that offers DSN was told so and reports delivery itself;
+            # for one that does not, our notice says the message was relayed (RFC 3461 §5.2.2).
+            relayed = [o for o in _wanted(outcomes, notify, DsnEvent.SUCCESS)
+                       if o.kind is Kind.DELIVERED and not o.hop_dsn]
+            await self._send_dsn(message, data, DsnKind.RELAYED, [(message.sender, relayed)])
         # One write for both: the outcome and the removal of a completed message commit
         # together (no crash window between them, one group-commit job per message).
         await self.store.settle(message.queue_id, updates)
@@ -308,22 +330,32 @@ class Scheduler:
             arrival=arrival,
         )
 
+    def _unreported(self, queue_id: str, failed: list[Outcome], wanted: list[Outcome]) -> None:
+        for outcome in failed:
+            if outcome not in wanted:
+                self._event(queue_id, f"to=<{outcome.recipient}>: no failure notice"
+                                      " (the client asked for none: NOTIFY)")
+
     async def _send_dsn(
         self,
         message: QueuedMessage,
         data: bytes | StreamedBody,
-        outcomes: list[Outcome],
         kind: DsnKind,
-        is_expiry: bool,
+        notices: list[tuple[str, list[Outcome]]],
     ) -> None:
+        """One DSN of ``kind`` per (address, outcomes) in ``notices`` that has outcomes."""
+        notices = [(to, outcomes) for to, outcomes in notices if outcomes]
+        if not notices:
+            return
         cfg = self.cfg
         until = datetime.fromtimestamp(
             retry_until(arrival=message.arrival, retry=cfg.retry), UTC
         )
-        recipients = [message.sender]
-        if is_expiry and cfg.dsn.notify_postmaster:
-            recipients.append(cfg.dsn.postmaster)
-        for to in recipients:
+        returned = None
+        if kind is DsnKind.FAILURE and message.ret == Ret.FULL.value:
+            returned = await _returned(data)
+        orcpts = {r.address: r.orcpt for r in message.recipients if r.orcpt is not None}
+        for to, outcomes in notices:
             report = build_dsn(
                 kind=kind,
                 reporting_mta=cfg.host.name,
@@ -335,14 +367,19 @@ class Scheduler:
                 include_transcript=cfg.dsn.include_transcript,
                 retry_until=until,
                 to=to,
+                envid=message.envid,
+                orcpts=orcpts,
+                returned=returned,
+                size=message.size,
             )
             report = await _signed_dsn(cfg.dkim, report, message.queue_id)
             dsn_id = await self.store.enqueue(
-                "", [to], report, is_dsn=True, smtputf8=requires_smtputf8(report)
+                "", [to], report, is_dsn=True, smtputf8=requires_smtputf8(report),
+                eightbit=not report.isascii(),
             )
             self.metrics.dsn_sent(kind.value)
             log.info(dsn_sent(message.queue_id, dsn_id, delay_notice=kind is DsnKind.DELAY,
-                              fmt=self.log_format))
+                              success=kind is DsnKind.RELAYED, fmt=self.log_format))
         self.wake()
 
     def _log(self, message: QueuedMessage, outcome: Outcome, now: float) -> None:
@@ -375,6 +412,41 @@ class Scheduler:
 
     def _event(self, queue_id: str, text: str) -> None:
         log.info(format_event(queue_id, text, fmt=self.log_format))
+
+
+def envelope_dsn(message: QueuedMessage) -> EnvelopeDsn:
+    """The RFC 3461 request a queued message came with, to pass on to the next hop."""
+    return EnvelopeDsn(
+        ret=None if message.ret is None else Ret(message.ret),
+        envid=message.envid,
+        recipients={r.address: RcptDsn(r.notify, r.orcpt) for r in message.recipients
+                    if r.notify is not None or r.orcpt is not None},
+    )
+
+
+def _wanted(
+    outcomes: list[Outcome], notify: dict[str, str | None], event: DsnEvent
+) -> list[Outcome]:
+    """The outcomes whose recipient's NOTIFY asks for a notice of ``event``."""
+    return [o for o in outcomes if notify_wants(notify.get(o.recipient), event)]
+
+
+async def _returned(data: bytes | StreamedBody) -> bytes:
+    """What RET=FULL returns: read chunk by chunk, never more than the limit and a chunk."""
+    if isinstance(data, bytes):
+        return returned_message(data, len(data))
+    prefix = bytearray()
+    chunks = data.chunks()
+    try:
+        async for chunk in chunks:
+            prefix += chunk
+            if len(prefix) > RETURN_FULL_LIMIT:
+                break
+    finally:
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    return returned_message(bytes(prefix), data.size)
 
 
 def _held_instead(update: RecipientUpdate) -> RecipientUpdate:

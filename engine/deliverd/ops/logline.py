@@ -163,8 +163,8 @@ def enqueued(queue_id: str, *, sender: str, size: int, nrcpt: int, fmt: str = "t
 
 
 def dsn_sent(queue_id: str, dsn_queue_id: str, *, delay_notice: bool = False,
-             fmt: str = "text") -> str:
-    label = "delay" if delay_notice else "non-delivery"
+             success: bool = False, fmt: str = "text") -> str:
+    label = "delay" if delay_notice else "delivery status" if success else "non-delivery"
     return format_event(queue_id, f"sender {label} notification: {dsn_queue_id}", fmt=fmt)
 
 

@@ -210,7 +210,7 @@ class Metrics:
             self.tls_sessions.labels(result)
         for kind in CONNECTION_FAILURES:
             self.connection_failures.labels(kind)
-        for kind in ("failure", "delay"):
+        for kind in ("failure", "delay", "relayed"):
             self.dsn.labels(kind)
         for reason in INBOUND_LIMITS:
             self.inbound_refused.labels(reason)

@@ -22,7 +22,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -34,7 +34,9 @@ T = TypeVar("T")
 _P = TypeVar("_P")
 
 DB_NAME = "queue.db"
-SCHEMA_VERSION = 3  # 2: mta_sts_policies, tls_results; 3: body_chunks (all IF NOT EXISTS)
+SCHEMA_VERSION = 4  # 2: mta_sts_policies, tls_results; 3: body_chunks (all IF NOT EXISTS);
+# 4: RFC 3461 columns (messages.dsn_ret, dsn_envid; recipients.dsn_notify, dsn_orcpt), added
+# by _MIGRATIONS to a queue made before them
 BUSY_TIMEOUT_MS = 30_000
 # SQLite limits host parameters per statement; fetch messages by id in chunks below it.
 # (Every f-string query below interpolates only these constant column lists or "?" marks.)
@@ -62,6 +64,8 @@ class QueuedRecipient:
     last_status: str | None
     last_diagnostic: str | None
     last_relay: str | None
+    notify: str | None = None  # RFC 3461 NOTIFY as given (NEVER or SUCCESS,FAILURE,DELAY)
+    orcpt: str | None = None  # RFC 3461 ORCPT, decoded: "rfc822;user@example.com"
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,8 @@ class QueuedMessage:
     held: bool
     hold_reason: str | None
     delay_notified: bool
+    ret: str | None = None  # RFC 3461 RET: FULL or HDRS
+    envid: str | None = None  # RFC 3461 ENVID, decoded
 
 
 @dataclass(frozen=True)
@@ -185,7 +191,9 @@ CREATE TABLE IF NOT EXISTS messages (
     is_dsn INTEGER NOT NULL DEFAULT 0,
     held INTEGER NOT NULL DEFAULT 0,
     hold_reason TEXT,
-    delay_notified INTEGER NOT NULL DEFAULT 0
+    delay_notified INTEGER NOT NULL DEFAULT 0,
+    dsn_ret TEXT,
+    dsn_envid TEXT
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS bodies (
     queue_id TEXT PRIMARY KEY REFERENCES messages(queue_id) ON DELETE CASCADE,
@@ -209,6 +217,8 @@ CREATE TABLE IF NOT EXISTS recipients (
     last_status TEXT,
     last_diagnostic TEXT,
     last_relay TEXT,
+    dsn_notify TEXT,
+    dsn_orcpt TEXT,
     PRIMARY KEY (queue_id, idx),
     UNIQUE (queue_id, address)
 );
@@ -236,12 +246,23 @@ CREATE TABLE IF NOT EXISTS tls_results (
 ) WITHOUT ROWID;
 """
 
+# Columns added to a table after its first version: (table, column, type). A queue whose
+# user_version is older gets the ones it lacks (CREATE TABLE IF NOT EXISTS leaves its tables
+# as they were).
+_MIGRATIONS = (
+    ("messages", "dsn_ret", "TEXT"),
+    ("messages", "dsn_envid", "TEXT"),
+    ("recipients", "dsn_notify", "TEXT"),
+    ("recipients", "dsn_orcpt", "TEXT"),
+)
+
 _MSG_COLS = (
     "queue_id, sender, arrival, size, smtputf8, eightbit, is_dsn, held, hold_reason, "
-    "delay_notified"
+    "delay_notified, dsn_ret, dsn_envid"
 )
 _RCPT_COLS = (
-    "queue_id, address, state, attempts, next_attempt, last_status, last_diagnostic, last_relay"
+    "queue_id, address, state, attempts, next_attempt, last_status, last_diagnostic, last_relay,"
+    " dsn_notify, dsn_orcpt"
 )
 
 # One message as JSON, built by SQLite: the keys and order of QueuedMessage and
@@ -250,7 +271,8 @@ _RCPT_COLS = (
 _RCPT_JSON = (
     "json_object('address', r.address, 'state', r.state, 'attempts', r.attempts,"
     " 'next_attempt', json(printf('%!.17g', r.next_attempt)), 'last_status', r.last_status,"
-    " 'last_diagnostic', r.last_diagnostic, 'last_relay', r.last_relay)"
+    " 'last_diagnostic', r.last_diagnostic, 'last_relay', r.last_relay,"
+    " 'notify', r.dsn_notify, 'orcpt', r.dsn_orcpt)"
 )
 _MSG_JSON = (  # constant text: no value is interpolated
     "json_object('queue_id', m.queue_id, 'sender', m.sender,"  # noqa: S608
@@ -261,15 +283,18 @@ _MSG_JSON = (  # constant text: no value is interpolated
     " 'eightbit', iif(m.eightbit, json('true'), json('false')),"
     " 'is_dsn', iif(m.is_dsn, json('true'), json('false')),"
     " 'held', iif(m.held, json('true'), json('false')), 'hold_reason', m.hold_reason,"
-    " 'delay_notified', iif(m.delay_notified, json('true'), json('false')))"
+    " 'delay_notified', iif(m.delay_notified, json('true'), json('false')),"
+    " 'ret', m.dsn_ret, 'envid', m.dsn_envid)"
 )
 
 
 TlsResultKey = tuple[str, str, str, str, str]  # domain, day, policy type, MX, result ('' = ok)
 TlsResultRow = tuple[str, str, str, str, int]  # policy type, policy, MX, result, count
 StsRow = tuple[str, str, float, float]  # policy id, policy text, fetched, expires (epoch)
-_MsgRow = tuple[str, str, float, int, int, int, int, int, "str | None", int]
-_RcptRow = tuple[str, str, str, int, float, "str | None", "str | None", "str | None"]
+_MsgRow = tuple[str, str, float, int, int, int, int, int, "str | None", int, "str | None",
+                "str | None"]
+_RcptRow = tuple[str, str, str, int, float, "str | None", "str | None", "str | None",
+                 "str | None", "str | None"]
 
 
 def _recipient(row: _RcptRow) -> QueuedRecipient:
@@ -281,6 +306,8 @@ def _recipient(row: _RcptRow) -> QueuedRecipient:
         last_status=row[5],
         last_diagnostic=row[6],
         last_relay=row[7],
+        notify=row[8],
+        orcpt=row[9],
     )
 
 
@@ -297,6 +324,8 @@ def _message(row: _MsgRow, rcpts: Sequence[QueuedRecipient]) -> QueuedMessage:
         held=bool(row[7]),
         hold_reason=row[8],
         delay_notified=bool(row[9]),
+        ret=row[10],
+        envid=row[11],
     )
 
 
@@ -382,6 +411,7 @@ class QueueDB:
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
                         c.execute(stmt)
+                _add_missing_columns(c)
                 c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 c.execute("COMMIT")
             except BaseException:
@@ -470,6 +500,10 @@ class QueueDB:
         hold_reason: str | None = None,
         queue_id: str | None = None,
         now: float | None = None,
+        ret: str | None = None,
+        envid: str | None = None,
+        notify: Mapping[str, str] | None = None,
+        orcpt: Mapping[str, str] | None = None,
     ) -> str:
         """Store a message; durable when it returns (or when the enclosing batch commits).
 
@@ -477,7 +511,8 @@ class QueueDB:
         header); should it already exist, a fresh one is used instead. ``data`` may be a
         ``BodySpool``. A body larger than ``BODY_CHUNK`` goes into ``body_chunks`` one chunk
         at a time (from the spool, or cut from the bytes), inside the same transaction, so
-        it is always read back in chunks.
+        it is always read back in chunks. ``ret``, ``envid`` and, per recipient address,
+        ``notify`` and ``orcpt`` are the RFC 3461 parameters the message came with.
         """
         small: bytes | None = None
         if isinstance(data, bytes):
@@ -493,6 +528,7 @@ class QueueDB:
             raise ValueError("a message needs at least one recipient")
         arrival = time.time() if now is None else now
         held = hold_reason is not None
+        notes, origs = notify or {}, orcpt or {}
         state = RcptState.HELD if held else RcptState.PENDING
 
         def op(c: sqlite3.Connection) -> str:
@@ -500,9 +536,9 @@ class QueueDB:
             while True:
                 try:
                     c.execute(
-                        f"INSERT INTO messages ({_MSG_COLS}) VALUES (?,?,?,?,?,?,?,?,?,0)",  # noqa: S608
+                        f"INSERT INTO messages ({_MSG_COLS}) VALUES (?,?,?,?,?,?,?,?,?,0,?,?)",  # noqa: S608
                         (qid, sender, arrival, size, smtputf8, eightbit, is_dsn, held,
-                         hold_reason),
+                         hold_reason, ret, envid),
                     )
                     break
                 except sqlite3.IntegrityError:
@@ -516,8 +552,10 @@ class QueueDB:
                     c.execute("INSERT INTO body_chunks (queue_id, seq, data) VALUES (?, ?, ?)",
                               (qid, seq, chunk))
             c.executemany(
-                "INSERT INTO recipients (queue_id, idx, address, state) VALUES (?,?,?,?)",
-                [(qid, i, addr, state.value) for i, addr in enumerate(rcpts)],
+                "INSERT INTO recipients (queue_id, idx, address, state, dsn_notify, dsn_orcpt)"
+                " VALUES (?,?,?,?,?,?)",
+                [(qid, i, addr, state.value, notes.get(addr), origs.get(addr))
+                 for i, addr in enumerate(rcpts)],
             )
             return qid
 
@@ -964,6 +1002,13 @@ class QueueDB:
             )
 
         return self._read(op)
+
+
+def _add_missing_columns(c: sqlite3.Connection) -> None:
+    for table, column, kind in _MIGRATIONS:
+        have = {row[1] for row in c.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            c.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
 
 def _chunk_reader(queue_id: str, seq: int) -> Callable[[sqlite3.Connection], bytes | None]:

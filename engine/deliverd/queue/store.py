@@ -16,7 +16,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,6 +229,10 @@ class QueueStore:
         is_dsn: bool = False,
         hold_reason: str | None = None,
         queue_id: str | None = None,
+        ret: str | None = None,
+        envid: str | None = None,
+        notify: Mapping[str, str] | None = None,
+        orcpt: Mapping[str, str] | None = None,
     ) -> str:
         """Queue a message; returns its id once the transaction holding it has committed.
 
@@ -241,7 +245,8 @@ class QueueStore:
         return await self._write(
             lambda db: db.enqueue(
                 sender, rcpts, data, smtputf8=smtputf8, eightbit=eightbit, is_dsn=is_dsn,
-                hold_reason=hold_reason, queue_id=queue_id, now=arrival,
+                hold_reason=hold_reason, queue_id=queue_id, now=arrival, ret=ret, envid=envid,
+                notify=notify, orcpt=orcpt,
             )
         )
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Iterable, Sequence
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from email import policy as email_policy
 from email.generator import BytesGenerator
@@ -31,14 +32,20 @@ from deliverd.core.outcomes import Kind, Outcome
 class DsnKind(StrEnum):
     FAILURE = "failure"
     DELAY = "delay"
+    RELAYED = "relayed"  # NOTIFY=SUCCESS, handed to a hop that does not offer DSN
 
 
 SUBJECTS = {
     DsnKind.FAILURE: "Undelivered Mail Returned to Sender",
     DsnKind.DELAY: "Delayed Mail (still being retried)",
+    DsnKind.RELAYED: "Successful Mail Delivery Report",
 }
-ACTIONS = {DsnKind.FAILURE: "failed", DsnKind.DELAY: "delayed"}
-_FALLBACK_STATUS = {DsnKind.FAILURE: "5.0.0", DsnKind.DELAY: "4.0.0"}
+ACTIONS = {DsnKind.FAILURE: "failed", DsnKind.DELAY: "delayed", DsnKind.RELAYED: "relayed"}
+_FALLBACK_STATUS = {DsnKind.FAILURE: "5.0.0", DsnKind.DELAY: "4.0.0", DsnKind.RELAYED: "2.0.0"}
+
+# RET=FULL returns at most this much of the message (Postfix's bounce_size_limit, larger): a
+# longer one is cut at a line end and the notice says so.
+RETURN_FULL_LIMIT = 1024 * 1024
 
 MAX_LINE = 998  # RFC 5321 line limit (octets, without CRLF)
 MAX_DIAGNOSTIC = 900  # characters of a remote reply kept in a Diagnostic-Code field
@@ -149,10 +156,14 @@ def _field_block(fields: Sequence[tuple[str, str]], utf8: bool) -> str:
 
 def _recipient_block(
     outcome: Outcome, kind: DsnKind, utf8: bool, last_attempt: datetime,
-    retry_until: datetime | None,
+    retry_until: datetime | None, orcpt: str | None,
 ) -> str:
     recipient = one_line(outcome.recipient)
-    fields = [
+    fields = []
+    if orcpt is not None:
+        addr_type, _, original = one_line(orcpt).partition(";")
+        fields.append(("Original-Recipient", f"{addr_type}; {original}"))
+    fields += [
         ("Final-Recipient", f"{_address_type(recipient)}; {recipient}"),
         ("Action", ACTIONS[kind]),
         ("Status", _status(outcome, kind)),
@@ -178,6 +189,13 @@ def _explanation(
             "Your message could not be delivered to one or more recipients.",
             "Its headers are attached below. The details of each failure follow.",
         ]
+    elif kind is DsnKind.RELAYED:
+        lines += [
+            "Your message was relayed to the destinations listed below, as you asked to be",
+            "told of successful delivery. The next system does not offer delivery status",
+            "notifications, so no further notice of success will come from it; you may",
+            "still receive a notice of failure from systems further on.",
+        ]
     else:
         lines += [
             "Your message has not been delivered yet to one or more recipients.",
@@ -189,7 +207,8 @@ def _explanation(
             lines.append(f"Delivery will be retried until {until}; if it still fails")
             lines.append("then, you will receive a notice that it was returned.")
     lines.append("")
-    what = "delivery failed" if kind is DsnKind.FAILURE else "delivery delayed, still retrying"
+    what = {DsnKind.FAILURE: "delivery failed", DsnKind.RELAYED: "relayed",
+            DsnKind.DELAY: "delivery delayed, still retrying"}[kind]
     for outcome in outcomes:
         lines.append(f"<{one_line(outcome.recipient)}>: {what}")
         if outcome.hop is not None:
@@ -225,6 +244,32 @@ def original_headers(original: bytes) -> bytes:
     head = text if end < 0 else text[: end + 1]
     lines = [line[:MAX_LINE] for line in head.split(b"\n") if line]
     return b"".join(line.rstrip(b"\r") + b"\r\n" for line in lines)
+
+
+def returned_message(prefix: bytes, total: int, limit: int = RETURN_FULL_LIMIT) -> bytes:
+    """What RET=FULL returns of a message of ``total`` octets whose first octets are
+    ``prefix`` (more than ``limit`` of them, or all): its lines with CRLF line ends, as many
+    whole lines as fit in ``limit`` octets."""
+    lines = prefix.replace(b"\r\n", b"\n").split(b"\n")
+    tail = lines.pop()  # after the last line end: a whole message's last line, or cut off
+    if tail and len(prefix) >= total:
+        lines.append(tail)
+    out = bytearray()
+    for line in lines:
+        piece = line.rstrip(b"\r")[:MAX_LINE] + b"\r\n"
+        if len(out) + len(piece) > limit:
+            break
+        out += piece
+    return bytes(out)
+
+
+def _return_note(returned: bytes | None, total: int) -> str:
+    if returned is None:
+        return ""
+    if len(returned) >= total:
+        return "\nThe message is returned in full below.\n"
+    return (f"\nThe message was {total} bytes long; only its first {len(returned)} bytes are"
+            " returned below (cut at a line end).\n")
 
 
 def _headers_part(original: bytes) -> EmailMessage:
@@ -268,17 +313,24 @@ def build_dsn(
     retry_until: datetime | None = None,
     postmaster: str | None = None,
     to: str | None = None,
+    envid: str | None = None,
+    orcpts: Mapping[str, str] | None = None,
+    returned: bytes | None = None,
+    size: int = 0,
 ) -> bytes:
     """The DSN for ``outcomes`` of one message, as CRLF bytes ready to enqueue from ``<>``.
 
     ``to`` overrides the recipient (the postmaster copy); ``postmaster``, when given, is named
     in the text as the address to ask for help. ``retry_until`` feeds Will-Retry-Until and the
-    text of a delay notice.
+    text of a delay notice. ``envid`` (RFC 3461 ENVID) becomes Original-Envelope-Id and
+    ``orcpts`` (recipient -> ORCPT as ``type;address``) Original-Recipient. ``returned``
+    (RET=FULL, see ``returned_message``) is attached as message/rfc822 instead of the
+    headers of ``original``; ``size`` is the whole message's, to say when it was cut.
     """
     if not outcomes:
         raise ValueError("a DSN needs at least one recipient outcome")
-    if any(o.kind is Kind.DELIVERED for o in outcomes):
-        raise ValueError("delivered recipients do not belong in a failure or delay DSN")
+    if any((o.kind is Kind.DELIVERED) != (kind is DsnKind.RELAYED) for o in outcomes):
+        raise ValueError("a relayed notice reports delivered recipients only, the others none")
     recipient = one_line(to if to is not None else original_sender)
     if recipient in ("", "<>"):
         raise ValueError("a DSN is never sent to the null sender")
@@ -296,6 +348,9 @@ def build_dsn(
     report["Auto-Submitted"] = "auto-replied"
 
     text = _explanation(kind, reporting_mta, outcomes, retry_until, include_transcript)
+    if returned is not None:
+        text = text.replace("Its headers are attached below.", "It is returned below.")
+        text += _return_note(returned, size)
     if postmaster:
         text += f"\nFor further assistance, please contact <{one_line(postmaster)}>.\n"
     # Remote replies may be non-ASCII: quoted-printable keeps the report 7-bit clean then.
@@ -309,18 +364,48 @@ def build_dsn(
     status["Content-Type"] = (
         "message/global-delivery-status" if utf8 else "message/delivery-status"
     )
-    per_message = [
+    per_message = [] if envid is None else [("Original-Envelope-Id", one_line(envid))]
+    per_message += [
         ("Reporting-MTA", f"dns; {reporting_mta}"),
         ("X-Deliverd-Queue-ID", queue_id),
         ("Arrival-Date", format_datetime(_aware(arrival))),
     ]
     status.set_payload("\r\n".join([
         _field_block(per_message, utf8),
-        *(_recipient_block(o, kind, utf8, moment, retry_until) for o in outcomes),
+        *(_recipient_block(o, kind, utf8, moment, retry_until, (orcpts or {}).get(o.recipient))
+          for o in outcomes),
     ]))
     report.attach(status)
-    report.attach(_headers_part(original))
+    if returned is None:
+        report.attach(_headers_part(original))
+    else:
+        report.set_boundary(_boundary_not_in(returned))
 
     out = io.BytesIO()
     _DsnGenerator(out, policy=pol.clone(linesep="\r\n")).flatten(report)
-    return out.getvalue()
+    if returned is None:
+        return out.getvalue()
+    return _with_message_part(out.getvalue(), report.get_boundary(), returned)
+
+
+def _boundary_not_in(message: bytes) -> str:
+    while True:
+        boundary = f"=_deliverd_{secrets.token_hex(12)}"
+        if boundary.encode("ascii") not in message:
+            return boundary
+
+
+def _with_message_part(report: bytes, boundary: str | None, message: bytes) -> bytes:
+    """``report`` with ``message`` as its last part (message/rfc822), written as it is: the
+    email package would parse it and write it again. The boundary was chosen by
+    ``_boundary_not_in`` the message, which is the one text the generator does not see."""
+    assert boundary is not None
+    delimiter = b"--" + boundary.encode("ascii")
+    closing = delimiter + b"--"
+    head, found, _tail = report.rpartition(closing)
+    if not found:
+        raise ValueError("no closing boundary in the report")
+    encoding = b"7bit" if message.isascii() else b"8bit"
+    return (head + delimiter + b"\r\nContent-Type: message/rfc822\r\n"
+            b"Content-Transfer-Encoding: " + encoding + b"\r\n\r\n" + message
+            + b"\r\n" + closing + b"\r\n")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
+from deliverd.core.dsn_params import EnvelopeDsn, RcptDsn, orcpt_wire, xtext_encode
 from deliverd.core.outcomes import Envelope
 
 # Strongest first; CRAM-MD5 never puts the password on the wire, even in clear text.
@@ -71,6 +72,31 @@ def mail_parameters(
         params.append("BODY=8BITMIME")
     if smtputf8 and "smtputf8" in features:
         params.append("SMTPUTF8")
+    return tuple(params)
+
+
+def dsn_mail_parameters(features: Mapping[str, str], dsn: EnvelopeDsn) -> tuple[str, ...]:
+    """RET and ENVID for MAIL FROM, to a hop that offers DSN (RFC 3461 §4.3, §4.4)."""
+    if "dsn" not in features:
+        return ()
+    params: list[str] = []
+    if dsn.ret is not None:
+        params.append(f"RET={dsn.ret.value}")
+    if dsn.envid is not None:
+        params.append(f"ENVID={xtext_encode(dsn.envid)}")
+    return tuple(params)
+
+
+def dsn_rcpt_parameters(features: Mapping[str, str], dsn: RcptDsn) -> tuple[bytes, ...]:
+    """NOTIFY and ORCPT for RCPT TO, to a hop that offers DSN (RFC 3461 §4.1, §4.2). With no
+    ORCPT recorded none is sent: the hop then takes the RCPT address as the original one."""
+    if "dsn" not in features:
+        return ()
+    params: list[bytes] = []
+    if dsn.notify is not None:
+        params.append(b"NOTIFY=" + dsn.notify.encode("ascii"))
+    if dsn.orcpt is not None:
+        params.append(b"ORCPT=" + orcpt_wire(dsn.orcpt).encode("ascii"))
     return tuple(params)
 
 

@@ -4,6 +4,10 @@
 that already did), then MAIL, RCPT for every recipient and DATA, and returns the raw replies as
 a ``TransactionResult``. Network trouble of any kind ends as ``result.failure``; judging what
 the replies mean for each recipient is the router's job, not this module's.
+
+This module is long because session set-up, pooling and the transaction share one lifecycle
+(a failure at any step decides whether the session goes back to the pool): split, each half
+would need the other's state. Its decisions are already pure functions in ``policy.py``.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from deliverd.smtp.errors import (
 from deliverd.smtp.policy import (
     WireStuffer,
     choose_mechanism,
+    dsn_mail_parameters,
+    dsn_rcpt_parameters,
     is_eightbit,
     mail_parameters,
     may_authenticate,
@@ -365,6 +371,7 @@ async def _transaction(
 
     encoding = "utf-8" if smtputf8 else "ascii"
     params = mail_parameters(features, size, is_eightbit(envelope), smtputf8)
+    params += dsn_mail_parameters(features, envelope.dsn)
     mail = await session.command(
         Stage.MAIL, b"MAIL", b"FROM:<" + envelope.sender.encode(encoding) + b">",
         *(p.encode("ascii") for p in params),
@@ -379,7 +386,8 @@ async def _transaction(
             progress.rcpt_replies[recipient] = Reply(553, "address not sendable in SMTP", "5.1.3")
             continue
         reply = await session.command(
-            Stage.RCPT, b"RCPT", b"TO:<" + recipient.encode(encoding) + b">"
+            Stage.RCPT, b"RCPT", b"TO:<" + recipient.encode(encoding) + b">",
+            *dsn_rcpt_parameters(features, envelope.dsn.of(recipient)),
         )
         progress.rcpt_replies[recipient] = reply
         if reply.code == 421:  # the server is closing the session
@@ -476,6 +484,7 @@ def _result(
         transcript=transcript,
         aborted=progress.aborted,
         tls=plan.outcome(session.tls_active).value,
+        dsn="dsn" in session.features,
     )
 
 

@@ -26,6 +26,7 @@ from deliverd.queue.space import WAL_HEADROOM as WAL_HEADROOM
 from deliverd.queue.space import min_free_bytes
 from deliverd.queue.spool import BodySpool
 from deliverd.queue.store import QueueStore, new_queue_id
+from deliverd.submission.dsn_smtp import DsnEnvelope, DsnSMTP, keep_rcpt_dsn
 from deliverd.submission.gate import CLIENT_REFUSED as CLIENT_REFUSED
 from deliverd.submission.gate import REPLY_TOO_MANY
 from deliverd.submission.gate import SESSIONS_REFUSED as SESSIONS_REFUSED
@@ -64,9 +65,10 @@ _LIBRARY_REPLIES = {
 # One SMTP session
 
 
-class _SubmissionSMTP(SMTP):
-    """aiosmtpd's protocol with the listener's own wording for size refusals, and the inbound
-    session caps: a connection beyond them is answered 421 and closed before its greeting."""
+class _SubmissionSMTP(DsnSMTP):
+    """aiosmtpd's protocol with RFC 3461 (``DsnSMTP``), the listener's own wording for size
+    refusals, and the inbound session caps: a connection beyond them is answered 421 and
+    closed before its greeting."""
 
     def __init__(
         self, handler: _SubmissionHandler, *, gate: InboundGate,
@@ -217,6 +219,14 @@ class _SubmissionHandler:
         except OSError:
             return True
 
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        """aiosmtpd's EHLO reply with DSN (RFC 3461) before its last line."""
+        session.host_name = hostname
+        return [*responses[:-1], "250-DSN", responses[-1]]
+
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str,
         mail_options: list[str],
@@ -244,6 +254,8 @@ class _SubmissionHandler:
             return exc.smtp_reply
         envelope.rcpt_tos.extend(t for t in targets if t not in envelope.rcpt_tos)
         envelope.rcpt_options.extend(rcpt_options)
+        if isinstance(server, DsnSMTP) and isinstance(envelope, DsnEnvelope):
+            keep_rcpt_dsn(envelope, address, targets, server.rcpt_dsn)
         return "250 2.1.5 Ok"
 
     def begin(self, session: Session, envelope: Envelope) -> IncomingMessage | str:
@@ -287,10 +299,13 @@ class _SubmissionHandler:
             except DkimKeyError as exc:
                 log.error("refusing mail: client=[%s] from=<%s>: %s", peer_ip, sender, exc)
                 return REPLY_ERROR
+        dsn = envelope if isinstance(envelope, DsnEnvelope) else DsnEnvelope()
         try:
             queue_id = await self.store.enqueue(
                 sender, rcpts, spool, smtputf8=smtputf8, eightbit=eightbit,
                 hold_reason=hold_reason, queue_id=incoming.queue_id,
+                ret=None if dsn.dsn.ret is None else dsn.dsn.ret.value, envid=dsn.dsn.envid,
+                notify=dsn.notify, orcpt=dsn.orcpt,
             )
         except Exception as exc:  # disk full, I/O, anything: refuse temporarily, store nothing
             log.error("enqueue failed: client=[%s] from=<%s>: %s", peer_ip, sender, exc)

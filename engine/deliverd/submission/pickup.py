@@ -24,6 +24,13 @@ from email.utils import format_datetime
 from pathlib import Path
 
 from deliverd.config.model import Config
+from deliverd.core.dsn_params import (
+    DsnSyntaxError,
+    check_envid,
+    orcpt_of,
+    parse_notify,
+    parse_ret,
+)
 from deliverd.dkim.keys import DkimKeyError
 from deliverd.dkim.signer import signed
 from deliverd.queue.database import derived_queue_id
@@ -189,13 +196,22 @@ class Pickup:
             return False
         policy = local_policy(cfg.local, cfg.masquerade)
         recipients: list[str] = []
+        orcpt: dict[str, str] = {}  # as the listener keeps them (dsn_smtp.keep_rcpt_dsn)
         for rcpt in drop.envelope.recipients:
             try:
-                recipients += policy.resolve_recipients([rcpt])
+                targets = policy.resolve_recipients([rcpt])
+                recipients += targets
+                if targets != [rcpt]:
+                    orcpt.update((t, orcpt_of(rcpt)) for t in targets if t not in orcpt)
             except UnknownLocalUser as exc:
                 log.error("maildrop: %s: uid %d: %s", path.name, drop.uid, exc)
         if not recipients:
             await asyncio.to_thread(self._set_aside, path, "no recipient left to deliver to")
+            return False
+        try:
+            dsn = _drop_dsn(drop.envelope)
+        except DsnSyntaxError as exc:
+            await asyncio.to_thread(self._set_aside, path, f"bad DSN request: {exc}")
             return False
         sender = policy.sender(drop.envelope.sender)
         data = policy.rewrite_message(drop.data)
@@ -225,12 +241,13 @@ class Pickup:
         try:
             await self.store.enqueue(
                 sender, recipients, trace + data, smtputf8=smtputf8, eightbit=has_8bit(data),
-                hold_reason=hold_reason, queue_id=queue_id,
+                hold_reason=hold_reason, queue_id=queue_id, ret=dsn.ret, envid=dsn.envid,
+                notify=dict.fromkeys(recipients, dsn.notify) if dsn.notify else None,
+                orcpt=orcpt,
             )
         except Exception as exc:  # the file stays; the next scan tries again
             log.error("maildrop: %s: cannot queue: %s", path.name, exc)
             return False
-        dsn = drop.envelope
         log.info("%s: uid=%d from=<%s> nrcpt=%d size=%d%s%s", queue_id, drop.uid, sender,
                  len(recipients), len(trace) + len(data),
                  "".join(f" {k}={v}" for k, v in (("notify", dsn.notify), ("ret", dsn.ret),
@@ -253,6 +270,24 @@ class Pickup:
             log.error("maildrop: %s: %s; cannot move it aside: %s", path.name, why, exc)
             return
         log.error("maildrop: %s: %s; moved to %s", path.name, why, target)
+
+
+@dataclass(frozen=True)
+class _DropDsn:
+    notify: str | None
+    ret: str | None
+    envid: str | None
+
+
+def _drop_dsn(envelope: DropEnvelope) -> _DropDsn:
+    """The RFC 3461 request of a drop file (``sendmail -N -R -V``), checked as the listener
+    checks MAIL and RCPT parameters: a user may write any file, not only what sendmail
+    writes. ``DsnSyntaxError`` when one is malformed."""
+    return _DropDsn(
+        notify=None if envelope.notify is None else parse_notify(envelope.notify),
+        ret=None if envelope.ret is None else parse_ret(envelope.ret).value,
+        envid=None if envelope.envid is None else check_envid(envelope.envid),
+    )
 
 
 def _waiting(directory: Path) -> list[str]:
