@@ -13,7 +13,12 @@ from __future__ import annotations
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterator
-    from typing import BinaryIO
+    from typing import Protocol
+
+    class LineSource(Protocol):
+        """Where a message is read from: stdin, or stdin with lines read already put back."""
+
+        def readline(self) -> bytes: ...
 
 CHUNK = 64 * 1024
 # A field name: printable US-ASCII except ":" (RFC 5322 ftext), then ":".
@@ -39,7 +44,7 @@ class TooBig(InputError):
 class MessageInput:
     """Lines of the message from a binary stream, CRLF-terminated, with the size limit."""
 
-    def __init__(self, stream: BinaryIO, *, dot_ends: bool, smtp: bool, max_size: int) -> None:
+    def __init__(self, stream: LineSource, *, dot_ends: bool, smtp: bool, max_size: int) -> None:
         self.stream = stream
         self.dot_ends = dot_ends
         self.smtp = smtp  # DATA: "." ends, ".." is unstuffed, EOF before "." is an error
@@ -125,7 +130,8 @@ def split_fields(header: bytes) -> list[bytes]:
     return fields
 
 
-def _field_names(header: bytes) -> set[str]:
+def field_names(header: bytes) -> set[str]:
+    """The lower-cased names of a header section's fields."""
     return {f.split(b":", 1)[0].strip().decode("ascii", "replace").lower()
             for f in split_fields(header)}
 
@@ -138,7 +144,7 @@ def complete_header(header: bytes, *, sender: str, fullname: str | None, domain:
     fields = split_fields(header)
     if drop_bcc:
         fields = [f for f in fields if f.split(b":", 1)[0].strip().lower() != b"bcc"]
-    names = _field_names(b"".join(fields))
+    names = field_names(b"".join(fields))
     added = []
     if "from" not in names:
         added.append(f"From: {formataddr((fullname or '', sender or 'MAILER-DAEMON'))}")
