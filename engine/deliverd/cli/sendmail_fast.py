@@ -6,15 +6,15 @@ message. This module handles the common invocation (``-t``, ``-i``/``-oi``, ``-f
 interpreter loads at start-up plus ``pwd``, ``errno`` and ``_json``: the message is read by
 ``message_input.MessageInput``, the local address rules are ``local_addresses``', and the file
 is written by ``dropfile``, the modules the full implementation (``deliverd.cli.sendmail``) uses
-too. Anything else declines to the full implementation, which then behaves exactly as if it had
-been run directly (same messages, same exit codes): ``-bs``, ``-bp``, ``-q``, ``-N``/``-R``/``-V``,
-unknown or malformed flags, a config this module does not read with certainty (it reads the
-keys it needs from the rendered TOML; anything unusual goes to ``tomllib``), a sender or full
-name that is not plain ASCII, and ``-t`` headers whose addresses need the ``email`` package's
-parser (quotes, comments, groups). When it declines after reading the header, the full
-implementation reads the same bytes again.
+too; the config is read by ``sendmail_settings``. Anything else declines to the full
+implementation, which then behaves exactly as if it had been run directly (same messages, same
+exit codes): ``-bs``, ``-bp``, ``-q``, ``-N``/``-R``/``-V``, unknown or malformed flags, a
+config ``sendmail_settings`` is not sure of, a sender or full name that is not plain ASCII,
+and ``-t`` headers whose addresses need the ``email`` package's parser (quotes, comments,
+groups). When it declines after reading the header, the full implementation reads the same
+bytes again.
 
-Two pieces of the full path's work are the daemon's here: the pickup rewrites the header
+Two pieces of the full path's work are done differently: the pickup rewrites the header
 (masquerading ``From:``/``Sender:``, qualifying ``To:``/``Cc:``/``Bcc:``) with the running config,
 as it does for every drop file, and this module adds ``From:``, ``Date:`` and ``Message-ID:``
 itself without the ``email`` package. The exit codes stay the command's: 65 (no recipient, too
@@ -31,6 +31,7 @@ import os
 import sys
 import time
 
+from deliverd.cli.sendmail_settings import Settings, Unsure, read_settings
 from deliverd.submission import local_addresses as rules
 from deliverd.submission.dropfile import DropError, envelope_line, poke, write_drop
 from deliverd.submission.message_input import (
@@ -58,7 +59,6 @@ EX_NOUSER = 67
 # flag (-bs, -bp, -q, -N, -R, -V, -L, -h, -O, -X, -p, unknown ones) is the full path's.
 _WITH_VALUE = frozenset("fFrCB")
 _IGNORED = frozenset("GUvmnx")
-_SIZE_UNITS = {"GB": 1024**3, "MB": 1024**2, "KB": 1024, "B": 1}
 
 
 class Decline(Exception):
@@ -122,254 +122,6 @@ def parse_args(argv: Sequence[str]) -> Request:
             elif flag not in _IGNORED:
                 raise Decline(f"-{flag}")
     return request
-
-
-# ---------------------------------------------------------------------------------------------
-# The config: the keys sendmail needs, from the TOML that deliverd.toml.j2 renders
-
-
-class Settings:
-    def __init__(self, values: dict[tuple[str, ...], object], aliases: dict[str, object]
-                 ) -> None:
-        self.queue_path = _text(values, ("queue", "path"))
-        self.host_name = _text(values, ("host", "name"))
-        self.max_message_size = _size(_text(values, ("limits", "max_message_size")))
-        self.domains = frozenset(rules.domain_key(d)
-                                 for d in _texts(values, ("local", "domains")))
-        self.qualify_domain = _text(values, ("local", "qualify_domain"))
-        self.aliases = {user.lower(): tuple(_texts({(): targets}, ()))
-                        for user, targets in aliases.items()}
-        masquerade = values.get(("masquerade", "domain"))
-        if masquerade is not None and not isinstance(masquerade, str):
-            raise Decline("masquerade.domain")
-        self.masquerade_domain = masquerade
-        self.except_users = frozenset(u.lower() for u in
-                                      _texts(values, ("masquerade", "except_users")))
-
-
-def _text(values: dict[tuple[str, ...], object], key: tuple[str, ...]) -> str:
-    value = values.get(key)
-    if not isinstance(value, str):
-        raise Decline(".".join(key))
-    return value
-
-
-def _texts(values: dict[tuple[str, ...], object], key: tuple[str, ...]) -> list[str]:
-    value = values.get(key)
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise Decline(".".join(key) or "an alias")
-    return value
-
-
-def _size(text: str) -> int:
-    """``core.units.parse_size`` without ``re``."""
-    for unit, factor in _SIZE_UNITS.items():
-        digits = text[:-len(unit)]
-        if (text.endswith(unit) and 1 <= len(digits) <= 12 and digits.isascii()
-                and digits.isdigit()):
-            return int(digits) * factor
-    raise Decline("limits.max_message_size")
-
-
-_WANTED = frozenset({("queue", "path"), ("host", "name"), ("limits", "max_message_size"),
-                     ("local", "domains"), ("local", "qualify_domain"), ("masquerade", "domain"),
-                     ("masquerade", "except_users")})
-_BARE_KEY = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
-_ESCAPES = {"b": "\b", "t": "\t", "n": "\n", "f": "\f", "r": "\r", '"': '"', "\\": "\\"}
-_SCALAR = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-+.:")
-
-
-def read_settings(path: str) -> Settings:
-    """The settings in a rendered ``deliverd.toml``; ``Decline`` for anything else, including
-    a file that cannot be read (the full path reports it) or one rendered before ``[local]``
-    and ``[masquerade]`` existed (the full path fills their defaults)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            chunks = []
-            while chunk := os.read(fd, 65536):
-                chunks.append(chunk)
-        finally:
-            os.close(fd)
-        text = b"".join(chunks).decode("utf-8")
-    except (OSError, UnicodeDecodeError):
-        raise Decline("the config cannot be read") from None
-    values, aliases = _scan(text)
-    if ("local",) not in values or ("masquerade",) not in values:
-        raise Decline("a config without [local] or [masquerade]")
-    return Settings(values, aliases)
-
-
-def _scan(text: str) -> tuple[dict[tuple[str, ...], object], dict[str, object]]:
-    """The wanted keys (and each table seen, as a key of its own) and ``[local.aliases]``.
-
-    TOML without multi-line strings, where every line is a table header, a ``key = value``
-    pair or a line of a multi-line array; a wanted key whose value is not a string or an
-    array of strings declines, and so does every line this does not recognise."""
-    if '"""' in text or "'''" in text or "\r" in text:
-        raise Decline("multi-line strings")
-    values: dict[tuple[str, ...], object] = {}
-    aliases: dict[str, object] = {}
-    table: tuple[str, ...] = ()
-    depth = 0  # open brackets of a multi-line array
-    for raw in text.split("\n"):
-        line = raw.strip(" \t")
-        if depth:
-            depth = _skip_value(line, 0, depth)
-            continue
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("["):
-            array = line.startswith("[[")
-            keys, end = _key(line, 2 if array else 1, "]")
-            close = "]]" if array else "]"
-            if not line.startswith(close, end) or _skip_value(line, end + len(close), 0):
-                raise Decline("a table header")
-            table = tuple(keys)
-            if table in values:
-                raise Decline("a table twice")
-            values[table] = True
-            continue
-        keys, end = _key(line, 0, "=")
-        full = (*table, *keys)
-        if table == ("local", "aliases") and len(keys) == 1:
-            if keys[0] in aliases:
-                raise Decline("an alias twice")
-            aliases[keys[0]], _ = _value(line, end + 1)
-        elif full in _WANTED:
-            if full in values:
-                raise Decline("a key twice")
-            values[full], _ = _value(line, end + 1)
-        elif full[:2] in (("local", "aliases"), ("masquerade",), ("local",)) and len(full) > 2:
-            raise Decline("a dotted key in a table sendmail reads")
-        else:
-            depth = _skip_value(line, end + 1, 0)
-    if depth:
-        raise Decline("an array without its end")
-    return values, aliases
-
-
-def _key(line: str, at: int, stop: str) -> tuple[list[str], int]:
-    """A dotted key from ``at`` up to ``stop``; returns its parts and the position of stop."""
-    keys: list[str] = []
-    while True:
-        at = _blank(line, at)
-        if line.startswith('"', at):
-            part, at = _string(line, at)
-        else:
-            end = at
-            while end < len(line) and line[end] in _BARE_KEY:
-                end += 1
-            part, at = line[at:end], end
-            if not part:
-                raise Decline("a key")
-        keys.append(part)
-        at = _blank(line, at)
-        if line.startswith(stop, at):
-            return keys, at
-        if not line.startswith(".", at):
-            raise Decline("a key")
-        at += 1
-
-
-def _blank(line: str, at: int) -> int:
-    while at < len(line) and line[at] in " \t":
-        at += 1
-    return at
-
-
-def _string(line: str, at: int) -> tuple[str, int]:
-    """A basic string starting at ``at`` (its quote); returns it and the position after it."""
-    out: list[str] = []
-    at += 1
-    while at < len(line):
-        char = line[at]
-        if char == '"':
-            return "".join(out), at + 1
-        if char == "\\":
-            code = line[at + 1:at + 2]
-            if code in _ESCAPES:
-                out.append(_ESCAPES[code])
-                at += 2
-                continue
-            width = {"u": 4, "U": 8}.get(code)
-            digits = line[at + 2:at + 2 + width] if width else ""
-            if not width or len(digits) != width or not all(
-                    c in "0123456789abcdefABCDEF" for c in digits):
-                raise Decline("a string escape")
-            point = int(digits, 16)
-            if 0xD800 <= point <= 0xDFFF or point > 0x10FFFF:
-                raise Decline("a string escape")
-            out.append(chr(point))
-            at += 2 + width
-            continue
-        if (char < " " and char != "\t") or char == "\x7f":
-            raise Decline("a control character in a string")
-        out.append(char)
-        at += 1
-    raise Decline("a string without its end")
-
-
-def _value(line: str, at: int) -> tuple[object, int]:
-    """A string or a one-line array of strings at ``at``; nothing but a comment after it."""
-    at = _blank(line, at)
-    value: object
-    if line.startswith('"', at):
-        value, at = _string(line, at)
-    elif line.startswith("[", at):
-        items: list[str] = []
-        at = _blank(line, at + 1)
-        while not line.startswith("]", at):
-            if not line.startswith('"', at):
-                raise Decline("an array that is not of strings on one line")
-            item, at = _string(line, at)
-            items.append(item)
-            at = _blank(line, at)
-            if line.startswith(",", at):
-                at = _blank(line, at + 1)
-            elif not line.startswith("]", at):
-                raise Decline("an array")
-        value, at = items, at + 1
-    else:
-        raise Decline("a value sendmail needs that is not a string")
-    if _skip_value(line, at, 0):
-        raise Decline("a value")
-    return value, at
-
-
-def _skip_value(line: str, at: int, depth: int) -> int:
-    """Past a value sendmail does not need (or the rest of a line after one): strings, inline
-    tables and arrays, scalars; returns how many arrays are still open at the line's end."""
-    braces = 0
-    while True:
-        at = _blank(line, at)
-        if at >= len(line) or line[at] == "#":
-            if braces:
-                raise Decline("an inline table over several lines")
-            return depth
-        char = line[at]
-        if char == '"':
-            _, at = _string(line, at)
-        elif char == "'":
-            end = line.find("'", at + 1)
-            if end < 0:
-                raise Decline("a literal string without its end")
-            at = end + 1
-        elif char in "[{":
-            depth, braces = (depth + 1, braces) if char == "[" else (depth, braces + 1)
-            at += 1
-        elif char in "]}":
-            if char == "]":
-                depth -= 1
-            else:
-                braces -= 1
-            if depth < 0 or braces < 0:
-                raise Decline("unbalanced brackets")
-            at += 1
-        elif char in ",=" or char in _SCALAR:
-            at += 1
-        else:
-            raise Decline(f"{char!r} in a value")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,9 +195,10 @@ def header_addresses(header: bytes) -> list[str] | None:
             part = part.strip(" \t")
             if "<" in part or ">" in part:
                 phrase, _, rest_ = part.partition("<")
-                address, _, tail = rest_.partition(">")
+                address, closed, tail = rest_.partition(">")
                 address = address.strip(" \t")
-                if tail or "<" in rest_ or ">" in phrase or "@" in phrase or not address:
+                if (not closed or tail or "<" in rest_ or ">" in phrase or "@" in phrase
+                        or not address):
                     return None
             else:
                 address = part
@@ -569,7 +322,11 @@ def main(argv: Sequence[str], prog: str = "sendmail", stdin: LineSource | None =
     stream = stdin if stdin is not None else sys.stdin.buffer
     try:
         request = parse_args(argv)
-        settings = read_settings(request.config or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
+        try:
+            settings = read_settings(request.config or os.environ.get(CONFIG_ENV)
+                                     or DEFAULT_CONFIG)
+        except Unsure as exc:
+            raise Decline(f"the config: {exc}") from None
         return send(request, settings, stream)
     except Decline as declined:
         if declined.replay is not None:
