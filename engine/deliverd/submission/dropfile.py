@@ -94,9 +94,7 @@ def write_drop(queue_path: str | os.PathLike[str], envelope: bytes, chunks: Iter
                     f"{min_free} kept in reserve); try again later",
                 )
             os.rename(temp, os.path.join(directory, name))
-            # ext4 and xfs commit the rename with the journal transaction this fsync forces; a
-            # submitter may not open the directory itself (no read permission) to fsync it.
-            os.fsync(fd)
+            _fsync_rename(directory, fd)
         except OSError as exc:
             code = EX_TEMPFAIL if exc.errno in (errno.ENOSPC, errno.EDQUOT) else EX_IOERR
             raise DropError(code, f"writing to {directory}: {exc.strerror or exc}") from None
@@ -108,7 +106,6 @@ def write_drop(queue_path: str | os.PathLike[str], envelope: bytes, chunks: Iter
         except OSError:
             pass
         raise
-    _fsync_dir_if_allowed(directory)
     return name
 
 
@@ -139,12 +136,16 @@ def _free_bytes(fd: int) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def _fsync_dir_if_allowed(directory: str) -> None:
+def _fsync_rename(directory: str, fd: int) -> None:
+    """Make the rename durable: the directory's fsync where the submitter may open it (root,
+    the daemon's user); else the file's again, since a submitter may not read the maildrop:
+    ext4 and xfs commit the rename with the journal transaction that fsync forces."""
     try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
-        return  # not the owner: the fsync of the file above has to do
-    try:
         os.fsync(fd)
+        return
+    try:
+        os.fsync(dir_fd)
     finally:
-        os.close(fd)
+        os.close(dir_fd)
