@@ -35,7 +35,7 @@ from deliverd.queue.space import WAL_HEADROOM
 from deliverd.spec.normalise import normalise
 from deliverd.spec.render import render_config
 from deliverd.spec.specfile import load_spec_file
-from deliverd.submission.dropfile import envelope_line
+from deliverd.submission.dropfile import envelope_line, json_string
 from deliverd.submission.local import header_addresses
 from deliverd.submission.maildrop import DropEnvelope, prepare
 from deliverd.submission.message_input import complete_header
@@ -374,6 +374,14 @@ def test_the_drop_envelope_is_what_json_dumps_wrote() -> None:
                                                                           strict=False)})
         assert line == json.dumps(data, ensure_ascii=False).encode() + b"\n"
         assert DropEnvelope.from_line(line) == DropEnvelope(*args)  # type: ignore[arg-type]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_envelope_strings_are_escaped_as_json_does(text: str) -> None:
+    assert json_string(text) == json.dumps(text, ensure_ascii=False)
+    assert json_string("".join(map(chr, range(128)))) == json.dumps(
+        "".join(map(chr, range(128))), ensure_ascii=False)
 
 
 def test_min_free_is_the_queues_reserve() -> None:

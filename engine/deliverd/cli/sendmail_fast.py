@@ -367,9 +367,10 @@ def launcher(python: str, paths: Sequence[str] | None, prog: str, config: str | 
     lines = [f"#!{python} -IS"]
     if comment is not None:
         lines.append(f"# {comment}")
+    # After the standard library, as site.py puts them: its imports look nowhere else first.
     lines += ["import sys",
-              f"sys.path[:0] = [{VENV_PACKAGES}]" if paths is None
-              else f"sys.path[:0] = {list(paths)!r}"]
+              f"sys.path.append({VENV_PACKAGES})" if paths is None
+              else f"sys.path += {list(paths)!r}"]
     if config is not None:
         lines += ["import os",
                   f"os.environ[{CONFIG_ENV!r}] = os.environ.get({CONFIG_ENV!r}) or {config!r}"]

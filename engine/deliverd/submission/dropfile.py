@@ -10,9 +10,8 @@ dot-name, fsynced, checked against the queue's free-space reserve, and renamed i
 pickup ignores dot-names. The sender's identity is not in the file: the pickup reads the owner
 of the file, which the submitter cannot forge.
 
-Every ``sendmail`` run imports this module before anything else: it uses only modules the
-interpreter has loaded at start-up, plus ``errno`` and ``_json`` (json's own string encoder,
-without the ``json`` package's ``re`` import).
+Every ``sendmail`` run imports this module: it uses only ``os``, ``time`` and ``errno`` (not
+``json``, whose decoder imports ``re``: the envelope's strings are escaped as json escapes them).
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from __future__ import annotations
 import errno
 import os
 import time
-from _json import encode_basestring
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -39,6 +37,13 @@ EX_IOERR = 74
 EX_TEMPFAIL = 75
 
 
+# What json.dumps(..., ensure_ascii=False) escapes in a string, and how.
+_JSON_ESCAPES = {**{code: f"\\u{code:04x}" for code in range(32)},
+                 **{ord(c): e for c, e in (('"', '\\"'), ("\\", "\\\\"), ("\n", "\\n"),
+                                           ("\r", "\\r"), ("\t", "\\t"), ("\b", "\\b"),
+                                           ("\f", "\\f"))}}
+
+
 class DropError(Exception):
     """Mail could not be left in the maildrop; ``exit_code`` is the sysexits code to use."""
 
@@ -47,14 +52,19 @@ class DropError(Exception):
         super().__init__(message)
 
 
+def json_string(text: str) -> str:
+    """``text`` as a JSON string, as ``json.dumps(text, ensure_ascii=False)`` writes it."""
+    return '"' + text.translate(_JSON_ESCAPES) + '"'
+
+
 def envelope_line(sender: str, recipients: Sequence[str], notify: str | None = None,
                   ret: str | None = None, envid: str | None = None) -> bytes:
     """The envelope line; the same bytes as ``json.dumps(..., ensure_ascii=False)`` + LF."""
-    items = [f'"v": 1, "sender": {encode_basestring(sender)}, "recipients": ['
-             + ", ".join(encode_basestring(r) for r in recipients) + "]"]
+    items = [f'"v": 1, "sender": {json_string(sender)}, "recipients": ['
+             + ", ".join(json_string(r) for r in recipients) + "]"]
     for key, value in zip(DSN_FIELDS, (notify, ret, envid), strict=True):
         if value is not None:
-            items.append(f'"{key}": {encode_basestring(value)}')
+            items.append(f'"{key}": {json_string(value)}')
     return ("{" + ", ".join(items) + "}\n").encode("utf-8")
 
 
