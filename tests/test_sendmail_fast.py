@@ -312,28 +312,43 @@ def _submit(main: Any, argv: list[str], message: bytes, queue: Path) -> tuple[in
 
 
 DATED = b"Date: Mon, 1 Jan 2024 00:00:00 +0000\nMessage-ID: <m@x>\n"
+# (argv, message, whether the fast path takes it: False means it hands it to the full path)
 SUBMISSIONS = [
     (["-t", "-i"], b"To: root, x@example.org\nCc: www-data@localhost\nBcc: b@example.org\n"
-                   b"Subject: php\n\nbody\n.\nmore\n"),
-    (["-t", "-i", "-f", "app@example.org"], b"To: Someone <s@example.org>\n\nbody\n"),
-    (["-i", "-FCron Daemon", "-B8BITMIME", "-oem", "root"], b"Subject: cron\n\nout\n"),
-    (["-FCronDaemon", "-odi", "-oem", "-oi", "-t"], b"To: root\nSubject: c\n\n.\n"),
-    (["-i", "a@example.org", "B@example.org,a@example.org"], b"From: Dev <d@x>\n\npatch\n"),
-    (["x@example.org"], b"From b@c Mon Jan  1 00:00:00 2024\nSubject: mbox\n\nbody\n.\nnot\n"),
-    (["-t"], b'To: "Doe, J" <j@example.org>, root\nSubject: quoted\n\nq\n'),  # full path
-    (["-t", "-i"], b"To: undisclosed-recipients:;\nCc: c@example.org\n\ng\n"),  # full path
-    (["-i", "root"], b"no header at all\n\nbody\n"),
+                   b"Subject: php\n\nbody\n.\nmore\n", True),
+    (["-t", "-i", "-f", "app@example.org"], b"To: Someone <s@example.org>\n\nbody\n", True),
+    (["-i", "-FCron Daemon", "-B8BITMIME", "-oem", "root"], b"Subject: cron\n\nout\n", True),
+    (["-FCronDaemon", "-odi", "-oem", "-oi", "-t"], b"To: root\nSubject: c\n\n.\n", True),
+    (["-i", "a@example.org", "B@example.org,a@example.org"], b"From: Dev <d@x>\n\npatch\n",
+     True),
+    (["x@example.org"], b"From b@c Mon Jan  1 00:00:00 2024\nSubject: mbox\n\nbody\n.\nnot\n",
+     True),
+    (["-i", "root"], b"no header at all\n\nbody\n", True),
+    (["-t", "-oi"], b"To: a@example.org,\n\tB <b@example.org>\nSubject: folded\n\nf\n", True),
+    (["-t"], b'To: "Doe, J" <j@example.org>, root\nSubject: quoted\n\nq\n', False),
+    (["-t", "-i"], b"To: undisclosed-recipients:;\nCc: c@example.org\n\ng\n", False),
+    (["-i", "-F", "J\u00f6rg", "root"], b"Subject: name\n\nfull path\n", False),
 ]
 
 
-@pytest.mark.parametrize(("argv", "message"), SUBMISSIONS)
-def test_both_paths_write_the_same_drop_file(argv: list[str], message: bytes,
-                                             host: tuple[Path, Path]) -> None:
+@pytest.mark.parametrize(("argv", "message", "taken"), SUBMISSIONS)
+def test_both_paths_write_the_same_drop_file(argv: list[str], message: bytes, taken: bool,
+                                             host: tuple[Path, Path],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     queue, config = host
     argv = ["-C", str(config), *argv]
     message = DATED + message if not message.startswith(b"From ") else message
     code_full, by_full = _submit(full.main, argv, message, queue)
+    handed_over: list[list[str]] = []
+    full_main = full.main
+
+    def counted(*args: Any) -> int:
+        handed_over.append(list(args[0]))
+        return full_main(*args)
+
+    monkeypatch.setattr(full, "main", counted)
     code_fast, by_fast = _submit(fast.main, argv, message, queue)
+    assert handed_over == ([] if taken else [argv])  # the fast path's own, or handed over
     assert code_full == code_fast == 0
     # The full path rewrites the header at submission, the fast path leaves it to the pickup.
     policy = full.load_settings(str(config)).policy

@@ -177,7 +177,7 @@ def complete_header(header: bytes, *, sender: str, fullname: str, domain: str,
         added.append(f"Date: {format_date(time.time())}")
     if "message-id" not in names:
         added.append(f"Message-ID: {make_msgid(domain)}")
-    return b"".join(fields) + "".join(f"{line}\r\n" for line in added).encode("ascii")
+    return b"".join(fields) + "".join(f"{line}\r\n" for line in added).encode("utf-8")
 
 
 def header_addresses(header: bytes) -> list[str] | None:
@@ -273,6 +273,8 @@ def send(request: Request, settings: Settings, stdin: LineSource) -> int:
         raise Decline("a sender or full name that is not ASCII")
     sender = rules.sender(raw_sender, settings.domains, settings.qualify_domain,
                           settings.masquerade_domain, settings.except_users)
+    if not sender.isascii():  # a non-ASCII domain in the config: the email package's case
+        raise Decline("a sender that is not ASCII")
     recipients = [_clean(r) for r in request.recipients for r in r.split(",") if r.strip()]
     recorder = _Recorder(stdin)
     source = MessageInput(recorder, dot_ends=request.dot_ends, smtp=False,
