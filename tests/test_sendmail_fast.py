@@ -164,7 +164,7 @@ def test_configs_the_fast_path_cannot_read_with_certainty_go_to_the_full_one(
     tmp_path: Path,
 ) -> None:
     text = _rendered(SPEC)
-    cases = {
+    cases: dict[str, str | bytes] = {
         "old": text.split("\n[local]\n")[0],  # before [local]: the full path normalises
         "garbage": "this is = = not toml\n",
         "multi-line": text + 'x = """\n[queue]\npath = "/elsewhere"\n"""\n',
