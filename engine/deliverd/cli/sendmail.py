@@ -14,8 +14,10 @@ without an alias, 69 the queue cannot be listed (daemon down), 73 the maildrop c
 written, 74 I/O error, 75 the queue's filesystem is short of space (try again), 77 not
 allowed, 78 the config cannot be read.
 
-Run for every message: the import path is kept to the standard library plus the small pure
-modules it needs (measure with ``python -X importtime -m deliverd sendmail``).
+The common invocations (cron, PHP, mailx, git send-email) never get here: the launcher runs
+``deliverd.cli.sendmail_fast``, which hands this module what it does not take itself (``-bs``,
+``-bp``, ``-q``, ``-N``/``-R``/``-V``, errors that need the full reporting) with whatever it read of
+stdin already; see that module for the import path (``python -X importtime``).
 """
 
 from __future__ import annotations
