@@ -4,8 +4,8 @@ For each MTA: its own instance relaying to a fresh smtp-sink (loopback), then N 
 after another and N more, 8 at a time. Per phase: per-invocation wall time p50/p99,
 invocations/s and the time until the sink has every message. The sendmail programs:
 
-- deliverd: ``deliverd sendmail`` (a script like the role's link) into the running daemon's
-  maildrop;
+- deliverd: its ``sendmail`` launcher (``python -I -S``, as the role's wrapper) into the running
+  daemon's maildrop;
 - postfix: the machine's ``/usr/sbin/sendmail`` with ``-C`` the lab instance's config dir
   (postdrop -> pickup);
 - exim: the unpacked ``exim4 -C CONF -t -i`` (background delivery), run through the namespace
@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import os
 import shutil
+import site
 import subprocess
 import sys
 import tempfile
@@ -42,12 +43,14 @@ from typing import Any
 from _relay import CACHE, LOOPBACK, Deliverd, Postfix, Sink, free_port
 from _stats import percentile, table
 
+from deliverd.cli.sendmail_fast import launcher
 from deliverd_lab.common import LabError
 from deliverd_lab.exim import EximRelay
 from deliverd_lab.opensmtpd import USERS as OPENSMTPD_USERS
 from deliverd_lab.opensmtpd import OpenSmtpdRelay
 from deliverd_lab.unpacked import LIB_DIR, Isolation, unpack
 
+ENGINE = Path(__file__).resolve().parent.parent / "engine"
 MTAS = ("deliverd", "postfix", "exim", "dma", "msmtp", "nullmailer", "opensmtpd")
 NOT_WIRED: dict[str, str] = {}
 MESSAGE = (b"From: bench@source.test\nTo: sink@dest.test\nSubject: sendmail bench\n\n"
@@ -67,8 +70,9 @@ def target(kind: str, workdir: Path, sink_port: int) -> Iterator[Target]:
     if kind == "deliverd":
         mta = Deliverd(workdir, sink_port, {"max_sessions": 30})
         script = workdir / "sendmail"
-        script.write_text(f"#!{sys.executable}\nimport sys\n"
-                          "from deliverd.cli.main import main\nsys.exit(main())\n")
+        # The role's wrapper: python -I -S with the package (here the checkout's) on sys.path.
+        script.write_text(launcher(sys.executable, [str(ENGINE), *site.getsitepackages()],
+                                   "sendmail"))
         script.chmod(0o755)
         env["DELIVERD_CONFIG"] = str(workdir / "etc" / "deliverd.toml")
         mta.start()

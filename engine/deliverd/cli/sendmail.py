@@ -14,8 +14,10 @@ without an alias, 69 the queue cannot be listed (daemon down), 73 the maildrop c
 written, 74 I/O error, 75 the queue's filesystem is short of space (try again), 77 not
 allowed, 78 the config cannot be read.
 
-Run for every message: the import path is kept to the standard library plus the small pure
-modules it needs (measure with ``python -X importtime -m deliverd sendmail``).
+The common invocations (cron, PHP, mailx, git send-email) never get here: the launcher runs
+``deliverd.cli.sendmail_fast``, which hands this module what it does not take itself (``-bs``,
+``-bp``, ``-q``, ``-N``/``-R``/``-V``, errors that need the full reporting) with whatever it read of
+stdin already; see that module for the import path (``python -X importtime``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from deliverd.config.convert import local_from_spec, masquerade_from_spec
 from deliverd.core.units import parse_size
@@ -48,6 +50,9 @@ from deliverd.submission.message_input import (
     TooBig,
     complete_header,
 )
+
+if TYPE_CHECKING:
+    from deliverd.submission.message_input import LineSource
 
 DEFAULT_CONFIG = "/etc/deliverd/deliverd.toml"
 CONFIG_ENV = "DELIVERD_CONFIG"
@@ -252,7 +257,7 @@ def _drop(settings: Settings, envelope: DropEnvelope, header: bytes,
     return name
 
 
-def send(opts: Options, settings: Settings, stdin: BinaryIO) -> int:
+def send(opts: Options, settings: Settings, stdin: LineSource) -> int:
     policy = settings.policy
     login, gecos = _who()
     sender = policy.sender(_clean(opts.sender) if opts.sender is not None else login)
@@ -281,7 +286,7 @@ def send(opts: Options, settings: Settings, stdin: BinaryIO) -> int:
 
 
 class _Session:
-    def __init__(self, settings: Settings, stdin: BinaryIO, stdout: BinaryIO) -> None:
+    def __init__(self, settings: Settings, stdin: LineSource, stdout: BinaryIO) -> None:
         self.settings = settings
         self.stdin = stdin
         self.stdout = stdout
@@ -436,7 +441,10 @@ def flush_queue(settings: Settings) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv: Sequence[str], prog: str = "sendmail") -> int:
+def main(argv: Sequence[str], prog: str = "sendmail", stdin: LineSource | None = None) -> int:
+    """``sendmail ARGS``; ``stdin`` is where the message or the ``-bs`` dialogue is read
+    (``deliverd.cli.sendmail_fast`` hands over what it read already this way)."""
+    stream = sys.stdin.buffer if stdin is None else stdin
     try:
         opts = parse_args(argv)
         settings = load_settings(config_path(opts))
@@ -445,8 +453,8 @@ def main(argv: Sequence[str], prog: str = "sendmail") -> int:
         if opts.mode == "flush":
             return flush_queue(settings)
         if opts.mode == "smtp":
-            return _Session(settings, sys.stdin.buffer, sys.stdout.buffer).run()
-        return send(opts, settings, sys.stdin.buffer)
+            return _Session(settings, stream, sys.stdout.buffer).run()
+        return send(opts, settings, stream)
     except Failure as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return exc.code

@@ -19,30 +19,18 @@ from email.utils import formataddr, getaddresses
 from functools import cache
 
 from deliverd.config.model import LocalConfig, MasqueradeConfig
+from deliverd.submission import local_addresses as rules
+from deliverd.submission.local_addresses import ANY_USER, UnknownLocalUser, domain_key
+from deliverd.submission.message_input import split_fields
 
-ANY_USER = "*"
+__all__ = ["ANY_USER", "LocalPolicy", "UnknownLocalUser", "header_addresses", "local_policy",
+           "split_fields"]
 
 # Header fields whose addresses are senders (masqueraded) or recipients (only qualified).
 _SENDER_FIELDS = frozenset({"from", "sender"})
 _RECIPIENT_FIELDS = frozenset({"to", "cc", "bcc"})
 _FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:")
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
-
-
-class UnknownLocalUser(Exception):
-    """A local recipient that has no alias: the message is refused for it."""
-
-    def __init__(self, address: str, user: str) -> None:
-        self.address = address
-        self.user = user
-        super().__init__(
-            f"<{address}>: local user {user!r} has no alias; deliverd delivers nothing on "
-            f"this host, set local.aliases.{user} (or local.aliases.\"*\") in the delivery spec"
-        )
-
-    @property
-    def smtp_reply(self) -> str:
-        return f"550 5.1.1 {self}"
 
 
 @dataclass(frozen=True)
@@ -57,26 +45,15 @@ class LocalPolicy:
 
     def local_user(self, address: str) -> str | None:
         """The user an address names on this host, or None for any other address."""
-        local, at, domain = address.rpartition("@")
-        if not at:
-            return address or None
-        return local if _domain_key(domain) in self.domains and local else None
+        return rules.local_user(address, self.domains)
 
     def qualify(self, address: str) -> str:
         """``root`` → ``root@qualify_domain``; qualified addresses and '' are left alone."""
-        if not address or "@" in address or not self.qualify_domain:
-            return address
-        return f"{address}@{self.qualify_domain}"
+        return rules.qualify(address, self.qualify_domain)
 
     def resolve_recipient(self, address: str) -> tuple[str, ...]:
         """The addresses that receive mail for ``address`` (itself unless it is local)."""
-        user = self.local_user(address)
-        if user is None:
-            return (address,)
-        targets = self.aliases.get(user.lower()) or self.aliases.get(ANY_USER)
-        if not targets:
-            raise UnknownLocalUser(self.qualify(address), user)
-        return targets
+        return rules.resolve_recipient(address, self.domains, self.qualify_domain, self.aliases)
 
     def resolve_recipients(self, addresses: Iterable[str]) -> list[str]:
         """Every recipient resolved, in order, each target once. Raises ``UnknownLocalUser``
@@ -92,12 +69,8 @@ class LocalPolicy:
 
     def sender(self, address: str) -> str:
         """The envelope sender as it leaves: qualified, and masqueraded for local users."""
-        user = self.local_user(address)
-        if user is None:
-            return address
-        if self.masquerade_domain and user.lower() not in self.except_users:
-            return f"{user}@{self.masquerade_domain}"
-        return self.qualify(address)
+        return rules.sender(address, self.domains, self.qualify_domain, self.masquerade_domain,
+                            self.except_users)
 
     # -- headers --------------------------------------------------------------------------------
 
@@ -151,26 +124,11 @@ class LocalPolicy:
         )
 
 
-def split_fields(header: bytes) -> list[bytes]:
-    """Header fields with their continuation lines and line endings, in order."""
-    fields: list[bytes] = []
-    for line in header.splitlines(keepends=True):
-        if fields and line[:1] in (b" ", b"\t"):
-            fields[-1] += line
-        else:
-            fields.append(line)
-    return fields
-
-
-def _domain_key(domain: str) -> str:
-    return domain.lower().rstrip(".")
-
-
 @cache
 def local_policy(local: LocalConfig, masquerade: MasqueradeConfig) -> LocalPolicy:
     """The policy of a config (cached: the listener asks for it on every message)."""
     return LocalPolicy(
-        domains=frozenset(_domain_key(d) for d in local.domains),
+        domains=frozenset(domain_key(d) for d in local.domains),
         qualify_domain=local.qualify_domain,
         aliases={user.lower(): targets for user, targets in local.aliases},
         masquerade_domain=masquerade.domain,

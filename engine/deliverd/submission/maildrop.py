@@ -11,30 +11,37 @@ pass through, no one else may list it or open the database, which is 0600):
 - ``public/pickup``, a FIFO (mode 0622): one byte written to it wakes the daemon's pickup. With
   no daemon reading it the write fails at once (ENXIO), and the mail waits in the maildrop.
 
-A drop file is one JSON line (the envelope) followed by the message with CRLF line endings. It
-is written under a dot-name, fsynced, checked against the queue's free-space reserve, and
-renamed into place; the pickup ignores dot-names. The sender's identity is not in the file: the
-pickup reads the owner of the file, which the submitter cannot forge.
+A drop file is one JSON line (the envelope) followed by the message; ``dropfile`` writes it,
+for every writer, and ``DropEnvelope.from_line`` here reads its envelope back.
 
-This module is on the import path of every ``sendmail`` run: standard library only.
+The full ``sendmail`` path imports this module (standard library only); the fast path needs
+only ``dropfile``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import stat
 import struct
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-MAILDROP = "maildrop"
-PUBLIC = "public"
-PICKUP_FIFO = "pickup"
+from deliverd.submission import dropfile
+from deliverd.submission.dropfile import (
+    DROP_FILE_MODE,
+    MAILDROP,
+    PICKUP_FIFO,
+    PUBLIC,
+    TEMP_PREFIX,
+    DropError,
+    poke,
+)
+
+__all__ = ["DROP_FILE_MODE", "DropEnvelope", "DropError", "poke", "prepare", "write_drop"]
+
 CORRUPT = "corrupt"
 
 QUEUE_DIR_MODE = 0o711
@@ -42,22 +49,6 @@ MAILDROP_MODE = 0o1733
 PUBLIC_MODE = 0o755
 FIFO_MODE = 0o622
 CORRUPT_MODE = 0o700
-DROP_FILE_MODE = 0o640  # the group bits become the ACL mask: the daemon's read entry
-
-# sysexits.h
-EX_CANTCREAT = 73
-EX_IOERR = 74
-EX_TEMPFAIL = 75
-
-_TEMP_PREFIX = "."
-
-
-class DropError(Exception):
-    """Mail could not be left in the maildrop; ``exit_code`` is the sysexits code to use."""
-
-    def __init__(self, exit_code: int, message: str) -> None:
-        self.exit_code = exit_code
-        super().__init__(message)
 
 
 @dataclass(frozen=True)
@@ -70,12 +61,8 @@ class DropEnvelope:
     envid: str | None = None
 
     def to_line(self) -> bytes:
-        data: dict[str, object] = {"v": 1, "sender": self.sender,
-                                   "recipients": list(self.recipients)}
-        for key in ("notify", "ret", "envid"):
-            if getattr(self, key) is not None:
-                data[key] = getattr(self, key)
-        return json.dumps(data, ensure_ascii=False).encode("utf-8") + b"\n"
+        return dropfile.envelope_line(self.sender, self.recipients, self.notify, self.ret,
+                                      self.envid)
 
     @classmethod
     def from_line(cls, line: bytes) -> DropEnvelope:
@@ -103,60 +90,14 @@ def pickup_fifo(queue_path: str | Path) -> Path:
 
 
 def is_temp_name(name: str) -> bool:
-    return name.startswith(_TEMP_PREFIX)
+    return name.startswith(TEMP_PREFIX)
 
 
 def write_drop(
     queue_path: str | Path, envelope: DropEnvelope, chunks: Iterable[bytes], *, min_free: int
 ) -> str:
-    """Leave one message in the maildrop; returns its file name once it is durable.
-
-    ``chunks`` is the message (CRLF line endings), read lazily: nothing holds the whole of it.
-    Raises ``DropError`` (73 the maildrop cannot be written, 74 I/O error, 75 the queue's
-    filesystem has less than ``min_free`` bytes left); an exception from ``chunks`` itself is
-    passed on. Either way nothing is left behind.
-    """
-    directory = maildrop_dir(queue_path)
-    # os.urandom rather than the secrets module: its hmac and hashlib imports cost more.
-    name = f"{time.time_ns():x}.{os.getpid()}.{os.urandom(8).hex()}"
-    temp = directory / f"{_TEMP_PREFIX}{name}.tmp"
-    try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     DROP_FILE_MODE)
-    except OSError as exc:
-        raise DropError(
-            EX_CANTCREAT,
-            f"cannot create a file in {directory}: {exc.strerror or exc} (the deliverd daemon "
-            "creates the maildrop when it starts; start it once)",
-        ) from None
-    try:
-        try:
-            _write_all(fd, envelope.to_line())
-            for chunk in chunks:
-                _write_all(fd, chunk)
-            os.fsync(fd)
-            free = _free_bytes(fd)
-            if free < min_free:
-                raise DropError(
-                    EX_TEMPFAIL,
-                    f"the queue's filesystem is short of space ({free} bytes free, "
-                    f"{min_free} kept in reserve); try again later",
-                )
-            os.rename(temp, directory / name)
-            # ext4 and xfs commit the rename with the journal transaction this fsync forces; a
-            # submitter may not open the directory itself (no read permission) to fsync it.
-            os.fsync(fd)
-        except OSError as exc:
-            code = EX_TEMPFAIL if exc.errno in (errno.ENOSPC, errno.EDQUOT) else EX_IOERR
-            raise DropError(code, f"writing to {directory}: {exc.strerror or exc}") from None
-        finally:
-            os.close(fd)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-    _fsync_dir_if_allowed(directory)
-    return name
+    """``dropfile.write_drop`` with the envelope as a ``DropEnvelope``."""
+    return dropfile.write_drop(queue_path, envelope.to_line(), chunks, min_free=min_free)
 
 
 def waiting_in_maildrop(queue_path: str | Path) -> int:
@@ -165,43 +106,6 @@ def waiting_in_maildrop(queue_path: str | Path) -> int:
         return sum(1 for name in os.listdir(maildrop_dir(queue_path)) if not is_temp_name(name))
     except OSError:
         return 0
-
-
-def poke(queue_path: str | Path) -> bool:
-    """Wake a running daemon's pickup; False when no daemon listens (the mail waits)."""
-    try:
-        fd = os.open(pickup_fifo(queue_path), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        os.write(fd, b"w")
-    except OSError:  # a full pipe: a wake-up is already pending
-        pass
-    finally:
-        os.close(fd)
-    return True
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _free_bytes(fd: int) -> int:
-    st = os.fstatvfs(fd)
-    return st.f_bavail * st.f_frsize
-
-
-def _fsync_dir_if_allowed(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return  # not the owner: the fsync of the file above has to do
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 It scans the maildrop when woken through ``public/pickup`` and every ``SCAN_EVERY`` seconds
 anyway (so mail left while the daemon was down, or a lost wake-up, is never stranded). Each
-file is read, its recipients resolved and its sender masqueraded with the running config (the
-rules ``sendmail`` applied already; a file written by other means gets them too), traced with
+file is read, its recipients resolved and its sender and header masqueraded with the running
+config (the rules ``sendmail`` applied already, but for the header of what its fast path
+wrote, which is left to this; a file written by other means gets them too), traced with
 the uid that owns it, queued, and deleted only after the queue's commit. A file that is not a
 drop file, or can never be queued, is moved to ``corrupt/`` with a log line; nothing is lost
 in silence. A message's queue id is derived from its file (owner, name, time), so after a

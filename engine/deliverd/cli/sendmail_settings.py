@@ -1,0 +1,279 @@
+"""The settings ``sendmail`` needs, read from a rendered ``deliverd.toml`` without ``tomllib``.
+
+``tomllib`` (with the ``re`` it imports) costs more than the rest of a fast ``sendmail`` run, so
+``deliverd.cli.sendmail_fast`` reads the few keys it needs (``queue.path``, ``host.name``,
+``limits.max_message_size``, ``local.*``, ``masquerade.*``) with this reader of the TOML that
+``deliverd.toml.j2`` renders: table headers, ``key = value`` lines and multi-line arrays, no
+multi-line strings. Whatever it is not sure of raises ``Unsure``, and ``sendmail`` takes the
+full path, which reads the file with ``tomllib`` and reports what is wrong (exit 78); a wanted
+key given twice or holding anything but a string or an array of strings is such a case. What
+it does not check: values of keys sendmail does not read are only skipped (strings, arrays,
+inline tables, bare scalars), so a file TOML refuses in those alone is not noticed here (the
+daemon refuses to load it, and ``deliverd check-config`` says why); the mail waits in the
+maildrop. ``tests/test_sendmail_fast.py`` holds it to ``tomllib`` on every example spec.
+"""
+
+from __future__ import annotations
+
+import os
+
+from deliverd.submission import local_addresses as rules
+
+_SIZE_UNITS = {"GB": 1024**3, "MB": 1024**2, "KB": 1024, "B": 1}
+
+
+class Unsure(Exception):
+    """The file is not one this reader reads with certainty; tomllib will."""
+
+
+
+class Settings:
+    def __init__(self, values: dict[tuple[str, ...], object], aliases: dict[str, object]
+                 ) -> None:
+        self.queue_path = _text(values, ("queue", "path"))
+        self.host_name = _text(values, ("host", "name"))
+        self.max_message_size = _size(_text(values, ("limits", "max_message_size")))
+        self.domains = frozenset(rules.domain_key(d)
+                                 for d in _texts(values, ("local", "domains")))
+        self.qualify_domain = _text(values, ("local", "qualify_domain"))
+        self.aliases = {user.lower(): tuple(_texts({(): targets}, ()))
+                        for user, targets in aliases.items()}
+        masquerade = values.get(("masquerade", "domain"))
+        if masquerade is not None and not isinstance(masquerade, str):
+            raise Unsure("masquerade.domain")
+        self.masquerade_domain = masquerade
+        self.except_users = frozenset(u.lower() for u in
+                                      _texts(values, ("masquerade", "except_users")))
+
+
+def _text(values: dict[tuple[str, ...], object], key: tuple[str, ...]) -> str:
+    value = values.get(key)
+    if not isinstance(value, str):
+        raise Unsure(".".join(key))
+    return value
+
+
+def _texts(values: dict[tuple[str, ...], object], key: tuple[str, ...]) -> list[str]:
+    value = values.get(key)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise Unsure(".".join(key) or "an alias")
+    return value
+
+
+def _size(text: str) -> int:
+    """``core.units.parse_size`` without ``re``."""
+    for unit, factor in _SIZE_UNITS.items():
+        digits = text[:-len(unit)]
+        if (text.endswith(unit) and 1 <= len(digits) <= 12 and digits.isascii()
+                and digits.isdigit()):
+            return int(digits) * factor
+    raise Unsure("limits.max_message_size")
+
+
+_WANTED = frozenset({("queue", "path"), ("host", "name"), ("limits", "max_message_size"),
+                     ("local", "domains"), ("local", "qualify_domain"), ("masquerade", "domain"),
+                     ("masquerade", "except_users")})
+_BARE_KEY = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+_ESCAPES = {"b": "\b", "t": "\t", "n": "\n", "f": "\f", "r": "\r", '"': '"', "\\": "\\"}
+_SCALAR = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-+.:")
+
+
+def read_settings(path: str) -> Settings:
+    """The settings in a rendered ``deliverd.toml``; ``Decline`` for anything else, including
+    a file that cannot be read (the full path reports it) or one rendered before ``[local]``
+    and ``[masquerade]`` existed (the full path fills their defaults)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            chunks = []
+            while chunk := os.read(fd, 65536):
+                chunks.append(chunk)
+        finally:
+            os.close(fd)
+        text = b"".join(chunks).decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        raise Unsure("the config cannot be read") from None
+    values, aliases = _scan(text)
+    if ("local",) not in values or ("masquerade",) not in values:
+        raise Unsure("a config without [local] or [masquerade]")
+    return Settings(values, aliases)
+
+
+_TABLE, _ARRAY = "[table]", "[[array of tables]]"  # what a header's own key holds in _scan
+
+
+def _scan(text: str) -> tuple[dict[tuple[str, ...], object], dict[str, object]]:
+    """The wanted keys (and each table header seen, as ``_TABLE`` or ``_ARRAY`` under its own
+    key) and ``[local.aliases]``.
+
+    TOML without multi-line strings, where every line is a table header, a ``key = value``
+    pair or a line of a multi-line array; a wanted key whose value is not a string or an
+    array of strings declines, and so does every line this does not recognise."""
+    if '"""' in text or "'''" in text or "\r" in text:
+        raise Unsure("multi-line strings")
+    values: dict[tuple[str, ...], object] = {}
+    aliases: dict[str, object] = {}
+    table: tuple[str, ...] = ()
+    depth = 0  # open brackets of a multi-line array
+    for raw in text.split("\n"):
+        line = raw.strip(" \t")
+        if depth:
+            depth = _skip_value(line, 0, depth)
+            continue
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("["):
+            array = line.startswith("[[")
+            keys, end = _key(line, 2 if array else 1, "]")
+            close = "]]" if array else "]"
+            if not line.startswith(close, end) or _skip_value(line, end + len(close), 0):
+                raise Unsure("a table header")
+            table = tuple(keys)
+            kind = _ARRAY if array else _TABLE
+            if table in values and (kind, values[table]) != (_ARRAY, _ARRAY):
+                raise Unsure("a table twice, or as a table and an array of tables")
+            values[table] = kind
+            if array:  # a new element: the tables below the previous one are done with
+                for below in [k for k in values if k[:len(table)] == table and k != table]:
+                    del values[below]
+            continue
+        keys, end = _key(line, 0, "=")
+        full = (*table, *keys)
+        if table == ("local", "aliases") and len(keys) == 1:
+            if keys[0] in aliases:
+                raise Unsure("an alias twice")
+            aliases[keys[0]], _ = _value(line, end + 1)
+        elif full in _WANTED:
+            if full in values:
+                raise Unsure("a key twice")
+            values[full], _ = _value(line, end + 1)
+        elif full[:2] in (("local", "aliases"), ("masquerade",), ("local",)) and len(full) > 2:
+            raise Unsure("a dotted key in a table sendmail reads")
+        else:
+            depth = _skip_value(line, end + 1, 0)
+    if depth:
+        raise Unsure("an array without its end")
+    return values, aliases
+
+
+def _key(line: str, at: int, stop: str) -> tuple[list[str], int]:
+    """A dotted key from ``at`` up to ``stop``; returns its parts and the position of stop."""
+    keys: list[str] = []
+    while True:
+        at = _blank(line, at)
+        if line.startswith('"', at):
+            part, at = _string(line, at)
+        else:
+            end = at
+            while end < len(line) and line[end] in _BARE_KEY:
+                end += 1
+            part, at = line[at:end], end
+            if not part:
+                raise Unsure("a key")
+        keys.append(part)
+        at = _blank(line, at)
+        if line.startswith(stop, at):
+            return keys, at
+        if not line.startswith(".", at):
+            raise Unsure("a key")
+        at += 1
+
+
+def _blank(line: str, at: int) -> int:
+    while at < len(line) and line[at] in " \t":
+        at += 1
+    return at
+
+
+def _string(line: str, at: int) -> tuple[str, int]:
+    """A basic string starting at ``at`` (its quote); returns it and the position after it."""
+    out: list[str] = []
+    at += 1
+    while at < len(line):
+        char = line[at]
+        if char == '"':
+            return "".join(out), at + 1
+        if char == "\\":
+            code = line[at + 1:at + 2]
+            if code in _ESCAPES:
+                out.append(_ESCAPES[code])
+                at += 2
+                continue
+            width = {"u": 4, "U": 8}.get(code)
+            digits = line[at + 2:at + 2 + width] if width else ""
+            if not width or len(digits) != width or not all(
+                    c in "0123456789abcdefABCDEF" for c in digits):
+                raise Unsure("a string escape")
+            point = int(digits, 16)
+            if 0xD800 <= point <= 0xDFFF or point > 0x10FFFF:
+                raise Unsure("a string escape")
+            out.append(chr(point))
+            at += 2 + width
+            continue
+        if (char < " " and char != "\t") or char == "\x7f":
+            raise Unsure("a control character in a string")
+        out.append(char)
+        at += 1
+    raise Unsure("a string without its end")
+
+
+def _value(line: str, at: int) -> tuple[object, int]:
+    """A string or a one-line array of strings at ``at``; nothing but a comment after it."""
+    at = _blank(line, at)
+    value: object
+    if line.startswith('"', at):
+        value, at = _string(line, at)
+    elif line.startswith("[", at):
+        items: list[str] = []
+        at = _blank(line, at + 1)
+        while not line.startswith("]", at):
+            if not line.startswith('"', at):
+                raise Unsure("an array that is not of strings on one line")
+            item, at = _string(line, at)
+            items.append(item)
+            at = _blank(line, at)
+            if line.startswith(",", at):
+                at = _blank(line, at + 1)
+            elif not line.startswith("]", at):
+                raise Unsure("an array")
+        value, at = items, at + 1
+    else:
+        raise Unsure("a value sendmail needs that is not a string")
+    if _skip_value(line, at, 0):
+        raise Unsure("a value")
+    return value, at
+
+
+def _skip_value(line: str, at: int, depth: int) -> int:
+    """Past a value sendmail does not need (or the rest of a line after one): strings, inline
+    tables and arrays, scalars; returns how many arrays are still open at the line's end."""
+    braces = 0
+    while True:
+        at = _blank(line, at)
+        if at >= len(line) or line[at] == "#":
+            if braces:
+                raise Unsure("an inline table over several lines")
+            return depth
+        char = line[at]
+        if char == '"':
+            _, at = _string(line, at)
+        elif char == "'":
+            end = line.find("'", at + 1)
+            if end < 0:
+                raise Unsure("a literal string without its end")
+            at = end + 1
+        elif char in "[{":
+            depth, braces = (depth + 1, braces) if char == "[" else (depth, braces + 1)
+            at += 1
+        elif char in "]}":
+            if char == "]":
+                depth -= 1
+            else:
+                braces -= 1
+            if depth < 0 or braces < 0:
+                raise Unsure("unbalanced brackets")
+            at += 1
+        elif char in ",=" or char in _SCALAR:
+            at += 1
+        else:
+            raise Unsure(f"{char!r} in a value")
