@@ -287,6 +287,32 @@ async def test_credentials_stay_out_of_a_pipelined_transcript(
     assert PASSWORD not in "\n".join(result.transcript)
 
 
+@pytest.mark.parametrize("starttls", [False, True])
+def test_pipelined_transactions_on_uvloop(
+    smtp_sink: SinkFactory, ca_file: str, starttls: bool,
+) -> None:
+    # The daemon runs on uvloop, whose transports call the data_received they were made with.
+    uvloop = pytest.importorskip("uvloop")
+    sink = smtp_sink(pipelining=True, starttls=starttls, rcpt={"bad@dst.test": S550_NO_USER})
+    cfg = smarthost_cfg(sink.port, ca_file=ca_file, tls="starttls" if starttls else "none")
+
+    async def two() -> list[TransactionResult]:
+        transport = Transport(cfg)
+        try:
+            return [await transport.transact(relay(sink), envelope("bad@dst.test", rcpt))
+                    for rcpt in ("x@dst.test", "y@dst.test")]
+        finally:
+            await transport.close()
+
+    results = uvloop.run(two())
+    assert [codes(r) for r in results] == [
+        {"bad@dst.test": 550, "x@dst.test": 250}, {"bad@dst.test": 550, "y@dst.test": 250}]
+    assert all(r.data_reply is not None for r in results)
+    assert sink.wait_for(2) and len(sink.sessions) == 1
+    assert sink.messages[0].tls is starttls
+    assert session_commands(sink.sessions[0])[0][1].endswith(b"DATA\r\n")
+
+
 # -- real Postfix ----------------------------------------------------------------------------
 
 POSTFIX_REFUSES = (

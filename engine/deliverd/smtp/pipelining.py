@@ -117,10 +117,14 @@ def adopt(protocol: SMTPProtocol) -> PipeliningProtocol:
 
     aiosmtplib builds its protocol inside ``SMTP.connect`` with no factory to pass, so the
     instance's class is switched to the subclass, which adds methods and a class attribute
-    only (no state of its own to initialise).
+    only (no state of its own to initialise). The transport is then told its protocol again:
+    uvloop's transports keep the protocol's bound ``data_received`` from when they were made,
+    and would go on calling the old one.
     """
     if not isinstance(protocol, PipeliningProtocol):
         protocol.__class__ = PipeliningProtocol
+        if protocol.transport is not None:
+            protocol.transport.set_protocol(protocol)
     assert isinstance(protocol, PipeliningProtocol)
     return protocol
 
