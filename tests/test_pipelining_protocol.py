@@ -34,6 +34,9 @@ class _Transport(asyncio.Transport):
     def get_extra_info(self, name: str, default: object = None) -> object:
         return default
 
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol
+
 
 def connected() -> tuple[PipeliningProtocol, _Transport]:
     protocol = SMTPProtocol(loop=asyncio.get_running_loop())
@@ -47,6 +50,12 @@ async def replies(group: ReplyQueue, n: int) -> list[tuple[int, str]]:
 
 
 GROUP = [(b"MAIL", b"FROM:<a@x.test>"), (b"RCPT", b"TO:<b@y.test>"), (b"DATA",)]
+
+
+async def test_adopting_tells_the_transport_its_protocol_again() -> None:
+    # uvloop's transports call the data_received they were made with, until told again.
+    protocol, transport = connected()
+    assert transport.protocol is protocol and type(protocol) is PipeliningProtocol
 
 
 async def test_a_group_is_written_in_one_write() -> None:
