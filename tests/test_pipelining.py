@@ -195,6 +195,27 @@ async def test_354_to_data_with_no_recipient_accepted_drops_the_session_unsent(
     assert sink.messages == []
 
 
+async def test_refused_mail_stays_the_result_when_the_owed_replies_never_come(
+    smtp_sink: SinkFactory,
+) -> None:
+    sink = smtp_sink(pipelining=True, mail=S550_SENDER, drop="rcpt")
+    result, idle = await transact_and_keep(make_cfg(), direct(sink), envelope("x@dst.test"))
+    assert result.failure is not None and result.failure.stage is Stage.MAIL
+    assert result.failure.reply is not None and result.failure.reply.code == 550
+    assert not result.failure.temporary
+    assert idle == 0
+
+
+async def test_refused_rcpts_stay_the_result_when_datas_reply_never_comes(
+    smtp_sink: SinkFactory,
+) -> None:
+    sink = smtp_sink(pipelining=True, rcpt={"bad@dst.test": S550_NO_USER}, drop="data")
+    result, idle = await transact_and_keep(make_cfg(), direct(sink), envelope("bad@dst.test"))
+    assert result.failure is None and result.data_reply is None
+    assert result.rcpt_replies["bad@dst.test"].code == 550
+    assert idle == 0
+
+
 async def test_abort_on_rcpt_5xx_keeps_data_out_of_the_group(smtp_sink: SinkFactory) -> None:
     sink = smtp_sink(pipelining=True, rcpt={"bad@dst.test": S550_NO_USER})
     cfg = make_cfg({"abort_on_rcpt_5xx": True})

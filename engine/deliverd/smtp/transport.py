@@ -52,7 +52,7 @@ from deliverd.smtp.policy import (
 )
 from deliverd.smtp.pool import FailureCache, PooledSession, SessionKey, SessionPool
 from deliverd.smtp.pop3 import PopBeforeSmtp
-from deliverd.smtp.session import Command, SmtpSession
+from deliverd.smtp.session import Command, Exchange, SmtpSession
 from deliverd.smtp.tls import (
     ContextCache,
     StartTls,
@@ -397,9 +397,7 @@ async def _transaction(
     if not mail.is_positive:
         progress.failure = failure_from_reply(Stage.MAIL, mail)
         # RCPT and DATA replies owed after a refused MAIL are read and ignored.
-        progress.in_sync = (
-            mail.code != 421 and _in_step(await exchange.rest()) and await _reset(session)
-        )
+        progress.in_sync = mail.code != 421 and await _owed(exchange) and await _reset(session)
         return
 
     for recipient in recipients:
@@ -413,13 +411,13 @@ async def _transaction(
             progress.in_sync = False
             return
 
-    start = await exchange.reply() if data_pipelined else None
     replies = progress.rcpt_replies.values()
     if not any(r.is_positive for r in replies):
-        # A pipelined DATA must then have been refused (RFC 2920: 503 or 554); a server that
-        # said 354 anyway waits for a body it will never get: drop it, nothing was sent.
-        progress.in_sync = _in_step([start] if start else []) and await _reset(session)
+        # A pipelined DATA must then be refused (RFC 2920: 503 or 554); a server that says
+        # 354 anyway waits for a body it will never get: drop it, nothing was sent.
+        progress.in_sync = await _owed(exchange) and await _reset(session)
         return
+    start = await exchange.reply() if data_pipelined else None
     if cfg.routing.abort_on_rcpt_5xx and any(r.is_permanent for r in replies):
         progress.aborted = True
         progress.in_sync = await _reset(session)
@@ -456,8 +454,14 @@ def _rcpt_words(recipient: str, encoding: str) -> tuple[bytes, ...]:
     return (b"RCPT", b"TO:<" + recipient.encode(encoding) + b">")
 
 
-def _in_step(replies: list[Reply]) -> bool:
-    """Replies read only to stay in step: a 354 (a body is awaited) or 421 ends the session."""
+async def _owed(exchange: Exchange) -> bool:
+    """Read the replies still owed for commands already sent, only to stay in step; True
+    when the session may go on. A 354 (a body is awaited), a 421 or a failure to read ends
+    it, but never changes the transaction's result: those replies decide nothing."""
+    try:
+        replies = await exchange.rest()
+    except SessionError:
+        return False
     return not any(r.code in (354, 421) for r in replies)
 
 
