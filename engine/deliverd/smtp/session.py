@@ -27,6 +27,7 @@ from aiosmtplib.response import SMTPResponse
 from deliverd.config.model import Credentials, TimeoutsConfig
 from deliverd.core.outcomes import Hop, Reply, SessionFailure, Stage
 from deliverd.smtp.errors import (
+    PROTOCOL_ERROR_STATUS,
     STATUS_AUTH,
     SessionError,
     clip,
@@ -219,7 +220,7 @@ class SmtpSession:
             smtp.close()
             raise SessionError(SessionFailure(
                 stage, f"protocol error at {stage.value}: more replies than commands",
-                status="4.5.0",
+                status=PROTOCOL_ERROR_STATUS,
             ))
 
     async def hello(self) -> None:

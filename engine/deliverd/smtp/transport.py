@@ -7,8 +7,8 @@ the replies mean for each recipient is the router's job, not this module's.
 
 This module is long because it holds both halves of one call: the session's life (establish,
 pool, reuse, the stale-session retry) and the transaction on it, whose replies decide whether
-the session may be pooled again; MAIL and RCPT are sent pipelined (RFC 2920) when the server
-offers it, through ``SmtpSession.exchange``, with the same reply mapping either way.
+the session may be pooled again; MAIL, RCPT and DATA are sent pipelined (RFC 2920) when the
+server offers it, through ``SmtpSession.exchange``, with the same reply mapping either way.
 """
 
 from __future__ import annotations
