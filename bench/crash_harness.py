@@ -223,6 +223,15 @@ class _CountingHandler:
     def __init__(self, sink: CountingSink) -> None:
         self.sink = sink
 
+    async def handle_EHLO(
+        self, server: SinkSMTP, session: SinkSession, envelope: SinkEnvelope, hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        # PIPELINING announced (aiosmtpd reads pipelined commands in order either way), so the
+        # engine's deliveries are pipelined ones when the kills land.
+        session.host_name = hostname
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
     async def handle_DATA(
         self, server: SinkSMTP, session: SinkSession, envelope: SinkEnvelope
     ) -> str:

@@ -23,7 +23,7 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from deliverd_lab.common import (
@@ -87,11 +87,13 @@ class PostfixRelay:
         sasl_socket: Path | None = None,
         tls_chain_file: Path | None = None,
         require_auth: bool = True,
+        main_cf: Mapping[str, str] | None = None,
     ) -> None:
         """``relayhost`` is Postfix syntax, e.g. ``[127.0.0.1]:2526``. ``listen`` must be an
         address assigned to an interface (Postfix checks): 127.0.0.1, or one added with
         ``ip addr add 127.0.0.x/32 dev lo``. ``tls_chain_file`` is one PEM with the private key
-        followed by the certificate chain (``smtpd_tls_chain_files``)."""
+        followed by the certificate chain (``smtpd_tls_chain_files``). ``main_cf`` adds or
+        replaces main.cf parameters (e.g. ``smtpd_recipient_restrictions`` for a test)."""
         if require_auth and sasl_socket is None:
             raise LabError("require_auth needs a sasl_socket (Dovecot's auth socket)")
         self.workdir = traversable_workdir(Path(workdir))
@@ -102,6 +104,7 @@ class PostfixRelay:
         self.sasl_socket = sasl_socket
         self.tls_chain_file = tls_chain_file
         self.require_auth = require_auth
+        self.extra_main_cf = dict(main_cf or {})
         self.config_dir = self.workdir / "etc"
         self.queue_dir = self.workdir / "spool"
         self.data_dir = self.workdir / "data"
@@ -176,6 +179,7 @@ class PostfixRelay:
             }
         else:
             lines["smtpd_tls_security_level"] = "none"
+        lines |= self.extra_main_cf
         return "".join(f"{key} = {value}\n" for key, value in lines.items())
 
     # -- registration in the default main.cf ---------------------------------------------

@@ -8,6 +8,11 @@ benchmarks. Script it per stage: replace a reply (``greeting="554 no service"``,
 DATA command), dot (after the final dot, before the reply), rset, quit; and for ``drop`` only:
 handshake (220 to STARTTLS, then bytes that are not TLS) and body (after the first body line).
 
+``pipelining=True`` adds PIPELINING (RFC 2920) to the EHLO reply (aiosmtpd reads pipelined
+commands in order either way). Each session records, beside every command, the input that had
+already arrived behind it (``SessionRecord.ahead``): commands a client sent without waiting
+for this one's reply, which is how tests tell pipelined commands from lock-step ones.
+
 Several sinks may share one port on different loopback addresses (MX hosts of a lab): pick the
 port with ``free_port(["127.0.0.11", "127.0.0.12"])``.
 """
@@ -59,6 +64,8 @@ class ReceivedMessage:
 class SessionRecord:
     peer: str
     commands: list[str] = field(default_factory=list)
+    # Per command: the bytes already received behind it when it was read.
+    ahead: list[bytes] = field(default_factory=list)
     tls: bool = False
     user: str | None = None
 
@@ -84,6 +91,7 @@ class Script:
     require_auth: bool = False
     smtputf8: bool = True
     eightbitmime: bool = True
+    pipelining: bool = False
     size: int | None = 32 * 1024 * 1024
     hostname: str = "sink.test"
     idle_timeout: float = 60.0  # the server hangs up on a client silent this long
@@ -124,7 +132,8 @@ class _ScriptedSMTP(AiosmtpdSMTP):
 
         async def run(arg: str | None) -> None:
             shown = f"{verb} {arg.split()[0]}" if verb == "AUTH" and arg else f"{verb} {arg or ''}"
-            self.sink._note(self.record, shown.strip())
+            waiting: Any = getattr(self._reader, "_buffer", b"")  # asyncio.StreamReader's
+            self.sink._note(self.record, shown.strip(), bytes(waiting))
             if await self._intervene(stage):
                 return
             if override is not None:
@@ -201,6 +210,8 @@ class _Handler:
         session.host_name = hostname
         if not self.script.eightbitmime:
             responses = [r for r in responses if r[4:] != "8BITMIME"]
+        if self.script.pipelining:
+            responses = [*responses[:-1], "250-PIPELINING", responses[-1]]
         return responses
 
     def handle_STARTTLS(self, server: _ScriptedSMTP, session: Session, envelope: Envelope) -> bool:
@@ -300,10 +311,11 @@ class Sink:
             self._sessions.append(record)
         return record
 
-    def _note(self, record: SessionRecord | None, command: str) -> None:
+    def _note(self, record: SessionRecord | None, command: str, ahead: bytes = b"") -> None:
         if record is not None:
             with self._lock:
                 record.commands.append(command)
+                record.ahead.append(ahead)
 
     def _received(self, message: ReceivedMessage) -> None:
         with self._lock:

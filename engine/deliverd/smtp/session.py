@@ -5,6 +5,10 @@ module speaks at the command level (``execute_command``) and keeps a Postfix-sty
 ("<<< 250 ok", ">>> RCPT TO:<a@b>"). Every network step runs inside ``map_errors``; a failing
 step raises ``SessionError`` carrying the ``SessionFailure``. Decisions live in ``policy``
 and ``tls`` (this folder); ``transport`` sequences the steps.
+
+``Exchange`` sends a run of commands either one at a time or, when the server offers RFC 2920
+PIPELINING, as one group in one write (aiosmtplib cannot: ``pipelining`` adds it underneath);
+either way each reply is handed back for the command it answers, in order.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import asyncio
 import base64
 import socket
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import aiosmtplib
 from aiosmtplib.errors import SMTPAuthenticationError, SMTPResponseException
@@ -23,6 +27,7 @@ from aiosmtplib.response import SMTPResponse
 from deliverd.config.model import Credentials, TimeoutsConfig
 from deliverd.core.outcomes import Hop, Reply, SessionFailure, Stage
 from deliverd.smtp.errors import (
+    PROTOCOL_ERROR_STATUS,
     STATUS_AUTH,
     SessionError,
     clip,
@@ -30,12 +35,16 @@ from deliverd.smtp.errors import (
     map_errors,
     reply_from,
 )
+from deliverd.smtp.pipelining import ReplyQueue, adopt, command_line
 from deliverd.smtp.policy import WireStuffer, is_loop_banner
 
 MAX_TRANSCRIPT_LINES = 400
 MAX_TRANSCRIPT_LINE = 512
 QUIT_TIMEOUT = 5.0
 REDACTED = "<redacted>"
+
+# A command of an ``Exchange``: the stage its failure is reported at, and its words.
+Command = tuple[Stage, tuple[bytes, ...]]
 
 
 async def _open_socket(address: str, port: int, seconds: float) -> socket.socket:
@@ -95,6 +104,11 @@ class SmtpSession:
         return dict(self._smtp.esmtp_extensions) if self._smtp else {}
 
     @property
+    def pipelining(self) -> bool:
+        """The server offers RFC 2920 PIPELINING (an EHLO keyword: never after HELO)."""
+        return "pipelining" in self.features
+
+    @property
     def auth_mechanisms(self) -> list[str]:
         return [m.upper() for m in self._smtp.server_auth_methods] if self._smtp else []
 
@@ -149,6 +163,8 @@ class SmtpSession:
                 if exc.code > 0:
                     self._note_reply(exc.code, exc.message)
                 raise
+        if smtp.protocol is not None:
+            adopt(smtp.protocol)
         self._smtp = smtp
         self.tls_active = implicit_tls is not None
         self._note_reply(response.code, response.message)
@@ -168,6 +184,44 @@ class SmtpSession:
         """Send one command and return its reply, whatever the code."""
         response = await self._exchange(stage, words, shown)
         return reply_from(response.code, response.message)
+
+    def exchange(self, commands: Sequence[Command], *, pipelined: bool) -> Exchange:
+        """The replies to ``commands``, read in order; see ``Exchange``."""
+        return Exchange(self, commands, pipelined)
+
+    def _send_group(self, commands: Sequence[Command]) -> ReplyQueue:
+        """Every command of a pipelined group in one write, noted as it goes out."""
+        stage = commands[0][0]
+        smtp = self._client(stage)
+        with map_errors(stage):
+            lines = b"".join(command_line(words) for _, words in commands)
+            protocol = smtp.protocol
+            if protocol is None:
+                raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+            group = adopt(protocol).begin_group(lines)
+        for _, words in commands:
+            self.note(">>> " + b" ".join(words).decode("utf-8", "replace"))
+        return group
+
+    async def _group_reply(self, group: ReplyQueue, stage: Stage) -> Reply:
+        with map_errors(stage):
+            response = await group.get(self.timeouts.command)
+        self._note_reply(response.code, response.message)
+        return reply_from(response.code, response.message)
+
+    def _end_group(self, stage: Stage) -> None:
+        """After a group's last reply: anything more in the buffer means the server answered
+        more than was asked, so no reply can be trusted to match its command from here."""
+        smtp = self._smtp
+        protocol = smtp.protocol if smtp is not None else None
+        if smtp is None or protocol is None or not smtp.is_connected:
+            return  # gone: the next step finds the session lost
+        if not adopt(protocol).end_group():
+            smtp.close()
+            raise SessionError(SessionFailure(
+                stage, f"protocol error at {stage.value}: more replies than commands",
+                status=PROTOCOL_ERROR_STATUS,
+            ))
 
     async def hello(self) -> None:
         """EHLO, or HELO when EHLO is refused with 5xx; the reply sets the known extensions."""
@@ -249,9 +303,11 @@ class SmtpSession:
         self._note_reply(response.code, response.message)
         self.authenticated_as = credentials.username
 
-    async def data(self, body: bytes) -> tuple[Reply, Reply | None]:
-        """DATA: the reply to the command, and the final reply when the body was sent."""
-        start = await self.command(Stage.DATA, b"DATA")
+    async def data(self, body: bytes, start: Reply | None = None) -> tuple[Reply, Reply | None]:
+        """DATA: the reply to the command, and the final reply when the body was sent.
+        ``start`` is DATA's reply when the command already went out in a pipelined group."""
+        if start is None:
+            start = await self.command(Stage.DATA, b"DATA")
         if start.code != 354:
             return start, None
         smtp = self._client(Stage.DATA)
@@ -270,12 +326,15 @@ class SmtpSession:
         self._note_reply(response.code, response.message)
         return start, reply_from(response.code, response.message)
 
-    async def data_stream(self, chunks: AsyncIterator[bytes]) -> tuple[Reply, Reply | None]:
+    async def data_stream(
+        self, chunks: AsyncIterator[bytes], start: Reply | None = None
+    ) -> tuple[Reply, Reply | None]:
         """``data`` for a body read in chunks: each is dot-stuffed on the fly and written once
         the previous one has left the socket's buffer, so memory stays bounded whatever the
         size. Should the body fail to read, the connection is dropped before the final dot:
         the next hop never takes half a message."""
-        start = await self.command(Stage.DATA, b"DATA")
+        if start is None:
+            start = await self.command(Stage.DATA, b"DATA")
         if start.code != 354:
             return start, None
         smtp = self._client(Stage.DATA)
@@ -324,6 +383,52 @@ class SmtpSession:
         smtp, self._smtp = self._smtp, None
         if smtp is not None:
             smtp.close()
+
+
+class Exchange:
+    """Commands answered in order: one at a time, or as one RFC 2920 pipelined group.
+
+    ``reply()`` gives the reply to the next command. One at a time, it first sends that
+    command (exactly ``SmtpSession.command``: nothing goes out that is not asked for).
+    Pipelined, the first call writes every command in one write and each reply is matched to
+    its command by position (RFC 2920 section 3.1: the server answers in order), so
+    ``reply()`` can stop after any of them. ``rest()`` then reads and returns the replies
+    still owed for commands already sent, which keeps the dialogue in step (a refused MAIL
+    leaves its RCPT and DATA replies to be read and ignored); one at a time it has nothing
+    to read.
+    """
+
+    def __init__(self, session: SmtpSession, commands: Sequence[Command], pipelined: bool
+                 ) -> None:
+        self._session = session
+        self._commands = tuple(commands)
+        self._pipelined = pipelined and len(self._commands) > 1
+        self._next = 0
+        self._group: ReplyQueue | None = None
+
+    @property
+    def pipelined(self) -> bool:
+        return self._pipelined
+
+    async def reply(self) -> Reply:
+        stage, words = self._commands[self._next]
+        self._next += 1
+        if not self._pipelined:
+            return await self._session.command(stage, *words)
+        if self._group is None:
+            self._group = self._session._send_group(self._commands)
+        reply = await self._session._group_reply(self._group, stage)
+        if self._next == len(self._commands):
+            self._session._end_group(stage)
+        return reply
+
+    async def rest(self) -> list[Reply]:
+        replies: list[Reply] = []
+        if self._group is None:
+            return replies
+        while self._next < len(self._commands):
+            replies.append(await self.reply())
+        return replies
 
 
 def _der(cert: object) -> bytes:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
@@ -53,6 +54,16 @@ REPLY_NO_STORAGE = "452 4.3.1 Insufficient system storage"
 REPLY_QUEUED = "250 2.0.0 Ok: queued as {queue_id}"
 REPLY_ERROR = "451 4.3.0 Local error in processing"
 REPLY_LOST = "451 4.4.2 Connection lost during DATA"
+
+# MAIL FROM:/RCPT TO: arguments the listener parses itself: an RFC 5322 dot-atom local part
+# and an RFC 5321 domain of LDH labels, in angle brackets, then whitespace and parameters.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_ADDRESS = re.compile(
+    rf"[ \t]*<(?P<address>(?P<local>{_ATEXT}(?:\.{_ATEXT})*)"
+    r"@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*)>"
+    r"(?:[ \t]+(?P<rest>[^ \t(].*)|[ \t]*)\Z",
+    re.DOTALL,
+)
 
 # aiosmtpd words some refusals itself; the listener answers them with enhanced status codes.
 _LIBRARY_REPLIES = {
@@ -176,6 +187,23 @@ class _SubmissionSMTP(DsnSMTP):
             incoming.feed(line)
         # The connection went away without the final dot: nothing of it may be queued.
         return failure or REPLY_LOST
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's address parsing with a fast path for the common ``<local@domain>``.
+
+        aiosmtpd hands every MAIL and RCPT argument to ``email._header_value_parser``, about a
+        tenth of the listener's time in the relay benchmark. A plain dot-atom address in angle
+        brackets, possibly followed by parameters, is taken by one regular expression instead;
+        it gives what the library gives for it (``tests/test_listener_addresses.py`` checks
+        that property), and everything else still goes to the library.
+        """
+        match = _PLAIN_ADDRESS.match(arg)
+        if match is None or (
+            self.local_part_limit and len(match["local"]) > self.local_part_limit
+        ):
+            address, rest = super()._getaddr(arg)
+            return address, rest
+        return match["address"], match["rest"] or ""
 
     async def push(self, status: AnyStr) -> None:
         if isinstance(status, str):
