@@ -23,8 +23,6 @@ from pathlib import Path
 
 from ansible.module_utils.common.text.converters import to_text
 from ansible.plugins.action import ActionBase
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
 
 SECRET_KEYS = frozenset(("password", "mail_password"))
 MASK = "********"
@@ -69,6 +67,11 @@ def unpacked(wheel):
 
 def validator_requirements(wheel_dir):
     """The wheel's own requirements (Requires-Dist) on what the validator imports."""
+    # packaging comes with ansible-core; imported here, where it is needed, because ansible-test's
+    # import sanity test loads plugins with fewer packages than a controller has.
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
     (metadata,) = Path(wheel_dir).glob("*.dist-info/METADATA")
     found = []
     for line in metadata.read_text(encoding="utf-8").splitlines():
