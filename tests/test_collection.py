@@ -143,6 +143,27 @@ def test_spec_action_explains_how_to_install_deliverd_when_it_is_missing(
     assert "install" in str(result["msg"]) and "controller" in str(result["msg"])
 
 
+def test_spec_action_installs_only_the_validator_requirements_the_controller_lacks(
+    tmp_path: Path,
+) -> None:
+    # What the action reads from the bundled wheel's METADATA when deliverd is not importable:
+    # the validator's own dependencies (no extras, nothing the daemon alone needs), of which
+    # only those this Python does not satisfy are installed.
+    from ansible_collections.mailops.deliverd.plugins.action import spec as action
+
+    dist_info = tmp_path / "deliverd-9.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(
+        "Metadata-Version: 2.3\nName: deliverd\nVersion: 9.0\n"
+        "Requires-Dist: jinja2>=3.1\nRequires-Dist: jsonschema>=4.20\n"
+        "Requires-Dist: dnspython>=2.6\nRequires-Dist: PyYAML>=999\n"
+        "Requires-Dist: uvloop>=0.19; extra == 'fast'\n", encoding="utf-8")
+    wanted = action.validator_requirements(dist_info.parent)
+    assert [r.name for r in wanted] == ["jinja2", "jsonschema", "PyYAML"]
+    # This venv has Jinja2 and jsonschema new enough, and no PyYAML 999.
+    assert [str(r) for r in action.unmet(wanted)] == ["PyYAML>=999"]
+
+
 def test_queue_module_decides_changes_from_the_listing() -> None:
     from ansible_collections.mailops.deliverd.plugins.module_utils import deliverd_queue as dq
 

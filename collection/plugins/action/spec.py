@@ -9,11 +9,16 @@ plugin only adapts Ansible values to plain Python and the validator's problems t
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
+import platform
 import shutil
+import subprocess
 import sys
 import zipfile
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as metadata_version
 from pathlib import Path
 
 from ansible.module_utils.common.text.converters import to_text
@@ -23,13 +28,18 @@ SECRET_KEYS = frozenset(("password", "mail_password"))
 MASK = "********"
 INSTALL_HINT = (
     "the mailops.deliverd.spec action needs the deliverd Python package on the controller "
-    "(the Python that runs ansible-playbook): install it there, e.g. 'pip install deliverd' or "
-    "'pip install -e .' from a deliverd checkout"
+    "(the Python that runs ansible-playbook), or the collection's bundled wheel with jsonschema "
+    "installable by the controller's pip: install deliverd there, e.g. 'pip install deliverd' "
+    "or 'pip install -e .' from a deliverd checkout"
 )
 
 
 # An installed collection tarball (make collection) carries the engine's pure-Python wheel here.
 BUNDLED_WHEELS = Path(__file__).resolve().parents[2] / "wheels"
+# What deliverd.spec imports beyond the standard library. ansible-core brings Jinja2 and PyYAML;
+# a controller with only ansible-core lacks jsonschema (and rpds-py, a compiled extension, below
+# it), which the action then installs from the wheel's own requirements.
+VALIDATOR_DEPENDENCIES = frozenset(("jsonschema", "jinja2", "pyyaml"))
 
 
 def bundled_wheel():
@@ -37,11 +47,14 @@ def bundled_wheel():
     return found[-1] if found else None
 
 
+def _cache_dir():
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mailops.deliverd"
+
+
 def unpacked(wheel):
     """The wheel unpacked once into a per-user cache (the engine reads its schema from files)."""
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    target = cache / "mailops.deliverd" / ("%s-%s" % (wheel.stem, digest))
+    target = _cache_dir() / ("%s-%s" % (wheel.stem, digest))
     if not target.is_dir():
         partial = target.with_name(target.name + ".%d" % os.getpid())
         with zipfile.ZipFile(wheel) as zf:
@@ -49,11 +62,81 @@ def unpacked(wheel):
         with contextlib.suppress(OSError):  # another run may have unpacked it first
             partial.rename(target)
         shutil.rmtree(partial, ignore_errors=True)
-    return str(target)
+    return target
+
+
+def validator_requirements(wheel_dir):
+    """The wheel's own requirements (Requires-Dist) on what the validator imports."""
+    # packaging comes with ansible-core; imported here, where it is needed, because ansible-test's
+    # import sanity test loads plugins with fewer packages than a controller has.
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    (metadata,) = Path(wheel_dir).glob("*.dist-info/METADATA")
+    found = []
+    for line in metadata.read_text(encoding="utf-8").splitlines():
+        if line.startswith("Requires-Dist:"):
+            requirement = Requirement(line.split(":", 1)[1].strip())
+            name = canonicalize_name(requirement.name)
+            if requirement.marker is None and name in VALIDATOR_DEPENDENCIES:
+                found.append(requirement)
+    return found
+
+
+def unmet(requirements):
+    """The requirements this controller's Python does not satisfy."""
+    missing = []
+    for requirement in requirements:
+        try:
+            installed = metadata_version(requirement.name)
+        except PackageNotFoundError:
+            missing.append(requirement)
+            continue
+        if not requirement.specifier.contains(installed, prereleases=True):
+            missing.append(requirement)
+    return missing
+
+
+def installed_dependencies(wheel_dir, missing):
+    """``missing`` installed once with the controller's pip into a per-user cache folder.
+
+    Only that folder is written: the Python running ansible-playbook stays as it was. pip
+    reads its usual configuration (PIP_INDEX_URL, PIP_FIND_LINKS, PIP_NO_INDEX for an offline
+    controller with a folder of wheels).
+    """
+    wanted = sorted(str(r) for r in missing)
+    key = hashlib.sha256(
+        ("%s|%s|%s" % (sys.version, platform.machine(), " ".join(wanted))).encode()
+    ).hexdigest()[:16]
+    target = Path("%s-deps-%s" % (wheel_dir, key))
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(target) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one pip per controller; parallel forks wait, then reuse
+        if target.is_dir():
+            return target
+        partial = target.with_name(target.name + ".%d" % os.getpid())
+        shutil.rmtree(partial, ignore_errors=True)
+        argv = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                "--no-input", "--target", str(partial), *wanted]
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise ImportError("could not run %s: %s" % (" ".join(argv[:4]), exc)) from exc
+        if proc.returncode != 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            output = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
+            raise ImportError("installing %s for the validator with the controller's pip "
+                              "(%s -m pip) failed: %s"
+                              % (", ".join(wanted), sys.executable, " / ".join(output)))
+        partial.rename(target)
+    return target
 
 
 def import_check_spec():
-    """deliverd's validator: the controller's own, else the collection's bundled wheel."""
+    """deliverd's validator: the controller's own, else the collection's bundled wheel (with
+    the validator's dependencies that the controller lacks installed beside it)."""
     try:
         from deliverd.spec.validation import check_spec
         return check_spec
@@ -64,8 +147,13 @@ def import_check_spec():
         first = exc
     for name in [n for n in sys.modules if n == "deliverd" or n.startswith("deliverd.")]:
         del sys.modules[name]
-    sys.path.insert(0, unpacked(wheel))
     try:
+        wheel_dir = unpacked(wheel)
+        missing = unmet(validator_requirements(wheel_dir))
+        paths = [str(wheel_dir)]
+        if missing:
+            paths.append(str(installed_dependencies(wheel_dir, missing)))
+        sys.path[:0] = [p for p in paths if p not in sys.path]
         from deliverd.spec.validation import check_spec
     except ImportError as exc:
         raise ImportError("%s; with the collection's %s: %s" % (first, wheel.name, exc)) from exc
