@@ -119,6 +119,9 @@ def test_copied_collection_has_no_symlinks_and_every_plugin(tmp_path: Path) -> N
     assert (dest / "tests" / "sanity" / "ignore-2.19.txt").is_file()
 
 
+# ansible-test runs each sanity test in its own venv: minutes on a busy machine, as long as the
+# subprocess below is allowed rather than pytest's default.
+@pytest.mark.timeout(1800)
 def test_ansible_test_sanity_passes_for_the_collection(tmp_path: Path) -> None:
     ansible_test = BIN / "ansible-test"
     if not ansible_test.exists():
