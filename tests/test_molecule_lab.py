@@ -3,7 +3,10 @@
 ``molecule test -s lab`` builds three engine hosts in network namespaces reached by real SSH,
 real DNS/Postfix/Dovecot/aiosmtpd servers in a service namespace, deploys per-host specs,
 checks idempotence and check mode, verifies each host's route with real mail, rolls a smart
-host change out (a rejected one first), and tears everything down.
+host change out (a rejected one first), rotates every host's DKIM key to a new selector while
+mail flows (playbooks/rotate-dkim.yml: its preflight refusing a missing and a mismatched
+record first; the sinks verify every message's signature against the lab's DNS), and tears
+everything down.
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ def _lab_skip_reason() -> str | None:
 @pytest.mark.lab
 @pytest.mark.integration
 @pytest.mark.timeout(1500)
-def test_molecule_lab_scenario_deploys_verifies_routes_and_rolls_out_smarthost() -> None:
+def test_molecule_lab_deploys_verifies_routes_changes_smarthost_and_rotates_dkim() -> None:
     reason = _lab_skip_reason()
     if reason is not None:
         pytest.skip(reason)
