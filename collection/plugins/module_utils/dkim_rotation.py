@@ -41,7 +41,7 @@ def _selected(spec, new_selector, old_selector, domains):
             f" domains {', '.join(domains) if domains else 'any'})")
     in_use = {(e.get("domain"), e.get("selector")) for e in entries}
     key_files = {e.get("key_file") for e in entries}
-    for _, entry in chosen:
+    for _index, entry in chosen:
         if entry.get("selector") == new_selector:
             raise RotationError(
                 f"{new_selector}._domainkey.{entry.get('domain')} is already"
@@ -63,7 +63,7 @@ def _new_key_file(entry, new_selector):
 
 def rotation(spec, new_selector, old_selector=None, domains=None):
     items = []
-    for _, entry in _selected(spec, new_selector, old_selector, domains):
+    for _index, entry in _selected(spec, new_selector, old_selector, domains):
         domain = str(entry["domain"]).rstrip(".")
         items.append({
             "domain": domain,
