@@ -432,8 +432,12 @@ def test_dkim_record_prints_the_zone_lines_and_check_finds_them_in_the_lab_dns(
                                           load_key(keys.ed25519).zone_line()]
     check = engine.cli("dkim", "check", "-c", str(engine.config), "--json")
     assert json.loads(check.stdout) == [
-        {"name": "rsa2048._domainkey.sender.test", "ok": True, "problems": []},
-        {"name": "ed2026._domainkey.sender.test", "ok": True, "problems": []},
+        {"name": "rsa2048._domainkey.sender.test", "selector": "rsa2048",
+         "domain": "sender.test", "ok": True, "problems": [],
+         "published": load_key(keys.rsa).txt_value()},
+        {"name": "ed2026._domainkey.sender.test", "selector": "ed2026",
+         "domain": "sender.test", "ok": True, "problems": [],
+         "published": load_key(keys.ed25519).txt_value()},
     ]
 
 
@@ -449,6 +453,10 @@ def test_dkim_check_fails_for_a_missing_record_and_a_key_dns_does_not_publish(
     assert "is not the public half of" in lines[0]
     assert "no TXT record at unpublished._domainkey.sender.test" in lines[1]
     assert "BEGIN" not in check.stdout + check.stderr  # nothing of a private key is shown
+    results = json.loads(engine.cli("dkim", "check", "-c", str(engine.config), "--json",
+                                    check=False).stdout)
+    # what DNS returned is reported as it is: another key's record, and nothing
+    assert [r["published"] for r in results] == [load_key(keys.rsa).txt_value(), None]
 
 
 def test_check_key_compares_the_record_and_verifies_a_test_signature(keys: Keys) -> None:
@@ -458,6 +466,8 @@ def test_check_key_compares_the_record_and_verifies_a_test_signature(keys: Keys)
     assert "revoked" in check_key(rsa, "v=DKIM1; k=rsa; p=").problems[0]
     ed = load_key(keys.ed25519)
     assert "but the key is rsa" in check_key(rsa, ed.txt_value()).problems[0]
+    assert check_key(rsa, ed.txt_value()).published == ed.txt_value()
+    assert check_key(rsa, None).published is None
 
 
 # --- OpenDKIM's own tools ---------------------------------------------------------------------

@@ -3,16 +3,21 @@
 ``molecule test -s lab`` builds three engine hosts in network namespaces reached by real SSH,
 real DNS/Postfix/Dovecot/aiosmtpd servers in a service namespace, deploys per-host specs,
 checks idempotence and check mode, verifies each host's route with real mail, rolls a smart
-host change out (a rejected one first), and tears everything down.
+host change out (a rejected one first), rotates every host's DKIM key to a new selector while
+mail flows (playbooks/rotate-dkim.yml: its preflight refusing a missing and a mismatched
+record first; the sinks verify every message's signature against the lab's DNS), and tears
+everything down.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -82,7 +87,7 @@ def _lab_skip_reason() -> str | None:
 @pytest.mark.lab
 @pytest.mark.integration
 @pytest.mark.timeout(1500)
-def test_molecule_lab_scenario_deploys_verifies_routes_and_rolls_out_smarthost() -> None:
+def test_molecule_lab_deploys_verifies_routes_changes_smarthost_and_rotates_dkim() -> None:
     reason = _lab_skip_reason()
     if reason is not None:
         pytest.skip(reason)
@@ -95,3 +100,67 @@ def test_molecule_lab_scenario_deploys_verifies_routes_and_rolls_out_smarthost()
         capture_output=True, text=True, timeout=1400, check=False,
     )
     assert done.returncode == 0, (done.stdout + done.stderr)[-12000:]
+
+
+def _labcheck() -> Any:
+    spec = importlib.util.spec_from_file_location(
+        "labcheck", REPO / "molecule" / "lab" / "files" / "labcheck.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _sent_and_received(tmp_path: Path, received: list[dict[str, Any]],
+                       refused: int = 0) -> tuple[Path, Path]:
+    """A sender's log (every received message accepted, plus ``refused`` refusals) and a sink
+    that recorded ``received``."""
+    sinks = tmp_path / "sinks"
+    (sinks / "mx").mkdir(parents=True)
+    (sinks / "mx" / "messages.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in received))
+    log = tmp_path / "sent-dlv-h1.jsonl"
+    entries = [{"message_id": r["message_id"], "accepted": True} for r in received]
+    entries += [{"message_id": f"<refused-{i}@lab.test>", "accepted": False}
+                for i in range(refused)]
+    log.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    return sinks, log
+
+
+def _signed(number: int, selector: str, ok: bool = True) -> dict[str, Any]:
+    return {"message_id": f"<m{number}@lab.test>",
+            "dkim": [{"d": "dlv-h1.lab.test", "s": selector, "a": "rsa-sha256", "ok": ok}]}
+
+
+def test_dkim_check_counts_selectors_of_accepted_mail_and_ignores_refused(
+        tmp_path: Path) -> None:
+    sinks, log = _sent_and_received(tmp_path, [_signed(1, "s1"), _signed(2, "s1"),
+                                               _signed(3, "s2")], refused=2)
+    summary = _labcheck().dkim_signed(sinks, [log], ["s1", "s2"], 0.0)
+    assert summary == {"sent-dlv-h1.jsonl": {"accepted": 3, "selectors": {"s1": 2, "s2": 1}}}
+
+
+@pytest.mark.parametrize(("received", "selectors", "reason"), [
+    ([_signed(1, "s1"), {"message_id": "<m2@lab.test>", "dkim": []}], ["s1"],
+     "<m2@lab.test> arrived unsigned"),
+    ([_signed(1, "s1"), _signed(2, "s2", ok=False)], ["s1"], "does not verify"),
+    ([_signed(1, "s1"), {"message_id": "<m2@lab.test>"}], ["s1"], "did not check DKIM"),
+    ([_signed(1, "s1")], ["s1", "s2"], "no message signed with ['s2']"),
+])
+def test_dkim_check_fails_on_unsigned_failing_unchecked_or_a_missing_selector(
+        tmp_path: Path, received: list[dict[str, Any]], selectors: list[str],
+        reason: str) -> None:
+    labcheck = _labcheck()
+    sinks, log = _sent_and_received(tmp_path, received)
+    with pytest.raises(labcheck.CheckFailed) as failed:
+        labcheck.dkim_signed(sinks, [log], selectors, 0.0)
+    assert reason in str(failed.value)
+
+
+def test_dkim_check_fails_when_an_accepted_message_never_arrives(tmp_path: Path) -> None:
+    labcheck = _labcheck()
+    sinks, log = _sent_and_received(tmp_path, [_signed(1, "s1")])
+    with log.open("a") as more:
+        more.write(json.dumps({"message_id": "<lost@lab.test>", "accepted": True}) + "\n")
+    with pytest.raises(labcheck.CheckFailed, match="1 of 2 accepted messages never reached"):
+        labcheck.dkim_signed(sinks, [log], ["s1"], 0.0)

@@ -75,8 +75,9 @@ def _check(args: argparse.Namespace) -> int:
     resolver = _resolver(cfg)
     results = [_check_one(resolver, key, cfg.timeouts.dns) for key in keys]
     if args.json:
-        print(json.dumps([{"name": r.name, "ok": r.ok, "problems": list(r.problems)}
-                          for r in results], indent=2))
+        print(json.dumps([{"name": r.name, "selector": r.selector, "domain": r.domain,
+                           "ok": r.ok, "problems": list(r.problems),
+                           "published": r.published} for r in results], indent=2))
     else:
         for r in results:
             verdict = "ok" if r.ok else "FAILED: " + "; ".join(r.problems)

@@ -29,6 +29,7 @@ class KeyCheck:
     domain: str
     algorithm: str
     problems: tuple[str, ...] = field(default=())
+    published: str | None = None  # the record's text as DNS returned it, None when absent
 
     @property
     def ok(self) -> bool:
@@ -51,7 +52,7 @@ def check_key(key: SigningKey, published: str | None) -> KeyCheck:
     if published is not None and not problems:
         problems += _signature_problems(key, published)
     return KeyCheck(key.record_name, entry.selector, entry.domain, entry.algorithm,
-                    tuple(problems))
+                    tuple(problems), published)
 
 
 def _record_problems(key: SigningKey, published: str | None) -> list[str]:

@@ -9,6 +9,10 @@
     labcheck.py pop-before-sasl --dovecot-log FILE --pop-user P --sasl-user U
         every SMTP AUTH of U (Dovecot answers Postfix's SASL requests) came after a POP3 login
         of P since the previous one, and there was at least one
+    labcheck.py dkim --sinks DIR --sent LOG... [--selector S...] [--timeout S]
+        every message a sender logged as accepted (sender.py) reached a sink, signed, and every
+        signature verified there against the lab's DNS; each sender's mail carried every
+        selector S (mail kept flowing across the switch)
 
 Exit 0 and a JSON line on success; exit 1 and the reason on stderr otherwise.
 """
@@ -98,6 +102,49 @@ def pop_before_sasl(dovecot_log: Path, pop_user: str, sasl_user: str) -> dict[st
     return {"pop_logins": pops, "smtp_auths": auths}
 
 
+def _all_records(sinks: Path) -> dict[str, dict[str, Any]]:
+    return {r["message_id"]: r for d in sorted(sinks.iterdir()) if d.is_dir()
+            for r in _records(d)}
+
+
+def dkim_signed(sinks: Path, sent: list[Path], selectors: list[str],
+                timeout: float) -> dict[str, Any]:
+    accepted = {log: [e["message_id"] for e in map(json.loads, log.read_text().splitlines())
+                      if e["accepted"]] for log in sent}
+    wanted = {mid for ids in accepted.values() for mid in ids}
+    deadline = time.monotonic() + timeout
+    while True:
+        found = _all_records(sinks)
+        missing = sorted(wanted - set(found))
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    if missing:
+        raise CheckFailed(f"{len(missing)} of {len(wanted)} accepted messages never reached a"
+                          f" sink within {timeout:.0f}s, e.g. {missing[:3]}")
+    summary: dict[str, Any] = {}
+    for log, ids in accepted.items():
+        if not ids:
+            raise CheckFailed(f"{log}: the engine accepted no message at all")
+        seen: dict[str, int] = {}
+        for mid in ids:
+            signatures = found[mid].get("dkim")
+            if signatures is None:
+                raise CheckFailed(f"{mid}: the sink did not check DKIM (no --dkim-dns)")
+            if not signatures:
+                raise CheckFailed(f"{mid} arrived unsigned")
+            failing = [sig for sig in signatures if not sig["ok"]]
+            if failing:
+                raise CheckFailed(f"{mid}: signature {failing} does not verify")
+            for sig in signatures:
+                seen[sig["s"]] = seen.get(sig["s"], 0) + 1
+        absent = [s for s in selectors if s not in seen]
+        if absent:
+            raise CheckFailed(f"{log}: no message signed with {absent} (seen: {seen})")
+        summary[log.name] = {"accepted": len(ids), "selectors": seen}
+    return summary
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="lab evidence checks")
     sub = parser.add_subparsers(dest="check", required=True)
@@ -117,6 +164,11 @@ def main() -> int:
     p.add_argument("--dovecot-log", type=Path, required=True)
     p.add_argument("--pop-user", required=True)
     p.add_argument("--sasl-user", required=True)
+    k = sub.add_parser("dkim")
+    k.add_argument("--sinks", type=Path, required=True)
+    k.add_argument("--sent", type=Path, nargs="+", required=True)
+    k.add_argument("--selector", action="append", default=[])
+    k.add_argument("--timeout", type=float, default=60.0)
     args = parser.parse_args()
     try:
         if args.check == "received":
@@ -125,6 +177,8 @@ def main() -> int:
             result = arrived(args.sinks, args.message_id)
         elif args.check == "sasl":
             result = sasl_user(args.maillog, args.message_id, args.user)
+        elif args.check == "dkim":
+            result = dkim_signed(args.sinks, args.sent, args.selector, args.timeout)
         else:
             result = pop_before_sasl(args.dovecot_log, args.pop_user, args.sasl_user)
     except (CheckFailed, OSError) as exc:

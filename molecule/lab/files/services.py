@@ -2,17 +2,20 @@
 
     ip netns exec dlv-svc python services.py start --config services.json
     python services.py stop --config services.json        # from anywhere; safe twice
+    ip netns exec dlv-svc python services.py publish --config services.json --records R.json
 
 The config (rendered by create.yml from the scenario's variables) names every address:
 
-- dnsmasq: the lab's DNS (MX/A records of the lab domains);
+- dnsmasq: the lab's DNS (MX/A records of the lab domains; ``publish`` restarts it serving
+  the TXT records of a JSON list besides them, as an operator publishes DKIM keys);
 - one CA (trustme) and a certificate for the smart hosts' and the POP server's names; the CA
   lands in ``<lab>/services/tls/ca.pem`` for the engines' ``ca_file``;
 - Dovecot: POP3 (STLS, POP3S) for POP-before-SMTP, and SASL for both Postfix instances;
 - Postfix smart hosts (STARTTLS, AUTH via Dovecot, AUTH only after TLS), each relaying
   everything to its own sink;
 - aiosmtpd sinks (``sink.py``): the MX hosts and the smart hosts' onward relays, each recording
-  what it received in ``<lab>/services/sinks/<name>/messages.jsonl``.
+  what it received in ``<lab>/services/sinks/<name>/messages.jsonl``, with the result of
+  verifying each DKIM signature against the lab's DNS.
 
 ``start`` leaves a running set alone (idempotent) and otherwise starts from a clean slate.
 """
@@ -130,6 +133,7 @@ class Lab:
         argv = [sys.executable, str(HERE / "sink.py"), "--dir", str(self.sink_dir),
                 "--pid-file", str(pid_file)]
         argv += [f"--lose={s['name']}={s['lose']}" for s in self.config["sinks"] if "lose" in s]
+        argv += ["--dkim-dns", self.config["dns"]["address"]]
         argv += [f"{s['name']}={s['address']}:{s['port']}" for s in self.config["sinks"]]
         with (self.root / "sinks.log").open("ab") as log:
             process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
@@ -144,8 +148,31 @@ class Lab:
         d = self.config["dns"]
         directory = self.root / "dns"
         directory.mkdir(parents=True, exist_ok=True)
-        server = start_dnsmasq(directory, d["records"], listen=d["address"], port=d["port"])
+        records = [*d["records"], *(txt_record_line(r["name"], r["value"])
+                                    for r in self._published())]
+        server = start_dnsmasq(directory, records, listen=d["address"], port=d["port"])
         return server.process.pid
+
+    # -- TXT records published during the run (DKIM keys), kept across DNS restarts ----------
+
+    def _published(self) -> list[dict[str, str]]:
+        path = self.root / "dns" / "published.json"
+        if not path.exists():
+            return []
+        records: list[dict[str, str]] = json.loads(path.read_text())
+        return records
+
+    def publish(self, records: list[dict[str, str]]) -> None:
+        """Serve exactly ``records`` (``{name, value}``) as the lab's published TXT records
+        besides the scenario's own: dnsmasq reads TXT records only at start, so it restarts."""
+        (self.root / "dns").mkdir(parents=True, exist_ok=True)
+        (self.root / "dns" / "published.json").write_text(json.dumps(records))
+        pids = self._pids()
+        old = pids.get("dnsmasq")
+        if old and pid_alive(old):
+            terminate(old, 5.0)
+        pids["dnsmasq"] = self._start_dns()
+        self.state_file.write_text(json.dumps(pids))
 
     # -- stop -------------------------------------------------------------------------------
 
@@ -169,10 +196,18 @@ class Lab:
             raise LabError("; ".join(errors))
 
 
+def txt_record_line(name: str, value: str) -> str:
+    """dnsmasq's txt-record= for ``value``, in strings of at most 255 characters."""
+    parts = ",".join(f'"{value[i:i + 255]}"' for i in range(0, len(value), 255))
+    return f"txt-record={name.rstrip('.')},{parts}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="the deliverd lab's servers")
-    parser.add_argument("action", choices=("start", "stop", "status"))
+    parser.add_argument("action", choices=("start", "stop", "status", "publish"))
     parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--records", type=Path, default=None,
+                        help="publish: a JSON list of {name, value} TXT records to serve")
     args = parser.parse_args()
     if not args.config.exists() and args.action == "stop":
         return 0  # never started: nothing to stop
@@ -182,6 +217,10 @@ def main() -> int:
             lab.start()
         elif args.action == "stop":
             lab.stop()
+        elif args.action == "publish":
+            if args.records is None:
+                parser.error("publish needs --records FILE")
+            lab.publish(json.loads(args.records.read_text()))
     except LabError as exc:
         print(f"lab services: {exc}", file=sys.stderr)
         return 1
