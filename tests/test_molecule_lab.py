@@ -99,7 +99,19 @@ def test_molecule_lab_deploys_verifies_routes_changes_smarthost_and_rotates_dkim
         [str(VENV_BIN / "molecule"), "test", "-s", "lab"], cwd=REPO, env=env,
         capture_output=True, text=True, timeout=1400, check=False,
     )
-    assert done.returncode == 0, (done.stdout + done.stderr)[-12000:]
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, _failures(output) + output[-8000:]
+
+
+def _failures(output: str) -> str:
+    """Every failed task of the run with the lines that name it: a failure early in a long
+    run is otherwise cut off with the head of the output."""
+    lines = output.splitlines()
+    shown: list[str] = []
+    for i, line in enumerate(lines):
+        if line.startswith(("fatal: ", "failed: ")) or "FAILED!" in line:
+            shown += [*lines[max(0, i - 3):i + 1], "..."]
+    return "\n".join(shown)[-8000:] + "\n--- the run's last lines ---\n"
 
 
 def _labcheck() -> Any:
@@ -164,3 +176,33 @@ def test_dkim_check_fails_when_an_accepted_message_never_arrives(tmp_path: Path)
         more.write(json.dumps({"message_id": "<lost@lab.test>", "accepted": True}) + "\n")
     with pytest.raises(labcheck.CheckFailed, match="1 of 2 accepted messages never reached"):
         labcheck.dkim_signed(sinks, [log], ["s1"], 0.0)
+
+
+POP_LOGIN = ("{t} pop3-login: Info: Login: user=<h3pop>, method=PLAIN, rip=10.0.0.3,"
+             " lip=10.0.0.2, mpid=1, TLS, session=<x>")
+SASL_OK = "{t} auth: Debug: client passdb out: OK\t1\tuser=h3\t"
+
+
+@pytest.mark.parametrize(("lines", "failure"), [
+    # Two sessions that started together share one login (the engine's lock), then a later
+    # session logs in again: all proven.
+    ([POP_LOGIN.format(t="2026-12-01 01:00:00"), SASL_OK.format(t="2026-12-01 01:00:01"),
+      SASL_OK.format(t="2026-12-01 01:00:01"), POP_LOGIN.format(t="2026-12-01 01:00:30"),
+      SASL_OK.format(t="2026-12-01 01:00:31")], None),
+    ([SASL_OK.format(t="2026-12-01 01:00:01")], "without a POP3 login"),
+    ([POP_LOGIN.format(t="2026-12-01 01:00:00"), SASL_OK.format(t="2026-12-01 01:00:30")],
+     "30s after the last POP3 login"),
+    ([POP_LOGIN.format(t="2026-12-01 01:00:00")], "no SMTP AUTH"),
+])
+def test_pop_before_sasl_wants_a_recent_pop_login_before_every_auth(
+    tmp_path: Path, lines: list[str], failure: str | None,
+) -> None:
+    labcheck = _labcheck()
+    log = tmp_path / "dovecot.log"
+    log.write_text("\n".join(lines) + "\n")
+    if failure is None:
+        assert labcheck.pop_before_sasl(log, "h3pop", "h3") == {
+            "pop_logins": 2, "smtp_auths": 3}
+    else:
+        with pytest.raises(labcheck.CheckFailed, match=failure):
+            labcheck.pop_before_sasl(log, "h3pop", "h3")

@@ -6,9 +6,9 @@
         some sink has recorded the message now (no waiting: the caller retries)
     labcheck.py sasl --maillog FILE --message-id ID --user USER
         Postfix accepted that message from a client authenticated as USER
-    labcheck.py pop-before-sasl --dovecot-log FILE --pop-user P --sasl-user U
-        every SMTP AUTH of U (Dovecot answers Postfix's SASL requests) came after a POP3 login
-        of P since the previous one, and there was at least one
+    labcheck.py pop-before-sasl --dovecot-log FILE --pop-user P --sasl-user U [--window S]
+        every SMTP AUTH of U (Dovecot answers Postfix's SASL requests) came at most S seconds
+        after a POP3 login of P, and there was at least one
     labcheck.py dkim --sinks DIR --sent LOG... [--selector S...] [--timeout S]
         every message a sender logged as accepted (sender.py) reached a sink, signed, and every
         signature verified there against the lab's DNS; each sender's mail carried every
@@ -24,6 +24,7 @@ import json
 import re
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -82,21 +83,35 @@ def sasl_user(maillog: Path, message_id: str, user: str) -> dict[str, Any]:
     return {"queue_id": queue_id, "client": client.group(1), "sasl_username": user}
 
 
-def pop_before_sasl(dovecot_log: Path, pop_user: str, sasl_user: str) -> dict[str, Any]:
+# Dovecot's log_timestamp in the lab (deliverd_lab.dovecot.LOG_TIME_FORMAT).
+_STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) ")
+# The engine logs in again only once its last login is older than valid_for (1 s in the lab),
+# and deliveries that start together share one login: an AUTH follows some login by up to
+# valid_for plus the session's connect, STARTTLS and EHLO, never by more than this.
+POP_WINDOW = 10.0
+
+
+def pop_before_sasl(dovecot_log: Path, pop_user: str, sasl_user: str,
+                    window: float = POP_WINDOW) -> dict[str, Any]:
     pop = re.compile(rf"pop3-login: (?:Info: )?Login: user=<{re.escape(pop_user)}>")
     auth = re.compile(rf"client passdb out: OK\t\d+\tuser={re.escape(sasl_user)}(?:\t|$)")
     pops = auths = 0
-    pop_since_auth = False
+    last_pop: datetime | None = None
     for number, line in enumerate(dovecot_log.read_text(errors="replace").splitlines(), 1):
+        stamp = _STAMP.match(line)
+        when = datetime.strptime(stamp[1], "%Y-%m-%d %H:%M:%S") if stamp else None
         if pop.search(line):
             pops += 1
-            pop_since_auth = True
+            last_pop = when
         elif auth.search(line):
             auths += 1
-            if not pop_since_auth:
+            if last_pop is None or when is None:
                 raise CheckFailed(f"{dovecot_log}:{number}: SMTP AUTH of {sasl_user} without a"
                                   f" POP3 login of {pop_user} before it")
-            pop_since_auth = False
+            if (when - last_pop).total_seconds() > window:
+                raise CheckFailed(f"{dovecot_log}:{number}: SMTP AUTH of {sasl_user}"
+                                  f" {(when - last_pop).total_seconds():.0f}s after the last"
+                                  f" POP3 login of {pop_user} (more than {window:.0f}s)")
     if auths == 0:
         raise CheckFailed(f"{dovecot_log}: no SMTP AUTH of {sasl_user} at all")
     return {"pop_logins": pops, "smtp_auths": auths}
@@ -164,6 +179,7 @@ def main() -> int:
     p.add_argument("--dovecot-log", type=Path, required=True)
     p.add_argument("--pop-user", required=True)
     p.add_argument("--sasl-user", required=True)
+    p.add_argument("--window", type=float, default=POP_WINDOW)
     k = sub.add_parser("dkim")
     k.add_argument("--sinks", type=Path, required=True)
     k.add_argument("--sent", type=Path, nargs="+", required=True)
@@ -180,7 +196,8 @@ def main() -> int:
         elif args.check == "dkim":
             result = dkim_signed(args.sinks, args.sent, args.selector, args.timeout)
         else:
-            result = pop_before_sasl(args.dovecot_log, args.pop_user, args.sasl_user)
+            result = pop_before_sasl(args.dovecot_log, args.pop_user, args.sasl_user,
+                                     args.window)
     except (CheckFailed, OSError) as exc:
         print(f"labcheck {args.check}: {exc}", file=sys.stderr)
         return 1
