@@ -49,6 +49,7 @@ from deliverd.submission.message_input import (
     MessageInput,
     TooBig,
     complete_header,
+    submitting_user,
 )
 
 if TYPE_CHECKING:
@@ -215,17 +216,6 @@ def load_settings(path: str) -> Settings:
 # Submitting
 
 
-def _who() -> tuple[str, str]:
-    """(login name, full name) of the real uid."""
-    import pwd
-
-    try:
-        entry = pwd.getpwuid(os.getuid())
-    except KeyError:
-        return "unknown", ""
-    return entry.pw_name, entry.pw_gecos.split(",", 1)[0]
-
-
 def _clean(address: str) -> str:
     address = address.strip()
     if address.startswith("<") and address.endswith(">"):
@@ -259,7 +249,7 @@ def _drop(settings: Settings, envelope: DropEnvelope, header: bytes,
 
 def send(opts: Options, settings: Settings, stdin: LineSource) -> int:
     policy = settings.policy
-    login, gecos = _who()
+    login, gecos = submitting_user()
     sender = policy.sender(_clean(opts.sender) if opts.sender is not None else login)
     recipients = [_clean(r) for r in opts.recipients for r in r.split(",") if r.strip()]
     source = MessageInput(stdin, dot_ends=opts.dot_ends, smtp=False,

@@ -39,6 +39,7 @@ from deliverd.submission.message_input import (
     MessageInput,
     field_names,
     split_fields,
+    submitting_user,
 )
 
 TYPE_CHECKING = False
@@ -245,16 +246,6 @@ class Failure(Exception):
         super().__init__(message)
 
 
-def _who() -> tuple[str, str]:
-    import pwd
-
-    try:
-        entry = pwd.getpwuid(os.getuid())
-    except KeyError:
-        return "unknown", ""
-    return entry.pw_name, entry.pw_gecos.split(",", 1)[0]
-
-
 def _clean(address: str) -> str:
     """The full path's ``_clean``; declines where that one fails (it reports the error)."""
     address = address.strip()
@@ -266,7 +257,7 @@ def _clean(address: str) -> str:
 
 
 def send(request: Request, settings: Settings, stdin: LineSource) -> int:
-    login, gecos = _who()
+    login, gecos = submitting_user()
     fullname = request.fullname or gecos
     raw_sender = _clean(request.sender) if request.sender is not None else login
     if not (fullname.isascii() and raw_sender.isascii()):

@@ -154,3 +154,15 @@ def complete_header(header: bytes, *, sender: str, fullname: str | None, domain:
         added.append(f"Message-ID: {make_msgid(domain=domain)}")
     extra = "".join(f"{line}\r\n" for line in added).encode("utf-8")
     return b"".join(fields) + extra
+
+
+def submitting_user() -> tuple[str, str]:
+    """(login name, full name) of the real uid: who hands the message over."""
+    import os
+    import pwd
+
+    try:
+        entry = pwd.getpwuid(os.getuid())
+    except KeyError:
+        return "unknown", ""
+    return entry.pw_name, entry.pw_gecos.split(",", 1)[0]
