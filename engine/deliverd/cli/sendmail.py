@@ -28,6 +28,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO
 
+# One refusal class for both paths: the fast one runs first and is always loaded already.
+from deliverd.cli.sendmail_fast import Failure
 from deliverd.config.convert import local_from_spec, masquerade_from_spec
 from deliverd.core.units import parse_size
 from deliverd.queue.space import min_free_bytes
@@ -73,12 +75,6 @@ _WITH_VALUE = frozenset("fFrCNRVBLhOXpb")
 # Flags accepted and ignored (old sendmail options no caller here depends on).
 _IGNORED = frozenset("GUvmnx")
 _NOTIFY = frozenset({"success", "failure", "delay"})
-
-
-class Failure(Exception):
-    def __init__(self, code: int, message: str) -> None:
-        self.code = code
-        super().__init__(message)
 
 
 @dataclass
