@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
 import pytest
+import uvloop
 
 from deliverd.config.model import Config, DsnConfig, HostConfig, LimitsConfig, Listener
 from deliverd.ops.metrics import Metrics
@@ -24,6 +26,7 @@ LISTEN = "127.0.0.90"
 MESSAGE = b"From: app@example.test\r\nTo: user@example.test\r\nSubject: hi\r\n\r\nHello.\r\n"
 
 Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+OnLoop = Callable[[Coroutine[Any, Any, None]], None]
 
 
 class Listening:
@@ -48,8 +51,22 @@ class Listening:
         self.open.clear()
 
 
-@pytest.fixture
-async def listening(tmp_path: Path) -> AsyncIterator[Listening]:
+@pytest.fixture(params=["asyncio", "uvloop"])
+def on_loop(request: pytest.FixtureRequest) -> OnLoop:
+    """Runs a test's body on asyncio's loop and on uvloop (the daemon's loop when the ``fast``
+    extra is installed, as the role does by default): their transports differ in when they
+    call back."""
+    factory = uvloop.new_event_loop if request.param == "uvloop" else asyncio.new_event_loop
+
+    def run(body: Coroutine[Any, Any, None]) -> None:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(body)
+
+    return run
+
+
+@contextlib.asynccontextmanager
+async def started(tmp_path: Path) -> AsyncIterator[Listening]:
     store = await QueueStore.open(tmp_path / "queue")
     cfg = Config(
         host=HostConfig("mx.deliverd.test"),
@@ -88,49 +105,79 @@ def test_gate_counts_and_releases() -> None:
     assert gate.total == 2 and gate.per_client == {"b": 1, "c": 1}
 
 
-async def test_the_101st_of_150_idle_connections_gets_421(
-    listening: Listening, caplog: pytest.LogCaptureFixture
+def test_the_101st_of_150_idle_connections_gets_421(
+    on_loop: OnLoop, tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, "deliverd.submission.listener")
-    replies = []
-    for n in range(150):  # 8 source addresses, at most 19 each: under the per-client cap
-        replies.append(await listening.connect(f"127.0.0.{91 + n % 8}"))
-    assert all(r.startswith(b"220 ") for r in replies[:100])
-    assert all(r.startswith(b"421 4.3.2 ") for r in replies[100:]), replies[100:]
-    # A refused connection is closed by the server.
-    for reader, _ in listening.open[100:]:
-        assert await asyncio.wait_for(reader.read(), 10) == b""
-    assert listening.metrics.value(
-        "deliverd_inbound_refused_total", reason="max_inbound_sessions") == 50
-    assert sum("max_inbound_sessions reached" in r.getMessage() for r in caplog.records) == 50
-    # The first 100 are still served; one closing frees its place.
-    reader, writer = listening.open[0]
-    writer.write(b"NOOP\r\n")
-    assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"250")
-    writer.write(b"QUIT\r\n")
-    assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"221")
-    assert await asyncio.wait_for(reader.read(), 10) == b""
-    await asyncio.sleep(0.1)
-    assert (await listening.connect("127.0.0.99")).startswith(b"220 ")
-    assert (await listening.connect("127.0.0.99")).startswith(b"421 4.3.2 ")
+    async def body() -> None:
+        async with started(tmp_path) as listening:
+            caplog.set_level(logging.WARNING, "deliverd.submission.listener")
+            replies = []
+            for n in range(150):  # 8 source addresses, at most 19 each: under the per-client cap
+                replies.append(await listening.connect(f"127.0.0.{91 + n % 8}"))
+            assert all(r.startswith(b"220 ") for r in replies[:100])
+            assert all(r.startswith(b"421 4.3.2 ") for r in replies[100:]), replies[100:]
+            # A refused connection is closed by the server.
+            for reader, _ in listening.open[100:]:
+                assert await asyncio.wait_for(reader.read(), 10) == b""
+            assert listening.metrics.value(
+                "deliverd_inbound_refused_total", reason="max_inbound_sessions") == 50
+            said = [r.getMessage() for r in caplog.records]
+            assert sum("max_inbound_sessions reached" in m for m in said) == 50
+            # The first 100 are still served; one closing frees its place.
+            reader, writer = listening.open[0]
+            writer.write(b"NOOP\r\n")
+            assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"250")
+            writer.write(b"QUIT\r\n")
+            assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"221")
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+            await asyncio.sleep(0.1)
+            assert (await listening.connect("127.0.0.99")).startswith(b"220 ")
+            assert (await listening.connect("127.0.0.99")).startswith(b"421 4.3.2 ")
+
+    on_loop(body())
 
 
-async def test_one_client_gets_421_from_its_21st_and_others_still_send(
-    listening: Listening,
+def test_one_client_gets_421_from_its_21st_and_others_still_send(
+    on_loop: OnLoop, tmp_path: Path,
 ) -> None:
-    replies = [await listening.connect("127.0.0.98") for _ in range(30)]
-    assert all(r.startswith(b"220 ") for r in replies[:20])
-    assert all(r.startswith(b"421 4.3.2 ") for r in replies[20:]), replies[20:]
-    assert listening.metrics.value(
-        "deliverd_inbound_refused_total", reason="max_inbound_per_client") == 10
-    smtp = aiosmtplib.SMTP(hostname=LISTEN, port=listening.port, start_tls=False,
-                           local_hostname="client.test", timeout=10,
-                           source_address=("127.0.0.97", 0))
-    await smtp.connect()
-    await smtp.ehlo()
-    await smtp.mail("app@example.test")
-    await smtp.rcpt("user@example.test")
-    code, _ = await smtp.data(MESSAGE)
-    await smtp.quit()
-    assert code == 250
-    assert len(listening.enqueued) == 1
+    async def body() -> None:
+        async with started(tmp_path) as listening:
+            replies = [await listening.connect("127.0.0.98") for _ in range(30)]
+            assert all(r.startswith(b"220 ") for r in replies[:20])
+            assert all(r.startswith(b"421 4.3.2 ") for r in replies[20:]), replies[20:]
+            assert listening.metrics.value(
+                "deliverd_inbound_refused_total", reason="max_inbound_per_client") == 10
+            smtp = aiosmtplib.SMTP(hostname=LISTEN, port=listening.port, start_tls=False,
+                                   local_hostname="client.test", timeout=10,
+                                   source_address=("127.0.0.97", 0))
+            await smtp.connect()
+            await smtp.ehlo()
+            await smtp.mail("app@example.test")
+            await smtp.rcpt("user@example.test")
+            code, _ = await smtp.data(MESSAGE)
+            await smtp.quit()
+            assert code == 250
+            assert len(listening.enqueued) == 1
+
+    on_loop(body())
+
+
+def test_clients_that_connect_and_close_at_once_leave_no_place_taken(
+    on_loop: OnLoop, tmp_path: Path,
+) -> None:
+    """A TCP health check (connect, close, read nothing) 30 times from one address: each
+    closed connection gives its place back, so the client's 20 places are all there after."""
+    async def body() -> None:
+        async with started(tmp_path) as listening:
+            for _ in range(30):
+                _, writer = await asyncio.open_connection(LISTEN, listening.port,
+                                                          local_addr=("127.0.0.96", 0))
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+            await asyncio.sleep(0.2)
+            replies = [await listening.connect("127.0.0.96") for _ in range(21)]
+            assert all(r.startswith(b"220 ") for r in replies[:20]), replies
+            assert replies[20].startswith(b"421 4.3.2 ")
+
+    on_loop(body())

@@ -16,7 +16,7 @@ import re
 import socket
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any, AnyStr
+from typing import Any, AnyStr, cast
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -101,9 +101,10 @@ class _SubmissionSMTP(DsnSMTP):
                 log.warning("connection refused: client=[%s]: %s reached", client, reason)
                 if self._gate.on_refused is not None:
                     self._gate.on_refused(reason)
-                assert isinstance(transport, asyncio.WriteTransport)
-                transport.write(REPLY_TOO_MANY)
-                transport.close()
+                # uvloop's transports are not asyncio.WriteTransport subclasses: no isinstance
+                writer = cast(asyncio.WriteTransport, transport)
+                writer.write(REPLY_TOO_MANY)
+                writer.close()
                 return
             self._gate_client = client
         super().connection_made(transport)
@@ -113,7 +114,15 @@ class _SubmissionSMTP(DsnSMTP):
             super().data_received(data)
 
     def eof_received(self) -> bool | None:
-        return None if self._refused else super().eof_received()
+        """The client closed its side: aiosmtpd cancels the session's handler, and the
+        transport is closed here (False) rather than kept half-open. Under uvloop a client
+        that connects and closes at once (a TCP health check) has its handler cancelled before
+        the handler's first step, so nothing else would ever close the transport: the socket
+        and its place under the session caps stayed taken until the command timeout."""
+        if self._refused:
+            return None
+        super().eof_received()
+        return False
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
