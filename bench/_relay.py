@@ -66,6 +66,7 @@ DELIVERD_LIMITS: dict[str, Any] = {
     "max_sessions": 30,
     "per_destination": 20,  # Postfix's default_destination_concurrency_limit
     "messages_per_session": 0,
+    "smtp_workers": 1,  # the sessions in a worker process, delivery in the daemon: two cores
 }
 
 
@@ -215,7 +216,7 @@ class Deliverd:
         return self.proc.pid
 
     def tree(self) -> list[int]:
-        return [self.root()]
+        return descendants(self.root())  # the daemon and its SMTP workers
 
     def queue_empty(self) -> bool:
         if self._db is None:
@@ -490,6 +491,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="run one MTA only (profiling); no ratio then")
     p.add_argument("--per-destination", type=int, default=DELIVERD_LIMITS["per_destination"],
                    help="deliverd limits.per_destination")
+    p.add_argument("--smtp-workers", type=int, default=DELIVERD_LIMITS["smtp_workers"],
+                   help="deliverd limits.smtp_workers (0: the daemon takes the sessions itself)")
     p.add_argument("--profile", type=Path, default=None,
                    help="py-spy raw profile of deliverd's last run to this file")
     p.add_argument("--out", type=Path, default=Path("bench-results"),
@@ -523,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench/relay: {tool} missing (Debian package postfix)", file=sys.stderr)
             return 2
     work = Workload(args.messages, args.sessions, args.size)
-    limits = {**DELIVERD_LIMITS, "per_destination": args.per_destination}
+    limits = {**DELIVERD_LIMITS, "per_destination": args.per_destination,
+              "smtp_workers": args.smtp_workers}
     kinds = [args.only] if args.only else ["deliverd", *args.peers]
     results: list[RunResult] = []
     not_measured: dict[str, str] = {}

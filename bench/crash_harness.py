@@ -85,6 +85,7 @@ class CrashOptions:
     settle: float = 1.0  # the sink count must stay unchanged this long once the queue is empty
     seed: int | None = None
     size: int = 0  # filler bytes in each message body (large-message mode: MBs, streamed)
+    smtp_workers: int = 0  # limits.smtp_workers: the sessions in worker processes
     workdir: Path | None = None  # default: a temporary directory, removed unless keep
     keep: bool = False
 
@@ -369,13 +370,25 @@ class CountingSink:
 # The engine under test
 
 
+def _children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (Linux: every thread's ``children`` list)."""
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                found += [int(x) for x in (task / "children").read_text().split()]
+    return found
+
+
 def free_port(host: str = LOOPBACK) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
-def engine_spec(workdir: Path, listen_port: int, sink_port: int) -> dict[str, object]:
+def engine_spec(
+    workdir: Path, listen_port: int, sink_port: int, smtp_workers: int = 0
+) -> dict[str, object]:
     """Smart host mode straight to the sink: no DNS, no TLS, short retry timers."""
     return {
         "version": 1,
@@ -388,7 +401,7 @@ def engine_spec(workdir: Path, listen_port: int, sink_port: int) -> dict[str, ob
                   "expire_after": "1h"},
         "timeouts": {"connect": "2s", "greeting": "5s", "command": "5s",
                      "data_response": "10s", "dns": "2s"},
-        "limits": {"connection_failure_cache": "1s"},
+        "limits": {"connection_failure_cache": "1s", "smtp_workers": smtp_workers},
         "dsn": {"notify_delayed": False},
     }
 
@@ -403,9 +416,10 @@ class EngineProcess:
 
     PORT_TRIES = 3
 
-    def __init__(self, workdir: Path, sink_port: int) -> None:
+    def __init__(self, workdir: Path, sink_port: int, smtp_workers: int = 0) -> None:
         self.workdir = workdir
         self.sink_port = sink_port
+        self.smtp_workers = smtp_workers
         self.queue_path = workdir / "queue"
         self.log_path = workdir / "engine.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -415,7 +429,7 @@ class EngineProcess:
 
     def _render(self) -> Path:
         self.port = free_port()
-        spec = engine_spec(self.workdir, self.port, self.sink_port)
+        spec = engine_spec(self.workdir, self.port, self.sink_port, self.smtp_workers)
         config, _secrets = write_rendered(normalise(spec), self.workdir / "etc")
         return config
 
@@ -465,10 +479,18 @@ class EngineProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def kill9(self) -> None:
+        """SIGKILL the daemon alone; its SMTP workers (if any) must notice and exit by
+        themselves, which is waited for (they hold the listening socket)."""
+        workers = _children(self.proc.pid) if self.proc is not None else []
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
         if self.proc is not None:
             self.proc.wait(10)
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{pid}").exists() for pid in workers):
+            if time.monotonic() > deadline:
+                raise HarnessError(f"SMTP workers {workers} outlived the killed daemon")
+            time.sleep(0.01)
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM (graceful), then SIGKILL if it does not go."""
@@ -741,7 +763,7 @@ def run_crash(options: CrashOptions) -> CrashReport:
         sink = CountingSink(options.sink_delay, size=options.size).start()
         engine: EngineProcess | None = None
         try:
-            engine = EngineProcess(workdir, sink.port)
+            engine = EngineProcess(workdir, sink.port, options.smtp_workers)
             for index, delay in enumerate(delays):
                 rounds.append(_round(index, engine, sink, log, options, delay, run_id))
             drain_began = time.monotonic()
@@ -804,12 +826,14 @@ def parse_args(argv: Sequence[str] | None) -> Invocation:
     p.add_argument("--json", dest="json_path", type=Path, default=None, metavar="PATH",
                    help="write the full result here")
     p.add_argument("-q", "--quiet", action="store_true", help="only the summary line")
+    p.add_argument("--smtp-workers", type=int, default=d.smtp_workers,
+                   help="deliverd limits.smtp_workers (SMTP sessions in worker processes)")
     args = p.parse_args(argv)
     options = CrashOptions(
         rounds=args.rounds, sessions=args.sessions, rate=args.rate, kill_min=args.kill_min,
         kill_max=args.kill_max, sink_delay=args.sink_delay, max_per_round=args.max_per_round,
         drain_timeout=args.drain_timeout, seed=args.seed, size=args.size,
-        workdir=args.workdir, keep=args.keep,
+        workdir=args.workdir, keep=args.keep, smtp_workers=args.smtp_workers,
     )
     return Invocation(options, args.json_path, args.quiet)
 

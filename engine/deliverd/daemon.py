@@ -37,10 +37,13 @@ from deliverd.queue.store import QueueStore
 from deliverd.smtp.transport import Transport
 from deliverd.submission.listener import InboundGate, start_listeners
 from deliverd.submission.pickup import Pickup
+from deliverd.submission.workers import SmtpWorkers
 
 log = logging.getLogger("deliverd")
 
 STOP_GRACE = 20.0
+# How long SMTP workers' open sessions may go on once the daemon stops.
+WORKER_STOP_GRACE = 1.0
 METRICS_EVERY = 10.0
 PID_NAME = "deliverd.pid"
 
@@ -82,6 +85,8 @@ class Daemon:
         self._depth_db: QueueDB | None = None  # the scrape thread's own read connection
         self._stop = asyncio.Event()
         self._servers: list[asyncio.base_events.Server] = []
+        self.workers: SmtpWorkers | None = None  # limits.smtp_workers > 0
+        self._retiring: set[asyncio.Task[None]] = set()  # workers finishing after a reload
         self.store: QueueStore | None = None
         self.scheduler: Scheduler | None = None
         self.tls_reporter: TlsReporter | None = None
@@ -107,10 +112,7 @@ class Daemon:
             # The endpoint first: a port that cannot be had stops the start before any client
             # could see the SMTP listener open.
             self.metrics_server = self._serve_metrics(self.cfg)
-            self._servers = await start_listeners(
-                self.cfg, self.store, self._enqueued, current=self._current,
-                prebound=self.prebound, gate=self.gate,
-            )
+            await self._listen(self.cfg)
         except OSError as exc:
             log.error("cannot listen: %s", exc)
             await self._close_servers()
@@ -138,6 +140,11 @@ class Daemon:
         tls_reports.cancel()
         watchdog.cancel()
         self._event("stopping: closing listeners, finishing in-flight deliveries")
+        workers = self.workers
+        self.workers = None
+        workers_stopped = (
+            asyncio.create_task(workers.stop(WORKER_STOP_GRACE)) if workers is not None else None
+        )
         await self._close_servers()
         pickup.cancel()
         if showq_server is not None:
@@ -149,6 +156,8 @@ class Daemon:
         with contextlib.suppress(asyncio.CancelledError):
             await runner
         await transport.close()
+        if workers_stopped is not None:
+            await workers_stopped  # before the store closes: their last messages go in
         self._write_metrics()
         self._close_metrics()
         await self.store.close()
@@ -260,7 +269,8 @@ class Daemon:
         metrics_moved = new.metrics != old.metrics
         if metrics_moved and not await self._rebind_metrics(new, old):
             return False
-        if new.listen != old.listen and not await self._rebind(new, old):
+        if (new.listen != old.listen or self.workers is not None
+                or new.limits.smtp_workers > 0) and not await self._rebind(new, old):
             if metrics_moved:
                 await self._rebind_metrics(old, new)
             return False
@@ -273,21 +283,41 @@ class Daemon:
         self._event(f"reloaded: mode={new.routing.mode.value}")
         return True
 
+    async def _listen(self, cfg: Config) -> None:
+        """Listen on ``cfg.listen``: in this process, or in ``cfg.limits.smtp_workers`` SMTP
+        worker processes (started anew at each reload; the old ones finish their sessions).
+        OSError when an address cannot be had or a worker does not start."""
+        assert self.store is not None
+        if cfg.limits.smtp_workers == 0:
+            # Back from workers: listen on their sockets (still bound) while they finish.
+            prebound = {**self.prebound, **(self.workers.sockets if self.workers else {})}
+            self._servers = await start_listeners(
+                cfg, self.store, self._enqueued, current=self._current,
+                prebound=prebound, gate=self.gate,
+            )
+            if self.workers is not None:
+                self._retiring.add(asyncio.create_task(
+                    self.workers.stop(float(cfg.timeouts.command))))
+                self.workers = None
+            return
+        if self.workers is None:
+            workers = SmtpWorkers(self.store, self.gate, self._enqueued, self._current,
+                                  (self.log_format, self.log_level),
+                                  (sys.executable, "-m", "deliverd.worker"), self.prebound)
+            await workers.start(cfg)
+            self.workers = workers
+        else:
+            await self.workers.replace(cfg)
+
     async def _rebind(self, new: Config, old: Config) -> bool:
         assert self.store is not None and self.scheduler is not None
         await self._close_servers()
         try:
-            self._servers = await start_listeners(
-                new, self.store, self._enqueued, current=self._current,
-                prebound=self.prebound, gate=self.gate,
-            )
+            await self._listen(new)
             return True
         except OSError as exc:
             log.error("reload refused: cannot listen on the new addresses: %s", exc)
-            self._servers = await start_listeners(
-                old, self.store, self._enqueued, current=self._current,
-                prebound=self.prebound, gate=self.gate,
-            )
+            await self._listen(old)
             return False
 
     async def _rebind_metrics(self, new: Config, old: Config) -> bool:

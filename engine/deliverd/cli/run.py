@@ -19,7 +19,7 @@ from pathlib import Path
 
 from deliverd import daemon
 from deliverd.config.loader import ConfigError, load_config
-from deliverd.submission.listener import bind_privileged
+from deliverd.submission.sockets import bind_privileged
 
 READY_TIMEOUT = 30.0
 

@@ -252,6 +252,7 @@ def config_to_spec(cfg: Config) -> dict[str, Any]:
             "max_message_size": format_size(lim.max_message_size),
             "max_inbound_sessions": lim.max_inbound_sessions,
             "max_inbound_per_client": lim.max_inbound_per_client,
+            "smtp_workers": lim.smtp_workers,
         },
         "metrics": _drop_none({
             "listen": cfg.metrics.listen,

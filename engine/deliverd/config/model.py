@@ -183,6 +183,7 @@ class LimitsConfig:
     max_message_size: int = 50 * 1024 * 1024
     max_inbound_sessions: int = 100
     max_inbound_per_client: int = 20
+    smtp_workers: int = 0
 
 
 @dataclass(frozen=True)

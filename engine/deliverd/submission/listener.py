@@ -14,7 +14,7 @@ import asyncio
 import logging
 import re
 import socket
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, AnyStr, cast
 
@@ -26,12 +26,13 @@ from deliverd.dkim.signer import signed
 from deliverd.queue.space import WAL_HEADROOM as WAL_HEADROOM
 from deliverd.queue.space import min_free_bytes
 from deliverd.queue.spool import BodySpool
-from deliverd.queue.store import QueueStore, new_queue_id
+from deliverd.queue.store import QueueError, new_queue_id
 from deliverd.submission.dsn_smtp import DsnEnvelope, DsnSMTP, keep_rcpt_dsn
 from deliverd.submission.gate import CLIENT_REFUSED as CLIENT_REFUSED
 from deliverd.submission.gate import REPLY_TOO_MANY
 from deliverd.submission.gate import SESSIONS_REFUSED as SESSIONS_REFUSED
 from deliverd.submission.gate import InboundGate as InboundGate
+from deliverd.submission.handoff import AskingGate, MessageQueue
 from deliverd.submission.incoming import IncomingMessage
 from deliverd.submission.incoming import count_received as count_received
 from deliverd.submission.incoming import header_block as header_block
@@ -54,6 +55,7 @@ REPLY_NO_STORAGE = "452 4.3.1 Insufficient system storage"
 REPLY_QUEUED = "250 2.0.0 Ok: queued as {queue_id}"
 REPLY_ERROR = "451 4.3.0 Local error in processing"
 REPLY_LOST = "451 4.4.2 Connection lost during DATA"
+REPLY_UNAVAILABLE = b"421 4.3.0 Service not available, closing transmission channel\r\n"
 
 # MAIL FROM:/RCPT TO: arguments the listener parses itself: an RFC 5322 dot-atom local part
 # and an RFC 5321 domain of LDH labels, in angle brackets, then whitespace and parameters.
@@ -82,7 +84,7 @@ class _SubmissionSMTP(DsnSMTP):
     closed before its greeting."""
 
     def __init__(
-        self, handler: _SubmissionHandler, *, gate: InboundGate,
+        self, handler: _SubmissionHandler, *, gate: InboundGate | AskingGate,
         limits: Callable[[], tuple[int, int]], **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
@@ -90,10 +92,15 @@ class _SubmissionSMTP(DsnSMTP):
         self._limits = limits
         self._gate_client: str | None = None
         self._refused = False
+        self._to_ask: str | None = None  # the client to ask an AskingGate about
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None and not self._refused:  # not the STARTTLS re-entry
             client = _ip_of(transport.get_extra_info("peername"))
+            if not isinstance(self._gate, InboundGate):
+                self._to_ask = client  # asked by the handler, before the greeting
+                super().connection_made(transport)
+                return
             max_sessions, max_per_client = self._limits()
             reason = self._gate.admit(client, max_sessions, max_per_client)
             if reason is not None:
@@ -131,6 +138,27 @@ class _SubmissionSMTP(DsnSMTP):
             self._gate.release(self._gate_client)
             self._gate_client = None
         super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        client, self._to_ask = self._to_ask, None
+        if client is not None and not isinstance(self._gate, InboundGate):
+            reply = REPLY_TOO_MANY
+            try:
+                reason = await self._gate.ask(client)
+            except QueueError as exc:  # the daemon is gone: this worker is about to end
+                reason, reply = str(exc), REPLY_UNAVAILABLE
+            else:
+                if reason is not None:
+                    reason = f"{reason} reached"
+            if reason is not None:
+                log.warning("connection refused: client=[%s]: %s", client, reason)
+                if self.transport is not None:
+                    writer = cast(asyncio.WriteTransport, self.transport)
+                    writer.write(reply)
+                    writer.close()
+                return
+            self._gate_client = client
+        await super()._handle_client()
 
     async def smtp_DATA(self, arg: str) -> None:
         """DATA read line by line and handed to the handler's ``IncomingMessage`` as it arrives
@@ -225,7 +253,7 @@ class _SubmissionHandler:
     def __init__(
         self,
         *,
-        store: QueueStore,
+        store: MessageQueue,
         on_enqueued: Callable[[str], None],
         hostname: str,
         allow_networks: tuple[IPNetwork, ...],
@@ -385,7 +413,7 @@ def _ip_of(peer: object) -> str:
 
 
 def _handler_for(
-    listener: Listener, cfg: Config, store: QueueStore, on_enqueued: Callable[[str], None],
+    listener: Listener, cfg: Config, store: MessageQueue, on_enqueued: Callable[[str], None],
     hostname: str, trust_loopback: bool, current: Callable[[], Config],
 ) -> _SubmissionHandler:
     return _SubmissionHandler(
@@ -402,14 +430,14 @@ def _handler_for(
 
 async def start_listeners(
     cfg: Config,
-    store: QueueStore,
+    store: MessageQueue,
     on_enqueued: Callable[[str], None],
     *,
     hostname: str | None = None,
     trust_loopback: bool = True,
     current: Callable[[], Config] | None = None,
     prebound: Mapping[tuple[str, int], socket.socket] | None = None,
-    gate: InboundGate | None = None,
+    gate: InboundGate | AskingGate | None = None,
 ) -> list[asyncio.base_events.Server]:
     """Bind every ``cfg.listen`` entry on the running loop; the caller closes the servers.
 
@@ -422,7 +450,8 @@ async def start_listeners(
     that closes the servers leaves the bound socket to the next ones.
     ``gate`` counts the sessions against ``limits.max_inbound_sessions`` and
     ``limits.max_inbound_per_client`` of the running config; pass the same one across
-    reloads. By default the listeners get a gate of their own.
+    reloads. By default the listeners get a gate of their own. In an SMTP worker process
+    ``store`` and ``gate`` are the link to the daemon, which queues and counts.
     """
     now = current if current is not None else (lambda: cfg)
     counter = gate if gate is not None else InboundGate()
@@ -468,34 +497,3 @@ async def start_listeners(
             server.close()
         raise
     return servers
-
-
-PRIVILEGED_PORTS = 1024
-
-
-def bind_privileged(listeners: Iterable[Listener]) -> dict[tuple[str, int], socket.socket]:
-    """Listening sockets for the listeners on ports below 1024, bound now (as root, before the
-    process becomes its own user) for ``start_listeners(prebound=...)``. OSError if one
-    cannot be bound; the ones already bound are closed."""
-    bound: dict[tuple[str, int], socket.socket] = {}
-    try:
-        for listener in listeners:
-            if listener.port >= PRIVILEGED_PORTS:
-                continue
-            family, kind, proto, _, address = socket.getaddrinfo(
-                listener.address, listener.port, type=socket.SOCK_STREAM,
-                flags=socket.AI_NUMERICHOST | socket.AI_PASSIVE,
-            )[0]
-            sock = socket.socket(family, kind, proto)
-            bound[(listener.address, listener.port)] = sock
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
-            sock.listen(100)
-            sock.setblocking(False)
-    except BaseException:
-        for sock in bound.values():
-            sock.close()
-        raise
-    return bound
