@@ -54,6 +54,26 @@ def test_sigkill_during_submission_and_delivery_loses_no_acknowledged_message(
 
 @pytest.mark.slow
 @pytest.mark.integration
+def test_sigkill_of_a_daemon_with_smtp_workers_loses_no_acknowledged_message(
+        tmp_path: Path) -> None:
+    """The same kills with the sessions in an SMTP worker: a worker answers 250 only after the
+    daemon's commit, and exits by itself once the daemon is gone (the harness waits for it)."""
+    report = run_crash(CrashOptions(
+        rounds=8, sessions=3, rate=150.0, sink_delay=0.05, drain_timeout=60.0,
+        smtp_workers=1, workdir=tmp_path / "crash-workers",
+    ))
+    t = report.tally
+    detail = f"{report.to_json()}\nengine log tail:\n{report.engine_log_tail}"
+    assert len(report.rounds) == 8
+    assert t.acknowledged >= 80, detail
+    assert t.lost == (), detail
+    assert report.drained and report.still_queued == 0, detail
+    assert t.unknown_delivered == (), detail
+    assert report.kills_with_submissions_in_flight >= 1, detail
+
+
+@pytest.mark.slow
+@pytest.mark.integration
 def test_sigkill_in_the_middle_of_streamed_large_messages_leaves_no_half_message(
         tmp_path: Path) -> None:
     report = run_crash(CrashOptions(

@@ -82,6 +82,11 @@ def _settle(future: asyncio.Future[T], result: T | BaseException) -> None:
         future.set_result(result)
 
 
+def _settle_all(settled: list[tuple[asyncio.Future[object], object]]) -> None:
+    for future, result in settled:
+        _settle(future, result)
+
+
 class _Writer(threading.Thread):
     """The only thread that writes; batches whatever is waiting into one transaction."""
 
@@ -131,8 +136,13 @@ class _Writer(threading.Thread):
             log.error("queue commit failed for %d operations: %s", len(batch), exc)
             failure = exc if isinstance(exc, QueueError) else QueueFullError(str(exc))
             results = [failure] * len(batch)
+        # One wake-up per event loop for the whole batch, not one per job: each
+        # call_soon_threadsafe writes to the loop's self-pipe.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[object], object]]] = {}
         for job, result in zip(batch, results, strict=True):
-            job.loop.call_soon_threadsafe(_settle, job.future, result)
+            by_loop.setdefault(job.loop, []).append((job.future, result))
+        for loop, settled in by_loop.items():
+            loop.call_soon_threadsafe(_settle_all, settled)
 
 
 def _remove_settled(db: QueueDB) -> int:
