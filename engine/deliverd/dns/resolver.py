@@ -14,6 +14,7 @@ are not cached: the next attempt asks again.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import time
 from collections.abc import Callable, Sequence
@@ -129,8 +130,10 @@ def ascii_domain(domain: str) -> str:
         return name.lower()
 
 
+@functools.lru_cache(maxsize=1024)
 def ip_literal(host: str) -> str | None:
-    """The address when ``host`` is an IP literal (``1.2.3.4``, ``::1``, ``[IPv6:::1]``)."""
+    """The address when ``host`` is an IP literal (``1.2.3.4``, ``::1``, ``[IPv6:::1]``).
+    Cached: every attempt asks it of its smart host or MX names."""
     text = host.strip()
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]

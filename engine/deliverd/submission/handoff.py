@@ -85,6 +85,28 @@ class AskingGate(Protocol):
     def release(self, client: str) -> None: ...
 
 
+class _Corked:
+    """Frames sent during one event loop turn go out in one write at its end: a group commit
+    answers many messages at once, and one ``send`` each would be a system call each."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self._parts: list[bytes] = []
+        self._scheduled = False
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        self._parts.append(frame(message))
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if self._parts and not self.writer.is_closing():
+            self.writer.write(b"".join(self._parts))
+        self._parts.clear()
+
+
 class LinkClosed(QueueError):
     """The daemon's end of the link is gone: nothing more can be queued from here."""
 
@@ -102,6 +124,7 @@ class QueueLink:
     ) -> None:
         self._reader = reader
         self._writer = writer
+        self._out = _Corked(writer)
         self.path = queue_path
         self._next = 0
         self._waiting: dict[int, asyncio.Future[Any]] = {}
@@ -137,6 +160,7 @@ class QueueLink:
             assert isinstance(data, BodySpool)
             for chunk in data.chunks(CHUNK):
                 self._send(("chunk", rid, chunk))
+                self._out.flush()
                 await self._writer.drain()
             self._send(("end", rid))
         result = await answer
@@ -186,7 +210,7 @@ class QueueLink:
 
     def _send(self, message: tuple[Any, ...]) -> None:
         if not self._writer.is_closing():
-            self._writer.write(frame(message))
+            self._out.send(message)
 
     def send_ready(self) -> None:
         self._send(("ready",))
@@ -237,9 +261,11 @@ async def serve_link(
     gathering: dict[int, tuple[BodySpool, str, tuple[str, ...], Mapping[str, Any]]] = {}
     tasks: set[asyncio.Task[None]] = set()
 
+    out = _Corked(writer)
+
     def reply(message: tuple[Any, ...]) -> None:
         if not writer.is_closing():
-            writer.write(frame(message))
+            out.send(message)
 
     async def queue(
         rid: int, sender: str, rcpts: tuple[str, ...], body: bytes | BodySpool,
