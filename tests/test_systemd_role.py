@@ -231,6 +231,41 @@ def test_a_listener_below_1024_runs_with_only_the_bind_capability(box: SdBox) ->
     assert score and float(score.group(1)) <= 2.0, security
 
 
+def test_smtp_workers_run_under_the_hardened_unit_and_go_with_it(box: SdBox) -> None:
+    # limits.smtp_workers: the daemon spawns its workers under the same sandbox (system call
+    # filter, no new privileges, the bind capability on port 25) and systemd sees them in the
+    # unit's cgroup; a reload replaces them, a stop ends them all.
+    maildir = f"/var/tmp/sink-{SINK2_PORT}"
+    since = box.run("date", "+@%s").stdout.strip()
+    spec = {**_spec(SINK2_PORT, listen_port=25), "limits": {"smtp_workers": 2}}
+    _ok(box.play(_vars(spec)))
+    assert box.show(UNIT, "ActiveState") == "active"
+    pid = box.show(UNIT, "MainPID")
+
+    def workers() -> list[str]:
+        found = box.run("pgrep", "-P", pid, "-f", "deliverd.worker", check=False).stdout
+        return sorted(found.split())
+
+    wait_until(lambda: len(workers()) == 2, "two SMTP workers")
+    first = workers()
+    _submit(box, "ops@example.net", "through-a-worker", port=25)
+    wait_until(lambda: box.delivered(maildir, "through-a-worker"), "delivery via a worker")
+    box.run("systemctl", "reload", UNIT)
+    wait_until(lambda: len(workers()) == 2 and not set(workers()) & set(first),
+               "two new workers after the reload")
+    assert box.show(UNIT, "MainPID") == pid
+    _submit(box, "ops@example.net", "after-the-worker-reload", port=25)
+    wait_until(lambda: box.delivered(maildir, "after-the-worker-reload"), "delivery after reload")
+    box.run("systemctl", "stop", UNIT)
+    assert box.show(UNIT, "ActiveState") == "inactive"
+    assert box.run("pgrep", "-f", "deliverd.worker", check=False).stdout.strip() == ""
+    journal = box.run("journalctl", "-u", UNIT, "--since", since, "--no-pager").stdout
+    assert "SMTP worker" in journal and "accepting" in journal
+    assert "Traceback" not in journal, journal[-3000:]
+    assert "timed out" not in journal and "Killing" not in journal, journal[-3000:]
+    box.run("systemctl", "start", UNIT)
+
+
 def test_a_queue_the_service_user_cannot_reach_fails_the_run_with_the_reason(
     box: SdBox,
 ) -> None:
