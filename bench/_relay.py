@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from _ceiling import commit_rate, direct_rate
 from _chart import plot_ratios
 from _proctree import RssSampler, cpu_seconds, descendants, status_kb
 from _stats import median, percentile, ratio, sent_delays, table
@@ -519,6 +520,26 @@ def _workdir(keep: bool) -> Iterator[Path]:
             shutil.rmtree(base, ignore_errors=True)
 
 
+def _ceiling(work: Workload, base: Path) -> dict[str, float]:
+    """The machine's limits for this workload (bench/_ceiling.py), measured once per run."""
+    workdir = base / "ceiling"
+    workdir.mkdir()
+    workdir.chmod(0o755)
+    sink = Sink(workdir)
+    try:
+        direct = direct_rate(lambda port: _source(port, work), sink.port, work.messages,
+                             sink.count, timeout=max(120, work.messages / 100))
+    finally:
+        sink.stop()
+    return {"direct_msgs_per_s": direct, "commits_per_s": commit_rate(workdir)}
+
+
+def _print_share_of_ceiling(results: list[RunResult], ceiling: dict[str, float]) -> None:
+    for kind in dict.fromkeys(r.mta for r in results):
+        rate = median([r.msgs_per_s for r in results if r.mta == kind])
+        print(f"{kind}: {rate / ceiling['direct_msgs_per_s']:.1%} of the no-MTA rate")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     for tool in (SMTP_SOURCE, SMTP_SINK):
@@ -532,6 +553,10 @@ def main(argv: list[str] | None = None) -> int:
     results: list[RunResult] = []
     not_measured: dict[str, str] = {}
     with _workdir(args.keep) as base:
+        ceiling = _ceiling(work, base)
+        print(f"ceiling: smtp-source -> smtp-sink with no MTA {ceiling['direct_msgs_per_s']:,.0f}"
+              f" msg/s; fsynced SQLite WAL commits on the queue filesystem "
+              f"{ceiling['commits_per_s']:,.0f}/s", flush=True)
         for rnd in range(1, args.rounds + 1):
             order = kinds if rnd % 2 else kinds[::-1]
             for kind in order:
@@ -553,6 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         rows = [asdict(r) for r in results]
         print(table(rows, COLUMNS))
+        _print_share_of_ceiling(results, ceiling)
         return 0
     rows, ratios = summarise(results, args.peers, not_measured)
     headlines = {peer: median(r["end-to-end msg/s"]) for peer, r in ratios.items()}
@@ -569,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     json_path.write_text(json.dumps({
         "workload": asdict(work), "rounds": args.rounds, "machine": machine(),
         "peers": args.peers, "not_measured": not_measured,
-        "deliverd_limits": limits, "runs": [asdict(r) for r in results],
+        "deliverd_limits": limits, "runs": [asdict(r) for r in results], "ceiling": ceiling,
         "ratios": ratios,
         "median_ratios": {p: {k: median(v) for k, v in r.items()} for p, r in ratios.items()},
         "ratio_deliverd": headlines, "ratio_deliverd_postfix": headlines.get("postfix"),
@@ -581,6 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     for peer, series in ratios.items():
         print(f"median ratios deliverd/{peer}: " + ", ".join(
             f"{k} {median(v):.2f}" for k, v in series.items()))
+    _print_share_of_ceiling(results, ceiling)
     print(f"results: {json_path}  plot: {png_path}")
     lost = sum(r.lost + r.duplicated for r in results)
     for peer in args.peers:
