@@ -408,7 +408,9 @@ def test_min_free_is_the_queues_reserve() -> None:
 
 HEAVY = ("re", "email", "dataclasses", "typing", "tomllib", "json", "pathlib", "contextlib",
          "collections", "enum", "inspect", "deliverd.config", "deliverd.cli.sendmail",
-         "deliverd.submission.local", "deliverd.submission.maildrop")
+         "deliverd.submission.local", "deliverd.submission.maildrop",
+         # os itself: under python -S nothing has imported it, and it costs milliseconds
+         "os", "posixpath", "genericpath", "_collections_abc")
 
 
 def test_a_submission_imports_nothing_heavy(host: tuple[Path, Path]) -> None:

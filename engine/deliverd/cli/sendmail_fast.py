@@ -27,7 +27,7 @@ Run as ``python -I -S`` on a launcher that puts the package on ``sys.path`` and 
 
 from __future__ import annotations
 
-import os
+import posix
 import sys
 import time
 
@@ -160,8 +160,8 @@ def format_address(name: str, address: str) -> str:
 
 def make_msgid(domain: str) -> str:
     """``email.utils.make_msgid(domain=domain)``: hundredths of a second, pid, 64 random bits."""
-    return (f"<{int(time.time() * 100)}.{os.getpid()}."
-            f"{int.from_bytes(os.urandom(8), 'big')}@{domain}>")
+    return (f"<{int(time.time() * 100)}.{posix.getpid()}."
+            f"{int.from_bytes(posix.urandom(8), 'big')}@{domain}>")
 
 
 def complete_header(header: bytes, *, sender: str, fullname: str, domain: str,
@@ -310,13 +310,32 @@ def send(request: Request, settings: Settings, stdin: LineSource) -> int:
     return EX_OK
 
 
-def main(argv: Sequence[str], prog: str = "sendmail", stdin: LineSource | None = None) -> int:
-    """``sendmail ARGS``: here when this module handles it, else by the full implementation."""
+def _environ(name: str) -> str | None:
+    """An environment variable, decoded as ``os.environ`` decodes it (``os`` costs a few
+    milliseconds to import under ``python -S``: this path reads ``posix.environ``)."""
+    value = posix.environ.get(name.encode())
+    return None if value is None else value.decode(sys.getfilesystemencoding(), "surrogateescape")
+
+
+def _use_config(config: str | None) -> None:
+    """Before handing over to the full implementation: the launcher's config, where
+    ``DELIVERD_CONFIG`` does not name one, is what it reads too."""
+    if config is not None and _environ(CONFIG_ENV) is None:
+        import os
+
+        os.environ[CONFIG_ENV] = config
+
+
+def main(argv: Sequence[str], prog: str = "sendmail", stdin: LineSource | None = None,
+         config: str | None = None) -> int:
+    """``sendmail ARGS``: here when this module handles it, else by the full implementation.
+    ``config``: the config to read when neither ``-C`` nor ``DELIVERD_CONFIG`` names one (the
+    launcher's; else the default)."""
     stream = stdin if stdin is not None else sys.stdin.buffer
     try:
         request = parse_args(argv)
         try:
-            settings = read_settings(request.config or os.environ.get(CONFIG_ENV)
+            settings = read_settings(request.config or _environ(CONFIG_ENV) or config
                                      or DEFAULT_CONFIG)
         except Unsure as exc:
             raise Decline(f"the config: {exc}") from None
@@ -324,6 +343,7 @@ def main(argv: Sequence[str], prog: str = "sendmail", stdin: LineSource | None =
     except Decline as declined:
         if declined.replay is not None:
             stream = _Replay(declined.replay, stream)
+        _use_config(config)
         from deliverd.cli.sendmail import main as full
 
         return full(argv, prog, stream)
@@ -337,13 +357,15 @@ def main(argv: Sequence[str], prog: str = "sendmail", stdin: LineSource | None =
         return 130
 
 
-def entry(prog: str, argv: Sequence[str]) -> int:
-    """``sendmail ARGS`` and ``mailq ARGS`` by the name they were run as."""
+def entry(prog: str, argv: Sequence[str], config: str | None = None) -> int:
+    """``sendmail ARGS`` and ``mailq ARGS`` by the name they were run as; ``config`` as for
+    ``main``."""
     if prog == "mailq":
+        _use_config(config)
         from deliverd.cli.sendmail import entry as full_entry
 
         return full_entry(prog, argv)
-    return main(argv, prog)
+    return main(argv, prog, config=config)
 
 
 # Where a venv's interpreter finds its packages when started with -S (site.py is what would add
@@ -364,9 +386,7 @@ def launcher(python: str, paths: Sequence[str] | None, prog: str, config: str | 
     lines += ["import sys",
               f"sys.path.append({VENV_PACKAGES})" if paths is None
               else f"sys.path += {list(paths)!r}"]
-    if config is not None:
-        lines += ["import os",
-                  f"os.environ[{CONFIG_ENV!r}] = os.environ.get({CONFIG_ENV!r}) or {config!r}"]
     lines += ["from deliverd.cli.sendmail_fast import entry",
-              f"sys.exit(entry({prog!r}, sys.argv[1:]))", ""]
+              f"sys.exit(entry({prog!r}, sys.argv[1:]))" if config is None
+              else f"sys.exit(entry({prog!r}, sys.argv[1:], {config!r}))", ""]
     return "\n".join(lines)

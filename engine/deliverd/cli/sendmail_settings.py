@@ -15,7 +15,7 @@ maildrop. ``tests/test_sendmail_fast.py`` holds it to ``tomllib`` on every examp
 
 from __future__ import annotations
 
-import os
+import posix
 
 from deliverd.submission import local_addresses as rules
 
@@ -83,13 +83,13 @@ def read_settings(path: str) -> Settings:
     a file that cannot be read (the full path reports it) or one rendered before ``[local]``
     and ``[masquerade]`` existed (the full path fills their defaults)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC)
         try:
             chunks = []
-            while chunk := os.read(fd, 65536):
+            while chunk := posix.read(fd, 65536):
                 chunks.append(chunk)
         finally:
-            os.close(fd)
+            posix.close(fd)
         text = b"".join(chunks).decode("utf-8")
     except (OSError, UnicodeDecodeError):
         raise Unsure("the config cannot be read") from None

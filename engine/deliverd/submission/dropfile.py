@@ -10,19 +10,22 @@ dot-name, fsynced, checked against the queue's free-space reserve, and renamed i
 pickup ignores dot-names. The sender's identity is not in the file: the pickup reads the owner
 of the file, which the submitter cannot forge.
 
-Every ``sendmail`` run imports this module: it uses only ``os``, ``time`` and ``errno`` (not
-``json``, whose decoder imports ``re``: the envelope's strings are escaped as json escapes them).
+Every ``sendmail`` run imports this module: it uses only ``posix``, ``time`` and ``errno``, which
+the interpreter has built in (not ``os``, whose import under ``python -S`` costs a few
+milliseconds of every call, nor ``json``, whose decoder imports ``re``: the envelope's strings
+are escaped as json escapes them).
 """
 
 from __future__ import annotations
 
 import errno
-import os
+import posix
 import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
+    from os import PathLike
 
 MAILDROP = "maildrop"
 PUBLIC = "public"
@@ -68,7 +71,7 @@ def envelope_line(sender: str, recipients: Sequence[str], notify: str | None = N
     return ("{" + ", ".join(items) + "}\n").encode("utf-8")
 
 
-def write_drop(queue_path: str | os.PathLike[str], envelope: bytes, chunks: Iterable[bytes],
+def write_drop(queue_path: str | PathLike[str], envelope: bytes, chunks: Iterable[bytes],
                *, min_free: int) -> str:
     """Leave one message in the maildrop; returns its file name once it is durable.
 
@@ -77,13 +80,13 @@ def write_drop(queue_path: str | os.PathLike[str], envelope: bytes, chunks: Iter
     written, 74 I/O error, 75 the queue's filesystem has less than ``min_free`` bytes left);
     an exception from ``chunks`` itself is passed on. Either way nothing is left behind.
     """
-    directory = os.path.join(queue_path, MAILDROP)
-    # os.urandom rather than the secrets module: its hmac and hashlib imports cost more.
-    name = f"{time.time_ns():x}.{os.getpid()}.{os.urandom(8).hex()}"
-    temp = os.path.join(directory, f"{TEMP_PREFIX}{name}.tmp")
+    directory = _join(queue_path, MAILDROP)
+    # urandom rather than the secrets module: its hmac and hashlib imports cost more.
+    name = f"{time.time_ns():x}.{posix.getpid()}.{posix.urandom(8).hex()}"
+    temp = _join(directory, f"{TEMP_PREFIX}{name}.tmp")
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     DROP_FILE_MODE)
+        fd = posix.open(temp, posix.O_WRONLY | posix.O_CREAT | posix.O_EXCL | posix.O_NOFOLLOW
+                        | posix.O_CLOEXEC, DROP_FILE_MODE)
     except OSError as exc:
         raise DropError(
             EX_CANTCREAT,
@@ -95,7 +98,7 @@ def write_drop(queue_path: str | os.PathLike[str], envelope: bytes, chunks: Iter
             _write_all(fd, envelope)
             for chunk in chunks:
                 _write_all(fd, chunk)
-            os.fsync(fd)
+            posix.fsync(fd)
             free = _free_bytes(fd)
             if free < min_free:
                 raise DropError(
@@ -103,46 +106,55 @@ def write_drop(queue_path: str | os.PathLike[str], envelope: bytes, chunks: Iter
                     f"the queue's filesystem is short of space ({free} bytes free, "
                     f"{min_free} kept in reserve); try again later",
                 )
-            os.rename(temp, os.path.join(directory, name))
+            posix.rename(temp, _join(directory, name))
             _fsync_rename(directory, fd)
         except OSError as exc:
             code = EX_TEMPFAIL if exc.errno in (errno.ENOSPC, errno.EDQUOT) else EX_IOERR
             raise DropError(code, f"writing to {directory}: {exc.strerror or exc}") from None
         finally:
-            os.close(fd)
+            posix.close(fd)
     except BaseException:
         try:  # noqa: SIM105 (contextlib is not on sendmail's import path)
-            os.unlink(temp)
+            posix.unlink(temp)
         except OSError:
             pass
         raise
     return name
 
 
-def poke(queue_path: str | os.PathLike[str]) -> bool:
+def poke(queue_path: str | PathLike[str]) -> bool:
     """Wake a running daemon's pickup; False when no daemon listens (the mail waits)."""
     try:
-        fd = os.open(os.path.join(queue_path, PUBLIC, PICKUP_FIFO),
-                     os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = posix.open(_join(queue_path, PUBLIC, PICKUP_FIFO),
+                        posix.O_WRONLY | posix.O_NONBLOCK | posix.O_CLOEXEC)
     except OSError:
         return False
     try:
-        os.write(fd, b"w")
+        posix.write(fd, b"w")
     except OSError:  # a full pipe: a wake-up is already pending
         pass
     finally:
-        os.close(fd)
+        posix.close(fd)
     return True
+
+
+def _join(first: str | PathLike[str], *names: str) -> str:
+    """``os.path.join`` of a directory and plain relative names (``os.path`` is not on this
+    import path)."""
+    path = str(posix.fspath(first))
+    for name in names:
+        path = f"{path}{name}" if not path or path.endswith("/") else f"{path}/{name}"
+    return path
 
 
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[posix.write(fd, view):]
 
 
 def _free_bytes(fd: int) -> int:
-    st = os.fstatvfs(fd)
+    st = posix.fstatvfs(fd)
     return st.f_bavail * st.f_frsize
 
 
@@ -151,11 +163,11 @@ def _fsync_rename(directory: str, fd: int) -> None:
     the daemon's user); else the file's again, since a submitter may not read the maildrop:
     ext4 and xfs commit the rename with the journal transaction that fsync forces."""
     try:
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        dir_fd = posix.open(directory, posix.O_RDONLY | posix.O_DIRECTORY | posix.O_CLOEXEC)
     except OSError:
-        os.fsync(fd)
+        posix.fsync(fd)
         return
     try:
-        os.fsync(dir_fd)
+        posix.fsync(dir_fd)
     finally:
-        os.close(dir_fd)
+        posix.close(dir_fd)

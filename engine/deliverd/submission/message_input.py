@@ -158,11 +158,11 @@ def complete_header(header: bytes, *, sender: str, fullname: str | None, domain:
 
 def submitting_user() -> tuple[str, str]:
     """(login name, full name) of the real uid: who hands the message over."""
-    import os
+    import posix
     import pwd
 
     try:
-        entry = pwd.getpwuid(os.getuid())
+        entry = pwd.getpwuid(posix.getuid())
     except KeyError:
         return "unknown", ""
     return entry.pw_name, entry.pw_gecos.split(",", 1)[0]
