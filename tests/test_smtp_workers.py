@@ -317,3 +317,22 @@ async def test_a_daemon_gone_before_the_commit_gets_no_250(tmp_path: Path) -> No
 
 async def _close(writer: asyncio.StreamWriter) -> None:
     writer.close()
+
+
+def test_reloads_move_the_sessions_into_workers_and_back_on_the_same_port(
+    engine_factory: Callable[..., Engine], smtp_sink: Callable[..., Sink],
+) -> None:
+    sink = smtp_sink()
+    engine = engine_factory(worker_spec(sink.port, workers=0))
+    engine.wait_ready()
+    assert workers_of(engine) == []
+    engine.submit(SENDER, ["in-process@example.net"])
+    for n, workers in enumerate((2, 0), start=1):
+        engine.reconfigure(worker_spec(sink.port, workers=workers))
+        engine.signal(signal.SIGHUP)
+        engine.wait_for(lambda n=n: engine.log_text().count("reloaded") == n, what="reload")
+        wait_until(lambda workers=workers: len(workers_of(engine)) == workers,
+                   f"{workers} workers")
+        engine.submit(SENDER, [f"after-reload-{n}@example.net"])
+    wait_until(lambda: len(sink.messages) == 3, "three deliveries")
+    assert "reload refused" not in engine.log_text()

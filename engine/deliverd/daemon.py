@@ -158,6 +158,9 @@ class Daemon:
         await transport.close()
         if workers_stopped is not None:
             await workers_stopped  # before the store closes: their last messages go in
+        for retiring in self._retiring:  # workers a reload replaced, still finishing
+            retiring.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         self._write_metrics()
         self._close_metrics()
         await self.store.close()
@@ -296,8 +299,9 @@ class Daemon:
                 prebound=prebound, gate=self.gate,
             )
             if self.workers is not None:
-                self._retiring.add(asyncio.create_task(
-                    self.workers.stop(float(cfg.timeouts.command))))
+                task = asyncio.create_task(self.workers.stop(float(cfg.timeouts.command)))
+                self._retiring.add(task)
+                task.add_done_callback(self._retiring.discard)
                 self.workers = None
             return
         if self.workers is None:
