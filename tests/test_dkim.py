@@ -248,9 +248,11 @@ def port() -> int:
 @pytest.fixture
 def start(engine_factory: Callable[..., Engine], zone: DnsServer, port: int,
           keys: Keys) -> Callable[..., Engine]:
-    def make(mode: str = "direct", dkim_entries: tuple[DkimKey, ...] | None = None) -> Engine:
+    def make(mode: str = "direct", dkim_entries: tuple[DkimKey, ...] | None = None,
+             smtp_workers: int = 0) -> Engine:
         entries = (keys.rsa, keys.ed25519) if dkim_entries is None else dkim_entries
         spec = {
+            "limits": {"smtp_workers": smtp_workers},
             "routing": {"mode": mode, "direct": {"port": port},
                         "smarthost": {"host": "relay.dkim.test", "port": port, "tls": "none"}},
             "dsn": {"notify_delayed": False},
@@ -262,11 +264,13 @@ def start(engine_factory: Callable[..., Engine], zone: DnsServer, port: int,
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("smtp_workers", [0, 1], ids=["in-the-daemon", "in-a-worker"])
 def test_mail_through_the_listener_verifies_against_the_lab_dns(
         start: Callable[..., Engine], smtp_sink: Callable[..., Sink], port: int,
-        zone: DnsServer) -> None:
+        zone: DnsServer, smtp_workers: int) -> None:
+    # A worker signs with the keys named in the config it was handed, as the daemon does.
     mx = smtp_sink(MX, port)
-    engine = start()
+    engine = start(smtp_workers=smtp_workers)
     engine.submit(SENDER, [RCPT], headers={"Message-ID": "<m1@sender.test>"})
     engine.wait_status(RCPT, "sent")
     assert mx.wait_for(1)
