@@ -146,14 +146,17 @@ def test_a_killed_worker_is_replaced_and_the_mail_goes_on(
     engine_factory: Callable[..., Engine], smtp_sink: Callable[..., Sink],
 ) -> None:
     sink = smtp_sink()
-    engine = engine_factory(worker_spec(sink.port, workers=1))
+    metrics = f"127.0.0.1:{_free_port()}"
+    engine = engine_factory({**worker_spec(sink.port, workers=1), "metrics": {"listen": metrics}})
     engine.wait_ready()
+    assert "deliverd_smtp_worker_exits_total 0.0" in engine.scrape()
     (first,) = workers_of(engine)
     os.kill(first, signal.SIGKILL)
     wait_until(lambda: workers_of(engine) and workers_of(engine) != [first],
                "a new worker")
     wait_until(lambda: engine.log_text().count("accepting") == 2, "the new worker accepting")
     assert "starting another" in engine.log_text()
+    assert "deliverd_smtp_worker_exits_total 1.0" in engine.scrape()
     engine.submit(SENDER, ["after@example.net"])
     wait_until(lambda: len(sink.messages) == 1, "the delivery")
 

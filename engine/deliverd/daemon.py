@@ -307,7 +307,8 @@ class Daemon:
         if self.workers is None:
             workers = SmtpWorkers(self.store, self.gate, self._enqueued, self._current,
                                   (self.log_format, self.log_level),
-                                  (sys.executable, "-m", "deliverd.worker"), self.prebound)
+                                  (sys.executable, "-m", "deliverd.worker"), self.prebound,
+                                  on_exit=self.metrics.smtp_worker_exited)
             await workers.start(cfg)
             self.workers = workers
         else:

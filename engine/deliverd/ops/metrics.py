@@ -175,6 +175,10 @@ class Metrics:
         self.reload_failures = Counter(
             "deliverd_config_reload_failures", "Reloads refused (the running config kept).",
             registry=r)
+        self.smtp_worker_exits = Counter(
+            "deliverd_smtp_worker_exits",
+            "SMTP worker processes that ended unexpectedly (each is started again).",
+            registry=r)
         build = Gauge(
             "deliverd_build_info", "The running engine's version (always 1).",
             ["version", "python_version"], registry=r)
@@ -255,6 +259,10 @@ class Metrics:
     def inbound_refused_by(self, reason: str) -> None:
         """A new inbound connection got 421: ``reason`` is the limit it hit."""
         self.inbound_refused.labels(reason).inc()
+
+    def smtp_worker_exited(self) -> None:
+        """An SMTP worker process ended without being asked to (limits.smtp_workers)."""
+        self.smtp_worker_exits.inc()
 
     def dsn_sent(self, kind: str) -> None:
         self.dsn.labels(kind).inc()

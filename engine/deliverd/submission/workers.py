@@ -61,7 +61,9 @@ class SmtpWorkers:
         log_settings: tuple[str, str],
         command: Sequence[str],
         prebound: Mapping[tuple[str, int], socket.socket] | None = None,
+        on_exit: Callable[[], None] | None = None,
     ) -> None:
+        self.on_exit = on_exit  # a worker ended unexpectedly (it is started again)
         self.command = tuple(command)  # a worker's program; its link's descriptor is appended
         self.store = store
         self.gate = gate
@@ -180,6 +182,8 @@ class SmtpWorkers:
             code = await worker.process.wait()
             if not worker.retired and not self._stopping:
                 log.error("SMTP worker %d exited (%s); starting another", worker.pid, code)
+                if self.on_exit is not None:
+                    self.on_exit()
                 task = asyncio.create_task(self._restart(worker))
                 self._restarts.add(task)
                 task.add_done_callback(self._restarts.discard)
