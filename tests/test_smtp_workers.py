@@ -29,6 +29,7 @@ from deliverd.queue.store import QueueStore
 from deliverd.submission.gate import InboundGate
 from deliverd.submission.handoff import INLINE_BODY, QueueLink, serve_link
 from deliverd.submission.listener import start_listeners
+from tests.fixtures import sdbox
 from tests.fixtures.engine import Engine
 from tests.fixtures.smtp_sink import Sink
 
@@ -69,12 +70,7 @@ def gone(pid: int) -> bool:
 
 
 def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    sdbox.wait_until(predicate, what, timeout, poll=0.05)
 
 
 def idle_connection(port: int, source: str) -> tuple[socket.socket, bytes]:
