@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import signal
 import smtplib
@@ -27,7 +28,7 @@ import pytest
 from deliverd.config.model import Config, DsnConfig, HostConfig, LimitsConfig, Listener
 from deliverd.queue.store import QueueStore
 from deliverd.submission.gate import InboundGate
-from deliverd.submission.handoff import INLINE_BODY, QueueLink, serve_link
+from deliverd.submission.handoff import INLINE_BODY, QueueLink, frame, read_frame, serve_link
 from deliverd.submission.listener import start_listeners
 from tests.fixtures import sdbox
 from tests.fixtures.engine import Engine
@@ -335,3 +336,31 @@ def test_reloads_move_the_sessions_into_workers_and_back_on_the_same_port(
         engine.submit(SENDER, [f"after-reload-{n}@example.net"])
     wait_until(lambda: len(sink.messages) == 3, "three deliveries")
     assert "reload refused" not in engine.log_text()
+
+
+async def test_a_chunked_body_the_worker_abandons_is_dropped_not_queued(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Frames as a worker sends them when its session goes away between chunks."""
+    caplog.set_level(logging.WARNING, "deliverd.submission.handoff")
+    store = await QueueStore.open(tmp_path / "queue")
+    ours, theirs = socket.socketpair()
+    d_reader, d_writer = await asyncio.open_unix_connection(sock=ours)
+    w_reader, w_writer = await asyncio.open_unix_connection(sock=theirs)
+    enqueued: list[str] = []
+    serving = asyncio.create_task(serve_link(
+        d_reader, d_writer, store, InboundGate(), lambda: (100, 20), enqueued.append,
+        lambda: None))
+    try:
+        fields = {"smtputf8": False, "eightbit": False}
+        for rid, last in ((1, ("abort", 1)), (2, ("end", 2))):
+            w_writer.write(frame(("enqueue", rid, SENDER, ("user@example.net",), fields, None)))
+            w_writer.write(frame(("chunk", rid, b"Subject: x\r\n\r\n" + b"y" * 300_000)))
+            w_writer.write(frame(last))
+        assert await asyncio.wait_for(read_frame(w_reader), 10) == ("queued", 2, enqueued[0])
+        assert [m.queue_id for m in await store.list_messages()] == enqueued
+        assert caplog.records == []  # the abort understood, not "unknown frame"
+    finally:
+        w_writer.close()
+        await asyncio.wait_for(serving, 10)
+        await store.close()

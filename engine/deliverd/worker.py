@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import signal
 import socket
 import sys
@@ -24,8 +23,6 @@ from deliverd.ops import eventloop
 from deliverd.ops.logline import configure_logging
 from deliverd.submission.handoff import QueueLink, read_frame
 from deliverd.submission.listener import start_listeners
-
-log = logging.getLogger("deliverd.worker")
 
 
 async def serve(link_fd: int) -> int:
@@ -61,15 +58,13 @@ async def serve(link_fd: int) -> int:
         # Signalled: no new sessions; the open ones go on until the daemon says stop or goes.
         await link.stop_requested
         grace = link.stop_requested.result()
+    idle: asyncio.Future[None] = asyncio.ensure_future(link.idle())
     if grace:
-        with contextlib.suppress(TimeoutError):
-            idle: asyncio.Future[None] = asyncio.ensure_future(link.idle())
-            await asyncio.wait_for(
-                asyncio.wait({reading, idle}, return_when=asyncio.FIRST_COMPLETED), grace)
-    signalled.cancel()
-    reading.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await reading
+        await asyncio.wait({reading, idle}, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+    for task in (signalled, idle, reading):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     return 0
 
 

@@ -12,8 +12,9 @@ Worker → daemon:
 - ``("release", client)``: that session ended.
 - ``("enqueue", rid, sender, recipients, fields, body)``: queue a message; ``body`` is the
   message when it fits one frame, else None and ``("chunk", rid, data)`` frames follow, then
-  ``("end", rid)``. The daemon gathers a chunked body into its own ``BodySpool`` (bounded
-  memory) and runs ``QueueStore.enqueue``, whose group commit batches every worker's messages.
+  ``("end", rid)`` (or ``("abort", rid)`` when the session went away meanwhile). The daemon
+  gathers a chunked body into its own ``BodySpool`` (bounded memory) and runs
+  ``QueueStore.enqueue``, whose group commit batches every worker's messages.
 
 Daemon → worker: ``("admitted", rid, reason_or_None)``, ``("queued", rid, queue_id)`` once the
 COMMIT returned (the worker answers 250 only then: the durability rule is the in-process
@@ -158,10 +159,15 @@ class QueueLink:
         self._send(("enqueue", rid, sender, tuple(recipients), fields, body))
         if body is None:
             assert isinstance(data, BodySpool)
-            for chunk in data.chunks(CHUNK):
-                self._send(("chunk", rid, chunk))
-                self._out.flush()
-                await self._writer.drain()
+            try:
+                for chunk in data.chunks(CHUNK):
+                    self._send(("chunk", rid, chunk))
+                    self._out.flush()
+                    await self._writer.drain()
+            except BaseException:  # the session went away mid-way: the daemon drops the part
+                self._waiting.pop(rid, None)
+                self._send(("abort", rid))
+                raise
             self._send(("end", rid))
         result = await answer
         assert isinstance(result, str)
@@ -304,6 +310,10 @@ async def serve_link(
             elif kind == "end":
                 spool, sender, rcpts, fields = gathering.pop(message[1])
                 start(message[1], sender, rcpts, spool, fields)
+            elif kind == "abort":
+                dropped = gathering.pop(message[1], None)
+                if dropped is not None:
+                    dropped[0].close()
             elif kind == "admit":
                 _, rid, client = message
                 max_sessions, max_per_client = limits()
