@@ -370,7 +370,7 @@ class CountingSink:
 # The engine under test
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
     """The live child processes of ``pid`` (Linux: every thread's ``children`` list)."""
     found: list[int] = []
     with contextlib.suppress(OSError):
@@ -481,7 +481,7 @@ class EngineProcess:
     def kill9(self) -> None:
         """SIGKILL the daemon alone; its SMTP workers (if any) must notice and exit by
         themselves, which is waited for (they hold the listening socket)."""
-        workers = _children(self.proc.pid) if self.proc is not None else []
+        workers = children(self.proc.pid) if self.proc is not None else []
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
         if self.proc is not None:

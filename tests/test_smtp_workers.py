@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bench.crash_harness import children
 
 from deliverd.config.model import Config, DsnConfig, HostConfig, LimitsConfig, Listener
 from deliverd.queue.store import QueueStore
@@ -46,14 +47,6 @@ def worker_spec(sink_port: int, workers: int = 2, **limits: Any) -> dict[str, An
         "dsn": {"notify_delayed": False},
         "limits": {"smtp_workers": workers, **limits},
     }
-
-
-def children(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):
-            found += [int(x) for x in (task / "children").read_text().split()]
-    return found
 
 
 def workers_of(engine: Engine) -> list[int]:

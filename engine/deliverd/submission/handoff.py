@@ -43,6 +43,8 @@ _LENGTH = struct.Struct(">I")
 # A body up to this size travels in the ``enqueue`` frame itself; a larger one in chunks.
 INLINE_BODY = 256 * 1024
 CHUNK = 256 * 1024
+# A frame larger than this is written at once and drained, not corked with the others.
+FLUSH_AT = 64 * 1024
 
 
 def frame(message: tuple[Any, ...]) -> bytes:
@@ -157,6 +159,9 @@ class QueueLink:
         if body is None and isinstance(data, BodySpool) and data.size <= INLINE_BODY:
             body = data.getvalue()
         self._send(("enqueue", rid, sender, tuple(recipients), fields, body))
+        if body is not None and len(body) > FLUSH_AT:
+            self._out.flush()  # a large frame leaves now, and waits for room: bounded memory
+            await self._writer.drain()
         if body is None:
             assert isinstance(data, BodySpool)
             try:
