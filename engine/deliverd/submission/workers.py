@@ -229,7 +229,3 @@ class SmtpWorkers:
     def _close_sockets(sockets: Mapping[tuple[str, int], socket.socket]) -> None:
         for sock in sockets.values():
             sock.close()
-
-    @property
-    def pids(self) -> list[int]:
-        return [w.pid for w in self.workers]
