@@ -9,13 +9,17 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := dnsmasq-base postfix dovecot-core dovecot-pop3d openssh-server swaks iproute2 python3-venv prometheus \
 	cron bsd-mailx php-cli git git-email opendkim-tools \
 	nsd unbound bind9-utils bind9-dnsutils
-# The systemd path (tests/test_systemd_role.py, tests/test_manpages.py): systemd-nspawn boots a
+# The systemd path (tests/ansible/test_systemd_role.py, tests/lab/test_manpages.py): systemd-nspawn boots a
 # cached Debian root (built once under .cache/ by ../shared/lab/sdbox.sh); systemd-analyze and
 # man check the unit and its manual pages. Installing these starts no service.
 APT_PACKAGES += systemd systemd-container debootstrap man-db
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist). Most tests wait on servers, subprocesses and timers more than
+# they compute, so a few more workers than cores keeps both cores busy.
+PYTEST_WORKERS ?= 4
+PYTEST := $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --durations=25
 
-.PHONY: demo test lint typecheck pytest system-deps venv clean
+.PHONY: demo test lint typecheck pytest test-unit test-lab test-ansible system-deps venv clean
 
 demo: system-deps venv
 	$(BIN)/python examples/demo.py
@@ -29,7 +33,18 @@ typecheck: venv
 	$(BIN)/mypy
 
 pytest: venv
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
+
+# One part of the suite alone: tests/unit (no servers), tests/lab (real servers on loopback
+# and in network namespaces), tests/ansible (the role, the collection, molecule, systemd).
+test-unit: venv
+	$(PYTEST) tests/unit $(PYTEST_ARGS)
+
+test-lab: system-deps venv
+	$(PYTEST) tests/lab $(PYTEST_ARGS)
+
+test-ansible: system-deps venv
+	$(PYTEST) tests/ansible $(PYTEST_ARGS)
 
 venv: $(VENV)/.installed
 
@@ -51,7 +66,7 @@ system-deps:
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-# The manual pages in man/man8, from the CLI's own parser (tests/test_manpages.py checks them).
+# The manual pages in man/man8, from the CLI's own parser (tests/lab/test_manpages.py checks them).
 .PHONY: man
 man: venv
 	$(BIN)/python man/generate.py

@@ -3,7 +3,7 @@
 ``python man/generate.py [DIR]`` (``make man``) writes deliverd(8) and one page per command
 (deliverd-run(8), ...) into DIR (default: ``man/man8``, which the wheel installs as
 ``share/man/man8`` of its venv). The pages are committed so that a wheel
-can be built without the generator; ``tests/test_manpages.py`` fails when they are out of date.
+can be built without the generator; ``tests/lab/test_manpages.py`` fails when they are out of date.
 The formatting is argparse-manpage's; only the header and NAME lines are ours, because its
 title for a subcommand ("DELIVERD RUN") is not a page name and it would stamp today's date.
 """

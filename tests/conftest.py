@@ -1,6 +1,18 @@
-"""Shared fixtures live in tests/fixtures/, one module per kind of real server."""
+"""Shared fixtures live in tests/fixtures/, one module per kind of real server.
+
+The suite runs on every core with pytest-xdist (``make test``: ``-n auto --dist loadgroup``).
+``pytest_collection_modifyitems`` below gives every test an ``xdist_group``: normally its own
+file, so a file's module and session fixtures are made once on one worker; files that share
+something of the whole machine (fixed lab addresses, network namespaces, port 25) share one
+group, so they never run at the same time. The longest groups are handed out first, so the
+run does not end waiting for one of them.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
 
 pytest_plugins = [
     "tests.fixtures.dns",
@@ -12,3 +24,57 @@ pytest_plugins = [
     "tests.fixtures.dnssec",
     "tests.fixtures.sdbox",
 ]
+
+TESTS = Path(__file__).resolve().parent
+
+# Files that use one thing of the whole machine, by the group that serialises them.
+SHARED_GROUPS = {
+    # The DNSSEC lab's NSD and Unbound listen on fixed loopback addresses.
+    "dnssec-lab": ("lab/test_resolver_dnssec.py", "lab/test_dane_delivery.py"),
+    # The role on localhost: the one `deliverd` system user, made and changed by each run.
+    "localhost-role": (
+        "ansible/test_ansible_role.py",
+        "ansible/test_dkim_role.py",
+        "ansible/test_collection_tarball.py",
+        "ansible/test_demo.py",
+    ),
+}
+
+# Roughly how long each slow file takes alone on an idle core, in seconds (see
+# CONTRIBUTING.md, "The test suite"); everything else counts as quick. Groups start in
+# decreasing order of these, so the longest is never the last one handed out.
+SLOW_FILES = {
+    "ansible/test_molecule_lab.py": 540,
+    "ansible/test_molecule_systemd.py": 300,
+    "ansible/test_systemd_role.py": 200,
+    "ansible/test_sendmail_role.py": 150,
+    "ansible/test_ansible_sanity.py": 90,
+    "lab/test_crash.py": 80,
+}
+
+
+def _relative(item: pytest.Item) -> str:
+    return item.path.resolve().relative_to(TESTS).as_posix()
+
+
+def _group_of(path: str) -> str:
+    for group, files in SHARED_GROUPS.items():
+        if path in files:
+            return group
+    return path
+
+
+def _weight(group: str) -> int:
+    members = SHARED_GROUPS.get(group, (group,))
+    return sum(SLOW_FILES.get(member, 1) for member in members)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    groups: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        group = _group_of(_relative(item))
+        item.add_marker(pytest.mark.xdist_group(group))
+        groups.setdefault(group, []).append(item)
+    # A stable sort: within a group, and among equal weights, the collection order stays.
+    ordered = sorted(groups, key=_weight, reverse=True)
+    items[:] = [item for group in ordered for item in groups[group]]

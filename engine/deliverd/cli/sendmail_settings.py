@@ -10,7 +10,7 @@ key given twice or holding anything but a string or an array of strings is such 
 it does not check: values of keys sendmail does not read are only skipped (strings, arrays,
 inline tables, bare scalars), so a file TOML refuses in those alone is not noticed here (the
 daemon refuses to load it, and ``deliverd check-config`` says why); the mail waits in the
-maildrop. ``tests/test_sendmail_fast.py`` holds it to ``tomllib`` on every example spec.
+maildrop. ``tests/unit/cli/test_sendmail_fast.py`` holds it to ``tomllib`` on every example spec.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Pure SMTP client decisions: loop banners, AUTH mechanism, MAIL parameters, the DATA body.
 
-Nothing here touches a socket, so each rule is a table row in ``tests/test_smtp_errors.py``.
+Nothing here touches a socket, so each rule is a table row in
+``tests/unit/smtp/test_smtp_errors.py``.
 """
 
 from __future__ import annotations

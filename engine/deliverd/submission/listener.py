@@ -231,8 +231,9 @@ class _SubmissionSMTP(DsnSMTP):
         aiosmtpd hands every MAIL and RCPT argument to ``email._header_value_parser``, about a
         tenth of the listener's time in the relay benchmark. A plain dot-atom address in angle
         brackets, possibly followed by parameters, is taken by one regular expression instead;
-        it gives what the library gives for it (``tests/test_listener_addresses.py`` checks
-        that property), and everything else still goes to the library.
+        it gives what the library gives for it
+        (``tests/unit/submission/test_listener_addresses.py`` checks that property), and
+        everything else still goes to the library.
         """
         match = _PLAIN_ADDRESS.match(arg)
         if match is None or (

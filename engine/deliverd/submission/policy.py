@@ -1,6 +1,6 @@
 """The listener's pure decisions: who may relay, when a message is held as a loop, the trace
 field it gets, and how the envelope sender is written. No sockets: each is a table row in
-``tests/test_listener.py``.
+``tests/unit/submission/test_listener.py``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Boot or stop this scenario's containers: ``boxes.py start|stop NAME...``.
 
-tests/fixtures/sdbox.py does the work, as for tests/test_systemd_role.py: the root built once
+tests/fixtures/sdbox.py does the work, as for tests/ansible/test_systemd_role.py: the root built once
 and cached under .cache/, a volatile overlay per container (every boot is a fresh host), and
 --private-network (only the container's own loopback: no package index is reachable).
 """

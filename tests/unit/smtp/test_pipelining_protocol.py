@@ -1,7 +1,7 @@
 """The reply side of a pipelined group, fed byte by byte as a network would deliver it.
 
 Pure unit tests: the protocol gets a stand-in transport that only records writes. The same
-code against real servers is in ``tests/test_pipelining.py``.
+code against real servers is in ``tests/lab/test_pipelining.py``.
 """
 
 from __future__ import annotations

@@ -23,7 +23,9 @@ from types import SimpleNamespace
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.fixtures import paths
+
+REPO = paths.REPO
 COLLECTION = REPO / "collection"
 BIN = Path(sys.executable).parent
 PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -76,10 +78,10 @@ def pip_versions() -> tuple[str, ...]:
 def write_get_pip_shims(home: Path) -> list[Path]:
     cache = home / ".ansible" / "test" / "cache"
     cache.mkdir(parents=True)
-    paths = [cache / f"get_pip_{version.replace('.', '_')}.py" for version in pip_versions()]
-    for path in paths:
+    shims = [cache / f"get_pip_{version.replace('.', '_')}.py" for version in pip_versions()]
+    for path in shims:
         path.write_text(GET_PIP_SHIM, encoding="utf-8")
-    return paths
+    return shims
 
 
 def copy_collection(root: Path) -> Path:

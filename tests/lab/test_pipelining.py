@@ -31,7 +31,7 @@ from deliverd.smtp.transport import Transport
 from deliverd_lab import PostfixRelay
 from deliverd_lab.sink import SessionRecord
 from tests.fixtures.smtp_sink import S421_CLOSING, S550_NO_USER, SinkFactory, free_port
-from tests.test_transport import (
+from tests.lab.test_transport import (
     BODY,
     PASSWORD,
     direct,

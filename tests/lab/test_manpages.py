@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from deliverd.cli.main import build_parser
+from tests.fixtures import paths
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = paths.REPO
 PAGES = REPO / "man" / "man8"
 COMMANDS = ("validate", "render", "check-config", "run", "queue", "send", "probe", "dkim")
 

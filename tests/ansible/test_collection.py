@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.fixtures import paths
 from tests.fixtures.role import ansible_env, write_import_blocker
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = paths.REPO
 BIN = Path(sys.executable).parent
 PASSWORD = "Spec-Test-Secret-5e1c9"
 

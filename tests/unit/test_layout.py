@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.fixtures import paths
+
+REPO = paths.REPO
 ENGINE = REPO / "engine" / "deliverd"
 LAB = REPO / "engine" / "deliverd_lab"
 ARCHITECTURE = REPO / "docs" / "architecture.md"

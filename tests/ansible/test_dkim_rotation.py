@@ -3,7 +3,7 @@ and with_dkim_selector filters of playbooks/rotate-dkim.yml): which dkim[] entri
 their new keys go, and the rotations refused because they would reuse a selector or a key.
 
 The playbook itself runs in the molecule lab (molecule/lab/rotate_dkim.yml,
-tests/test_molecule_lab.py): keys made, preflight against the lab's DNS, switch, retirement.
+tests/ansible/test_molecule_lab.py): keys made, preflight against the lab's DNS, switch, retirement.
 """
 
 from __future__ import annotations

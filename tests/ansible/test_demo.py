@@ -7,11 +7,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.fixtures import paths
+
+REPO = paths.REPO
 
 
 @pytest.mark.integration

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,8 +17,9 @@ from deliverd.spec.validation import (
     redact_secrets,
     validate_spec,
 )
+from tests.fixtures import paths
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = paths.EXAMPLES
 
 DELETE = object()
 

@@ -21,8 +21,9 @@ from deliverd.spec.render import render_config, write_rendered
 from deliverd.spec.resources import templates_dir
 from deliverd.spec.specfile import load_spec_file
 from deliverd.spec.validation import check_spec
+from tests.fixtures import paths
 
-EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES_DIR = paths.EXAMPLES
 EXAMPLES = ["direct", "smarthost", "fallback", "routes"]
 HEADER = "# managed by deliverd; rendered from the delivery spec\n"
 

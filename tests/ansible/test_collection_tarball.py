@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.fixtures import paths
 from tests.fixtures.controller import controller_venv
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = paths.REPO
 BIN = Path(sys.executable).parent
 # The host side of the plays is this machine, with its own Python (not the controller's venv).
 HOST_PYTHON = "/usr/bin/python3"

@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.fixtures import paths
 from tests.fixtures.role import ansible_env, recap_changed, run_role, write_import_blocker
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = paths.REPO
 BIN = Path(sys.executable).parent
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.ansible.test_ansible_role import _free_port, _play, _spec, prefix
 from tests.fixtures.role import recap_changed
-from tests.test_ansible_role import _free_port, _play, _spec, prefix
 
 __all__ = ["prefix"]  # the fixture, shared with the role's other tests
 

@@ -29,8 +29,9 @@ from deliverd_lab.netns import (
     plan,
     sshd_config_text,
 )
+from tests.fixtures import paths
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = paths.REPO
 VENV_BIN = REPO / ".venv" / "bin"
 
 

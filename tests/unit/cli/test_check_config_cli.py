@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+from tests.fixtures import paths
+
+EXAMPLES_DIR = paths.EXAMPLES
 PASSWORDS = [
     "change-me-smarthost-password",
     "change-me-pop-password",

@@ -8,13 +8,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
+from tests.fixtures import paths
 from tests.fixtures.sdbox import SDBOX
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = paths.REPO
 VENV_BIN = REPO / ".venv" / "bin"
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(1500)]

@@ -18,7 +18,7 @@ from deliverd.smtp.transport import Transport
 from deliverd.spec.normalise import normalise
 from tests.fixtures.engine import Engine
 from tests.fixtures.smtp_sink import SinkFactory
-from tests.test_streamed_bodies import big_message
+from tests.unit.submission.test_streamed_bodies import big_message
 
 CHUNK = 1024 * 1024
 

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.fixtures import paths
+
+REPO = paths.REPO
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.fixtures import paths
+
+REPO = paths.REPO
 BENCH = REPO / "bench"
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

@@ -39,8 +39,9 @@ from deliverd.submission.dropfile import envelope_line, json_string
 from deliverd.submission.local import header_addresses
 from deliverd.submission.maildrop import DropEnvelope, prepare
 from deliverd.submission.message_input import complete_header
+from tests.fixtures import paths
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = paths.REPO
 HOST = "web1.deliverd.test"
 SPEC: dict[str, Any] = {
     "version": 1,
