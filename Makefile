@@ -78,6 +78,8 @@ clean:
 # dist/mailops-deliverd-<version>.tar.gz (ansible-galaxy collection install it), with the
 # engine's wheel in its wheels/: the spec action imports the validator from it on a controller
 # without deliverd, and the role installs hosts from it (there is no checkout to build from).
+# What the controller needs besides ansible-core is declared, not installed: collection/
+# requirements.txt, bindep.txt and meta/execution-environment.yml (for ansible-builder).
 COLLECTION_BUILD := build/collection
 .PHONY: collection
 collection: venv

@@ -144,25 +144,29 @@ def test_spec_action_explains_how_to_install_deliverd_when_it_is_missing(
     assert "install" in str(result["msg"]) and "controller" in str(result["msg"])
 
 
-def test_spec_action_installs_only_the_validator_requirements_the_controller_lacks(
+def test_spec_action_names_only_the_declared_requirements_the_controller_lacks(
     tmp_path: Path,
 ) -> None:
-    # What the action reads from the bundled wheel's METADATA when deliverd is not importable:
-    # the validator's own dependencies (no extras, nothing the daemon alone needs), of which
-    # only those this Python does not satisfy are installed.
+    # What the action reads from the collection's requirements.txt when deliverd is not
+    # importable: every requirement for this Python (comments skipped, markers applied), of
+    # which it names those this Python does not satisfy, with the command that installs them.
     from ansible_collections.mailops.deliverd.plugins.action import spec as action
 
-    dist_info = tmp_path / "deliverd-9.0.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text(
-        "Metadata-Version: 2.3\nName: deliverd\nVersion: 9.0\n"
-        "Requires-Dist: jinja2>=3.1\nRequires-Dist: jsonschema>=4.20\n"
-        "Requires-Dist: dnspython>=2.6\nRequires-Dist: PyYAML>=999\n"
-        "Requires-Dist: uvloop>=0.19; extra == 'fast'\n", encoding="utf-8")
-    wanted = action.validator_requirements(dist_info.parent)
+    wanted = action.declared_requirements(
+        "# the validator's\njinja2>=3.1  # with ansible-core\n\njsonschema>=4.20\n"
+        "PyYAML>=999\nuvloop>=0.19; python_version < '3'\n")
     assert [r.name for r in wanted] == ["jinja2", "jsonschema", "PyYAML"]
     # This venv has Jinja2 and jsonschema new enough, and no PyYAML 999.
-    assert [str(r) for r in action.unmet(wanted)] == ["PyYAML>=999"]
+    missing = action.unmet(wanted)
+    assert [str(r) for r in missing] == ["PyYAML>=999"]
+    msg = action.missing_message(missing, tmp_path / "requirements.txt")
+    assert "needs PyYAML>=999 in the Python that runs ansible-playbook" in msg
+    assert f"'{sys.executable} -m pip install -r {tmp_path}/requirements.txt'" in msg
+    # The collection's own file declares what the validator imports, at pyproject's bounds.
+    declared = {r.name: str(r.specifier) for r in action.declared_requirements(
+        (REPO / "collection" / "requirements.txt").read_text(encoding="utf-8"))}
+    assert declared == {"jsonschema": ">=4.20"}
+    assert "jsonschema>=4.20" in (REPO / "pyproject.toml").read_text(encoding="utf-8")
 
 
 def test_queue_module_decides_changes_from_the_listing() -> None:

@@ -8,15 +8,11 @@ plugin only adapts Ansible values to plain Python and the validator's problems t
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
+import posixpath
 import sys
 import zipfile
+import zipimport
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as metadata_version
 from pathlib import Path
@@ -28,18 +24,21 @@ SECRET_KEYS = frozenset(("password", "mail_password"))
 MASK = "********"
 INSTALL_HINT = (
     "the mailops.deliverd.spec action needs the deliverd Python package on the controller "
-    "(the Python that runs ansible-playbook), or the collection's bundled wheel with jsonschema "
-    "installable by the controller's pip: install deliverd there, e.g. 'pip install deliverd' "
-    "or 'pip install -e .' from a deliverd checkout"
+    "(the Python that runs ansible-playbook), or the engine's wheel that an installed collection "
+    "tarball carries: install deliverd there, e.g. 'pip install deliverd' or 'pip install -e .' "
+    "from a deliverd checkout, or install the collection from its tarball (make collection)"
 )
 
-
+COLLECTION = Path(__file__).resolve().parents[2]
 # An installed collection tarball (make collection) carries the engine's pure-Python wheel here.
-BUNDLED_WHEELS = Path(__file__).resolve().parents[2] / "wheels"
-# What deliverd.spec imports beyond the standard library. ansible-core brings Jinja2 and PyYAML;
-# a controller with only ansible-core lacks jsonschema (and rpds-py, a compiled extension, below
-# it), which the action then installs from the wheel's own requirements.
-VALIDATOR_DEPENDENCIES = frozenset(("jsonschema", "jinja2", "pyyaml"))
+BUNDLED_WHEELS = COLLECTION / "wheels"
+# What the validator imports beyond ansible-core and the standard library, declared for
+# ansible-builder (meta/execution-environment.yml) and for a controller's pip alike.
+REQUIREMENTS = COLLECTION / "requirements.txt"
+
+
+class MissingRequirements(ImportError):
+    """The controller's Python lacks packages the collection declares in requirements.txt."""
 
 
 def bundled_wheel():
@@ -47,38 +46,18 @@ def bundled_wheel():
     return found[-1] if found else None
 
 
-def _cache_dir():
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mailops.deliverd"
-
-
-def unpacked(wheel):
-    """The wheel unpacked once into a per-user cache (the engine reads its schema from files)."""
-    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()[:16]
-    target = _cache_dir() / ("%s-%s" % (wheel.stem, digest))
-    if not target.is_dir():
-        partial = target.with_name(target.name + ".%d" % os.getpid())
-        with zipfile.ZipFile(wheel) as zf:
-            zf.extractall(partial)
-        with contextlib.suppress(OSError):  # another run may have unpacked it first
-            partial.rename(target)
-        shutil.rmtree(partial, ignore_errors=True)
-    return target
-
-
-def validator_requirements(wheel_dir):
-    """The wheel's own requirements (Requires-Dist) on what the validator imports."""
+def declared_requirements(text):
+    """The requirements a requirements.txt text declares for this Python (markers applied)."""
     # packaging comes with ansible-core; imported here, where it is needed, because ansible-test's
     # import sanity test loads plugins with fewer packages than a controller has.
     from packaging.requirements import Requirement
-    from packaging.utils import canonicalize_name
 
-    (metadata,) = Path(wheel_dir).glob("*.dist-info/METADATA")
     found = []
-    for line in metadata.read_text(encoding="utf-8").splitlines():
-        if line.startswith("Requires-Dist:"):
-            requirement = Requirement(line.split(":", 1)[1].strip())
-            name = canonicalize_name(requirement.name)
-            if requirement.marker is None and name in VALIDATOR_DEPENDENCIES:
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate():
                 found.append(requirement)
     return found
 
@@ -97,46 +76,32 @@ def unmet(requirements):
     return missing
 
 
-def installed_dependencies(wheel_dir, missing):
-    """``missing`` installed once with the controller's pip into a per-user cache folder.
+def missing_message(missing, requirements_file):
+    """One message: what the controller lacks, and the command that installs it there."""
+    return (
+        "the mailops.deliverd.spec action needs %s in the Python that runs ansible-playbook "
+        "(%s); the collection installs nothing on the controller: install its requirements "
+        "with '%s -m pip install -r %s' (an execution environment built with ansible-builder "
+        "has them)" % (", ".join(str(r) for r in missing), sys.executable, sys.executable,
+                       requirements_file)
+    )
 
-    Only that folder is written: the Python running ansible-playbook stays as it was. pip
-    reads its usual configuration (PIP_INDEX_URL, PIP_FIND_LINKS, PIP_NO_INDEX for an offline
-    controller with a folder of wheels).
+
+def zip_finders(wheel):
+    """zipimport's finder for the wheel and for each package folder in it, by path entry.
+
+    The wheel lies inside the collections path, whose path hook (Ansible's collection loader)
+    would claim these entries and look for files on disk: their finders are set beforehand.
     """
-    wanted = sorted(str(r) for r in missing)
-    key = hashlib.sha256(
-        ("%s|%s|%s" % (sys.version, platform.machine(), " ".join(wanted))).encode()
-    ).hexdigest()[:16]
-    target = Path("%s-deps-%s" % (wheel_dir, key))
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(str(target) + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one pip per controller; parallel forks wait, then reuse
-        if target.is_dir():
-            return target
-        partial = target.with_name(target.name + ".%d" % os.getpid())
-        shutil.rmtree(partial, ignore_errors=True)
-        argv = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                "--no-input", "--target", str(partial), *wanted]
-        try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise ImportError("could not run %s: %s" % (" ".join(argv[:4]), exc)) from exc
-        if proc.returncode != 0:
-            shutil.rmtree(partial, ignore_errors=True)
-            output = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
-            raise ImportError("installing %s for the validator with the controller's pip "
-                              "(%s -m pip) failed: %s"
-                              % (", ".join(wanted), sys.executable, " / ".join(output)))
-        partial.rename(target)
-    return target
+    with zipfile.ZipFile(wheel) as zf:
+        packages = {posixpath.dirname(n) for n in zf.namelist() if n.endswith("/__init__.py")}
+    entries = [str(wheel)] + [os.path.join(str(wheel), *p.split("/")) for p in sorted(packages)]
+    return {entry: zipimport.zipimporter(entry) for entry in entries}
 
 
 def import_check_spec():
-    """deliverd's validator: the controller's own, else the collection's bundled wheel (with
-    the validator's dependencies that the controller lacks installed beside it)."""
+    """deliverd's validator: the controller's own, else the collection's bundled wheel, imported
+    from the wheel file itself (zipimport: nothing is unpacked or written on the controller)."""
     try:
         from deliverd.spec.validation import check_spec
         return check_spec
@@ -145,15 +110,15 @@ def import_check_spec():
         if wheel is None:
             raise
         first = exc
+    missing = unmet(declared_requirements(REQUIREMENTS.read_text(encoding="utf-8")))
+    if missing:
+        raise MissingRequirements(missing_message(missing, REQUIREMENTS))
     for name in [n for n in sys.modules if n == "deliverd" or n.startswith("deliverd.")]:
         del sys.modules[name]
+    sys.path_importer_cache.update(zip_finders(wheel))
+    if str(wheel) not in sys.path:
+        sys.path.insert(0, str(wheel))
     try:
-        wheel_dir = unpacked(wheel)
-        missing = unmet(validator_requirements(wheel_dir))
-        paths = [str(wheel_dir)]
-        if missing:
-            paths.append(str(installed_dependencies(wheel_dir, missing)))
-        sys.path[:0] = [p for p in paths if p not in sys.path]
         from deliverd.spec.validation import check_spec
     except ImportError as exc:
         raise ImportError("%s; with the collection's %s: %s" % (first, wheel.name, exc)) from exc
@@ -230,7 +195,10 @@ class ActionModule(ActionBase):
             # under no_log) can still read and show this message, which holds no secret.
             result["failed"] = True
             result["problems"] = []
-            result["msg"] = "%s (import error: %s)" % (INSTALL_HINT, exc)
+            if isinstance(exc, MissingRequirements):
+                result["msg"] = str(exc)
+            else:
+                result["msg"] = "%s (import error: %s)" % (INSTALL_HINT, exc)
             return result
 
         spec = plain(params["spec"])

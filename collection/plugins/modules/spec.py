@@ -13,8 +13,15 @@ description:
   - Validates a delivery spec with the deliverd engine's own validator (the same JSON Schema and
     rules as C(deliverd validate)) and returns it normalised, with every default filled in.
   - Fails listing every problem at once, each with its JSON pointer, message and hint.
-  - Runs on the controller only (an action plugin); the C(deliverd) Python package must be
-    importable by the Python that runs Ansible.
+  - Runs on the controller only (an action plugin), with the C(deliverd) Python package of the
+    Python that runs Ansible, or else the engine's wheel that the installed collection carries.
+  - Installs nothing on the controller. When the Python that runs Ansible lacks a package of the
+    collection's C(requirements.txt), fails with one message naming what is missing and the
+    command that installs it (C(python -m pip install -r <collection path>/requirements.txt)),
+    in check mode too.
+requirements:
+  - jsonschema >= 4.20 on the controller (the collection's C(requirements.txt); an execution
+    environment built with ansible-builder installs it from C(meta/execution-environment.yml)).
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
   - ansible.builtin.action_common_attributes.conn

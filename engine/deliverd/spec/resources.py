@@ -1,13 +1,16 @@
 """Locate the files deliverd shares with the rest of the repo: the schema and the templates.
 
 The wheel carries them under ``deliverd/_data``; a checkout (editable install) reads the one
-copy at the repo's top level, so there is never a second copy to drift.
+copy at the repo's top level, so there is never a second copy to drift. The schema is read
+through ``importlib.resources`` as well, so the wheel imported as a zip file (the Ansible
+collection's bundled one, on a controller without deliverd) finds it without being unpacked.
 """
 
 from __future__ import annotations
 
 import json
 from functools import cache
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,7 @@ def templates_dir() -> Path:
 
 @cache
 def load_schema() -> dict[str, Any]:
-    with schema_path().open(encoding="utf-8") as fh:
-        schema: dict[str, Any] = json.load(fh)
+    packaged = files("deliverd") / "_data" / SCHEMA_NAME
+    source = packaged if packaged.is_file() else schema_path()
+    schema: dict[str, Any] = json.loads(source.read_text(encoding="utf-8"))
     return schema
