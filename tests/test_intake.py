@@ -30,6 +30,7 @@ from deliverd.core.outcomes import Kind, Outcome
 from deliverd.dkim.keys import load_key
 from deliverd.queue.database import QueueDB
 from deliverd.queue.message import NewMessage
+from deliverd.queue.spool import BodySpool
 from deliverd.queue.store import QueueStore
 from deliverd.reports.dsn import DsnKind
 from deliverd.reports.notices import Notices
@@ -246,3 +247,40 @@ async def test_notices_enter_through_admit_signed_and_traced(
     for data in (dsn_data, report_data):
         assert data.startswith(b"Received: by mx.example.com (deliverd notice)")
         assert dkim.verify(data, dnsfunc=_dns(key_file))
+
+
+# -- bytes and DATA lines are judged alike -------------------------------------------------------
+
+
+@pytest.mark.parametrize("message", [
+    MESSAGE,
+    MESSAGE.replace(b"\r\n", b"\n"),  # a file with LF line ends
+    b"From: root\nTo: bob\n\n" + (b"x" * 70_000 + b"\n\xc3\xa9 bare\nline\r\n") * 40,
+    b"Subject: no body",
+])
+def test_a_message_written_from_bytes_is_judged_as_its_data_lines(
+    message: bytes, cfg: Config,
+) -> None:
+    intake = Intake(_NoQueue(), lambda: cfg, _no_wake)
+    body, written = intake.take("Q1", b"Received: trace\r\n", message)
+    fed = intake.receive("Q1", b"Received: trace\r\n")
+    for line in message.splitlines(keepends=True):
+        fed.feed(line if line.endswith(b"\r\n") else line.rstrip(b"\n") + b"\r\n")
+    as_lines = fed.done()
+    expected = as_lines.getvalue()
+    if not message.endswith(b"\n"):  # DATA always ends a line; a file need not
+        expected = expected.removesuffix(b"\r\n")
+    assert (body.getvalue(), written) == (expected, fed.written())
+    body.close()
+    as_lines.close()
+
+
+class _NoQueue:
+    def spool(self) -> BodySpool:
+        return BodySpool()
+
+    def free_bytes(self) -> int:
+        return 1 << 40
+
+    async def enqueue(self, message: NewMessage) -> str:
+        raise AssertionError("nothing is queued here")

@@ -2,7 +2,7 @@
 
 Per message: one planner attempt per destination (recipient domain; the whole message for the
 smart host), run concurrently; then, in this order, so a crash at any point repeats work rather
-than losing it: enqueue any DSN, record every recipient's new state, remove the message when all
+than losing it: queue any DSN, record every recipient's new state, remove the message when all
 its recipients are final. DSNs are asked of the notice service (``deliverd.reports.notices``),
 which writes them and hands them to the one way into the queue.
 """

@@ -94,9 +94,12 @@ class IncomingMessage:
                 line = line[:-1] + b"\r\n"
             self.feed(line)
             start = end
-        if start < len(data):
-            self._buf += _BARE_LF.sub(b"\r\n", data[start:])
+        while start < len(data):  # the body in bounded writes, each cut just after a LF
+            end = data.find(b"\n", start + _SPOOL_WRITE)
+            end = len(data) if end < 0 else end + 1
+            self._buf += _BARE_LF.sub(b"\r\n", data[start:end])
             self._flush()
+            start = end
 
     def _end_header(self) -> None:
         assert self.header is not None
