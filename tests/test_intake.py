@@ -9,6 +9,7 @@ own trace header. The notices the engine writes (a DSN, a TLS report) enter the 
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import socket
@@ -284,3 +285,16 @@ class _NoQueue:
 
     async def enqueue(self, message: NewMessage) -> str:
         raise AssertionError("nothing is queued here")
+
+
+def test_only_the_intake_calls_the_queues_enqueue() -> None:
+    """A second path into the queue would be a way around every intake rule."""
+    engine = Path(__file__).resolve().parents[1] / "engine" / "deliverd"
+    callers = set()
+    for path in engine.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "enqueue"):
+                callers.add(str(path.relative_to(engine)))
+    # queue/store.py drives QueueDB.enqueue from its writer thread, for the intake's calls
+    assert callers == {"submission/cleanup.py", "queue/store.py"}
