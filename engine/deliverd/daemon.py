@@ -34,8 +34,11 @@ from deliverd.ops.metrics import Metrics, MetricsServer, QueueShape, split_liste
 from deliverd.queue import showq
 from deliverd.queue.database import QueueDB, QueueError
 from deliverd.queue.store import QueueStore
+from deliverd.reports.notices import Notices
 from deliverd.smtp.transport import Transport
-from deliverd.submission.listener import InboundGate, start_listeners
+from deliverd.submission.cleanup import Intake
+from deliverd.submission.gate import InboundGate
+from deliverd.submission.listener import start_listeners
 from deliverd.submission.pickup import Pickup
 from deliverd.submission.workers import SmtpWorkers
 
@@ -88,6 +91,7 @@ class Daemon:
         self.workers: SmtpWorkers | None = None  # limits.smtp_workers > 0
         self._retiring: set[asyncio.Task[None]] = set()  # workers finishing after a reload
         self.store: QueueStore | None = None
+        self.intake: Intake | None = None
         self.scheduler: Scheduler | None = None
         self.tls_reporter: TlsReporter | None = None
         self.notifier = sdnotify.Notifier()
@@ -104,9 +108,13 @@ class Daemon:
         pid_file = Path(self.cfg.queue.path) / PID_NAME
         transport = Transport(self.cfg, on_session=self.metrics.tls_session)
         resolver = make_resolver(self.cfg)
+        # The one way into the queue, for every source: listeners, SMTP workers, the pickup,
+        # and the notices the scheduler and the TLS reporter ask for.
+        intake = self.intake = Intake(self.store, self._current, self._enqueued)
+        notices = Notices(intake)
         self.scheduler = Scheduler(
             self.cfg, self.store, resolver, transport, log_format=self.log_format,
-            metrics=self.metrics, sts=StsPolicies(resolver, self.store),
+            metrics=self.metrics, sts=StsPolicies(resolver, self.store), notices=notices,
         )
         try:
             # The endpoint first: a port that cannot be had stops the start before any client
@@ -124,14 +132,14 @@ class Daemon:
         self._install_signals()
         where = ", ".join(f"{x.address}:{x.port}" for x in self.cfg.listen)
         self._event(f"ready: listening on {where}, mode={self.cfg.routing.mode.value}")
-        maildrop = Pickup(self.cfg.queue.path, self.store, self._picked_up, self._current)
+        maildrop = Pickup(self.cfg.queue.path, self.store, intake)
         await maildrop.start()
         self.notifier.ready(f"listening on {where}")
         runner = asyncio.create_task(self.scheduler.run())
         pickup = asyncio.create_task(maildrop.run())
         showq_server = await showq.serve(self.cfg.queue.path, self.store)
         reporter = asyncio.create_task(self._write_metrics_every(METRICS_EVERY))
-        self.tls_reporter = TlsReporter(self.cfg, self.store, resolver, self.scheduler.wake)
+        self.tls_reporter = TlsReporter(self.cfg, self.store, resolver, notices)
         tls_reports = asyncio.create_task(self.tls_reporter.run())
         watchdog = asyncio.create_task(self._ping_watchdog(self.notifier.watchdog_interval))
         await self._stop.wait()
@@ -178,13 +186,11 @@ class Daemon:
             await asyncio.to_thread(self._write_metrics)
             await asyncio.sleep(seconds)
 
-    def _enqueued(self, queue_id: str, way: str = "listener") -> None:
-        self.metrics.message_received(way)
+    def _enqueued(self, queue_id: str, source: str) -> None:
+        if source != "notice":  # notices are counted as sent by the scheduler's metrics
+            self.metrics.message_received(source)
         if self.scheduler is not None:
             self.scheduler.wake(queue_id)
-
-    def _picked_up(self, queue_id: str) -> None:
-        self._enqueued(queue_id, "sendmail")
 
     def _serve_metrics(self, cfg: Config) -> MetricsServer | None:
         if cfg.metrics.listen is None:
@@ -294,8 +300,9 @@ class Daemon:
         if cfg.limits.smtp_workers == 0:
             # Back from workers: listen on their sockets (still bound) while they finish.
             prebound = {**self.prebound, **(self.workers.sockets if self.workers else {})}
+            assert self.intake is not None
             self._servers = await start_listeners(
-                cfg, self.store, self._enqueued, current=self._current,
+                cfg, self.intake, current=self._current,
                 prebound=prebound, gate=self.gate,
             )
             if self.workers is not None:
@@ -305,7 +312,8 @@ class Daemon:
                 self.workers = None
             return
         if self.workers is None:
-            workers = SmtpWorkers(self.store, self.gate, self._enqueued, self._current,
+            assert self.intake is not None
+            workers = SmtpWorkers(self.intake, self.gate, self._current,
                                   (self.log_format, self.log_level),
                                   (sys.executable, "-m", "deliverd.worker"), self.prebound,
                                   on_exit=self.metrics.smtp_worker_exited)

@@ -43,7 +43,7 @@ async def serve(link_fd: int) -> int:
         loop.add_signal_handler(signum, stop_accepting.set)
     for signum in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):  # the daemon's to act on
         loop.add_signal_handler(signum, lambda: None)
-    servers = await start_listeners(cfg, link, lambda _queue_id: None, current=lambda: cfg,
+    servers = await start_listeners(cfg, link, current=lambda: cfg,
                                     prebound=prebound, gate=link)
     for bound in prebound.values():
         bound.close()  # the servers listen on duplicates

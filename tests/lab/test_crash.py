@@ -24,6 +24,7 @@ from bench.crash_harness import (
 )
 
 from deliverd.queue.database import QueueDB, RcptState, RecipientUpdate
+from deliverd.queue.message import NewMessage
 from deliverd.queue.store import QueueStore
 
 # --- the harness run: kill -9 during submission and during delivery ----------------------------
@@ -118,10 +119,12 @@ def test_command_line_writes_json_and_exits_zero_when_nothing_is_lost(tmp_path: 
 async def test_message_settled_just_before_a_crash_is_removed_on_restart(tmp_path: Path) -> None:
     # The state a kill -9 leaves between the scheduler's record() and finish() writes.
     with QueueDB.open(tmp_path / "queue") as db:
-        settled = db.enqueue("a@x.test", ["b@y.test", "c@y.test"], b"Subject: s\r\n\r\nx\r\n")
+        settled = db.enqueue(NewMessage(
+            "a@x.test", ["b@y.test", "c@y.test"], b"Subject: s\r\n\r\nx\r\n"))
         db.record(settled, [RecipientUpdate("b@y.test", RcptState.DELIVERED),
                             RecipientUpdate("c@y.test", RcptState.BOUNCED)])
-        open_one = db.enqueue("a@x.test", ["d@y.test", "e@y.test"], b"Subject: s\r\n\r\nx\r\n")
+        open_one = db.enqueue(NewMessage(
+            "a@x.test", ["d@y.test", "e@y.test"], b"Subject: s\r\n\r\nx\r\n"))
         db.record(open_one, [RecipientUpdate("d@y.test", RcptState.DELIVERED)])
     store = await QueueStore.open(tmp_path / "queue")
     try:

@@ -34,6 +34,7 @@ from deliverd.dkim.check import check_key
 from deliverd.dkim.keys import DkimKeyError, load_key
 from deliverd.dkim.signer import from_domain, signed, signer_for
 from deliverd.queue.store import QueueStore
+from deliverd.submission.cleanup import Intake
 from deliverd.submission.maildrop import DropEnvelope, prepare, write_drop
 from deliverd.submission.pickup import Pickup
 from tests.fixtures.dns import DnsServer
@@ -349,6 +350,11 @@ def _pickup_config(entries: tuple[DkimKey, ...]) -> Config:
     )
 
 
+def _pickup(path: Path, store: QueueStore, entry: DkimKey, woken: list[str]) -> Pickup:
+    cfg = _pickup_config((entry,))
+    return Pickup(path, store, Intake(store, lambda: cfg, lambda qid, _source: woken.append(qid)))
+
+
 @pytest.mark.integration
 async def test_the_pickup_signs_after_masquerading(keys: Keys, tmp_path: Path) -> None:
     entry = DkimKey("example.com", "rsa2048", keys.rsa.key_file)
@@ -359,7 +365,7 @@ async def test_the_pickup_signs_after_masquerading(keys: Keys, tmp_path: Path) -
     try:
         write_drop(path, DropEnvelope("root", ("x@example.org",)),
                    [b"From: root\r\nSubject: cron\r\n\r\nbody\r\n"], min_free=0)
-        assert await Pickup(path, store, woken.append, lambda: _pickup_config((entry,))).scan() == 1
+        assert await _pickup(path, store, entry, woken).scan() == 1
         data = await store.read_data(woken[0])
     finally:
         await store.close()
@@ -379,7 +385,7 @@ async def test_the_pickup_keeps_the_file_when_a_key_cannot_be_read(
     try:
         name = write_drop(path, DropEnvelope("root", ("x@example.org",)),
                           [b"From: root\r\nSubject: cron\r\n\r\nbody\r\n"], min_free=0)
-        assert await Pickup(path, store, woken.append, lambda: _pickup_config((entry,))).scan() == 0
+        assert await _pickup(path, store, entry, woken).scan() == 0
     finally:
         await store.close()
     assert woken == []

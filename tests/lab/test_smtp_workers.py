@@ -27,9 +27,11 @@ import pytest
 from bench.crash_harness import children
 
 from deliverd.config.model import Config, DsnConfig, HostConfig, LimitsConfig, Listener
-from deliverd.queue.store import QueueStore
+from deliverd.queue.store import QueueStore, new_queue_id
+from deliverd.submission.cleanup import Arrival, Intake
 from deliverd.submission.gate import InboundGate
 from deliverd.submission.handoff import INLINE_BODY, QueueLink, frame, read_frame, serve_link
+from deliverd.submission.incoming import Written
 from deliverd.submission.listener import start_listeners
 from tests.fixtures import sdbox
 from tests.fixtures.engine import Engine
@@ -226,12 +228,12 @@ async def linked_listener(tmp_path: Path, store: Any) -> AsyncIterator[tuple[int
     link = QueueLink(w_reader, w_writer, str(tmp_path / "queue"))
     reading = asyncio.create_task(link.run())
     enqueued: list[str] = []
-    serving = asyncio.create_task(serve_link(
-        d_reader, d_writer, store, InboundGate(), lambda: (100, 20), enqueued.append,
-        lambda: None))
     cfg = Config(host=HostConfig("mx.deliverd.test"), dsn=DsnConfig("postmaster@x.test"),
                  listen=(Listener("127.0.0.1", 0, ()),), limits=LimitsConfig())
-    servers = await start_listeners(cfg, link, lambda _qid: None, gate=link)
+    intake = Intake(store, lambda: cfg, lambda qid, _source: enqueued.append(qid))
+    serving = asyncio.create_task(serve_link(
+        d_reader, d_writer, intake, InboundGate(), lambda: (100, 20), lambda: None))
+    servers = await start_listeners(cfg, link, gate=link)
     try:
         yield servers[0].sockets[0].getsockname()[1], (enqueued, d_writer)
     finally:
@@ -341,13 +343,15 @@ async def test_a_chunked_body_the_worker_abandons_is_dropped_not_queued(
     d_reader, d_writer = await asyncio.open_unix_connection(sock=ours)
     w_reader, w_writer = await asyncio.open_unix_connection(sock=theirs)
     enqueued: list[str] = []
+    cfg = Config(host=HostConfig("mx.deliverd.test"), dsn=DsnConfig("postmaster@x.test"))
+    intake = Intake(store, lambda: cfg, lambda qid, _source: enqueued.append(qid))
     serving = asyncio.create_task(serve_link(
-        d_reader, d_writer, store, InboundGate(), lambda: (100, 20), enqueued.append,
-        lambda: None))
+        d_reader, d_writer, intake, InboundGate(), lambda: (100, 20), lambda: None))
     try:
-        fields = {"smtputf8": False, "eightbit": False}
         for rid, last in ((1, ("abort", 1)), (2, ("end", 2))):
-            w_writer.write(frame(("enqueue", rid, SENDER, ("user@example.net",), fields, None)))
+            arrival = Arrival(SENDER, ("user@example.net",), Written(new_queue_id(), 0, 0, False),
+                              "client=[192.0.2.1]", "listener")
+            w_writer.write(frame(("enqueue", rid, arrival, None)))
             w_writer.write(frame(("chunk", rid, b"Subject: x\r\n\r\n" + b"y" * 300_000)))
             w_writer.write(frame(last))
         assert await asyncio.wait_for(read_frame(w_reader), 10) == ("queued", 2, enqueued[0])

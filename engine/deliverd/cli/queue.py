@@ -11,6 +11,7 @@ Exit codes: 0 ok, 1 unknown queue id, 2 config error (or bad arguments), 3 queue
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import io
 import json
@@ -29,7 +30,6 @@ from deliverd.config.loader import ConfigError, load_config
 from deliverd.config.model import Config
 from deliverd.core.units import parse_duration
 from deliverd.dkim.keys import DkimKeyError
-from deliverd.dkim.signer import signed
 from deliverd.queue.database import (
     QueueDB,
     QueuedMessage,
@@ -37,10 +37,10 @@ from deliverd.queue.database import (
     QueueError,
     QueueMissingError,
     RcptState,
-    new_queue_id,
 )
 from deliverd.queue.summary import AGE_BOUNDS_MINUTES, format_summary, summarise, summary_json
-from deliverd.submission.listener import count_received, has_8bit, header_block, loop_hold_reason
+from deliverd.submission.cleanup import Intake, OpenQueue
+from deliverd.submission.incoming import header_block
 from deliverd.submission.local import UnknownLocalUser, local_policy
 
 DEFAULT_CONFIG = Path("/etc/deliverd/deliverd.toml")
@@ -407,30 +407,23 @@ def _send(args: argparse.Namespace, cfg: Config) -> int:
         except OSError as exc:
             print(f"deliverd: {args.message}: {exc.strerror or exc}", file=sys.stderr)
             return EXIT_CONFIG
-    policy = local_policy(cfg.local, cfg.masquerade)
     try:
-        recipients = policy.resolve_recipients(args.recipients)
+        recipients = local_policy(cfg.local, cfg.masquerade).resolve_recipients(args.recipients)
     except UnknownLocalUser as exc:
         print(f"deliverd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    sender = policy.sender(args.sender)
-    body = policy.rewrite_message(to_crlf(body))
-    hold_reason = loop_hold_reason(count_received(body), cfg.limits.max_hops)
-    try:
-        body = signed(cfg.dkim, body)
-    except DkimKeyError as exc:
-        print(f"deliverd: not queued: {exc}", file=sys.stderr)
-        return EXIT_TEMPFAIL
-    queue_id = new_queue_id()
-    trace = (f"Received: by {cfg.host.name} (deliverd send, uid {os.getuid()})\r\n"
-             f"\tid {queue_id}; {formatdate(localtime=True)}\r\n").encode("ascii")
-    smtputf8 = not all(a.isascii() for a in (args.sender, *args.recipients))
-    db = QueueDB.open(cfg.queue.path, create=True)
-    with db:
-        queue_id = db.enqueue(
-            sender, recipients, trace + body, smtputf8=smtputf8,
-            eightbit=has_8bit(body), hold_reason=hold_reason, queue_id=queue_id,
-        )
+    with QueueDB.open(cfg.queue.path, create=True) as db:
+        try:
+            intake = Intake(OpenQueue(db), lambda: cfg, lambda _queue_id, _source: None)
+            uid = os.getuid()
+            queue_id = asyncio.run(intake.admit_local(
+                body, args.sender, recipients, how=f"deliverd send, uid {uid}",
+                origin=f"uid={uid}", source="send"))
+        except DkimKeyError as exc:
+            print(f"deliverd: not queued: {exc}", file=sys.stderr)
+            return EXIT_TEMPFAIL
+        queued = db.get(queue_id)
+    hold_reason = queued.hold_reason if queued is not None else None
     woke = wake_daemon(cfg.queue.path)
     held = f" (held: {hold_reason})" if hold_reason else ""
     _emit(args, f"{queue_id}{held}\n",

@@ -2,8 +2,9 @@
 
 Per message: one planner attempt per destination (recipient domain; the whole message for the
 smart host), run concurrently; then, in this order, so a crash at any point repeats work rather
-than losing it: enqueue any DSN, record every recipient's new state, remove the message when all
-its recipients are final.
+than losing it: queue any DSN, record every recipient's new state, remove the message when all
+its recipients are final. DSNs are asked of the notice service (``deliverd.reports.notices``),
+which writes them and hands them to the one way into the queue.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from dataclasses import replace
 from datetime import UTC, datetime
 
-from deliverd.config.model import Config, DkimKey, OnExpiry
+from deliverd.config.model import Config, OnExpiry
 from deliverd.core.dsn_params import DsnEvent, EnvelopeDsn, RcptDsn, Ret, notify_wants
 from deliverd.core.outcomes import Envelope, Kind, Outcome, Route, Stage, StreamedBody
 from deliverd.delivery.attempt import run_attempt
@@ -24,8 +25,6 @@ from deliverd.delivery.backoff import expired, next_attempt, retry_until
 from deliverd.delivery.router import Attempt
 from deliverd.delivery.routes import split_by_route
 from deliverd.delivery.sts_policies import StsPolicies
-from deliverd.dkim.keys import DkimKeyError
-from deliverd.dkim.signer import signed
 from deliverd.dns.resolver import Resolver
 from deliverd.ops.logline import dsn_sent, format_attempt, format_event
 from deliverd.ops.metrics import Metrics
@@ -37,14 +36,8 @@ from deliverd.queue.store import (
     RcptState,
     RecipientUpdate,
 )
-from deliverd.reports.dsn import (
-    RETURN_FULL_LIMIT,
-    DsnKind,
-    build_dsn,
-    needs_dsn,
-    requires_smtputf8,
-    returned_message,
-)
+from deliverd.reports.dsn import DsnKind, needs_dsn
+from deliverd.reports.notices import Notices
 from deliverd.smtp.transport import Transport
 
 log = logging.getLogger("deliverd")
@@ -78,8 +71,10 @@ class Scheduler:
         log_format: str = "text",
         metrics: Metrics | None = None,
         sts: StsPolicies | None = None,
+        notices: Notices,
     ) -> None:
         self.cfg = cfg
+        self.notices = notices  # writes and queues the DSNs this asks for
         self.sts = sts
         self.metrics = metrics or Metrics()
         self.store = store
@@ -343,44 +338,19 @@ class Scheduler:
         kind: DsnKind,
         notices: list[tuple[str, list[Outcome]]],
     ) -> None:
-        """One DSN of ``kind`` per (address, outcomes) in ``notices`` that has outcomes."""
+        """Ask for one DSN of ``kind`` per (address, outcomes) in ``notices`` that has
+        outcomes (the notice service writes and queues them)."""
         notices = [(to, outcomes) for to, outcomes in notices if outcomes]
         if not notices:
             return
-        cfg = self.cfg
         until = datetime.fromtimestamp(
-            retry_until(arrival=message.arrival, retry=cfg.retry), UTC
+            retry_until(arrival=message.arrival, retry=self.cfg.retry), UTC
         )
-        returned = None
-        if kind is DsnKind.FAILURE and message.ret == Ret.FULL.value:
-            returned = await _returned(data)
-        orcpts = {r.address: r.orcpt for r in message.recipients if r.orcpt is not None}
-        for to, outcomes in notices:
-            report = build_dsn(
-                kind=kind,
-                reporting_mta=cfg.host.name,
-                original_sender=message.sender,
-                queue_id=message.queue_id,
-                arrival=datetime.fromtimestamp(message.arrival, UTC),
-                original=data if isinstance(data, bytes) else data.head,
-                outcomes=outcomes,
-                include_transcript=cfg.dsn.include_transcript,
-                retry_until=until,
-                to=to,
-                envid=message.envid,
-                orcpts=orcpts,
-                returned=returned,
-                size=message.size,
-            )
-            report = await _signed_dsn(cfg.dkim, report, message.queue_id)
-            dsn_id = await self.store.enqueue(
-                "", [to], report, is_dsn=True, smtputf8=requires_smtputf8(report),
-                eightbit=not report.isascii(),
-            )
+        queued = await self.notices.dsns(kind, message, data, notices, retry_until=until)
+        for dsn_id in queued:
             self.metrics.dsn_sent(kind.value)
             log.info(dsn_sent(message.queue_id, dsn_id, delay_notice=kind is DsnKind.DELAY,
                               success=kind is DsnKind.RELAYED, fmt=self.log_format))
-        self.wake()
 
     def _log(self, message: QueuedMessage, outcome: Outcome, now: float) -> None:
         line = format_attempt(
@@ -431,24 +401,6 @@ def _wanted(
     return [o for o in outcomes if notify_wants(notify.get(o.recipient), event)]
 
 
-async def _returned(data: bytes | StreamedBody) -> bytes:
-    """What RET=FULL returns: read chunk by chunk, never more than the limit and a chunk."""
-    if isinstance(data, bytes):
-        return returned_message(data, len(data))
-    prefix = bytearray()
-    chunks = data.chunks()
-    try:
-        async for chunk in chunks:
-            prefix += chunk
-            if len(prefix) > RETURN_FULL_LIMIT:
-                break
-    finally:
-        aclose = getattr(chunks, "aclose", None)
-        if aclose is not None:
-            await aclose()
-    return returned_message(bytes(prefix), data.size)
-
-
 def _held_instead(update: RecipientUpdate) -> RecipientUpdate:
     return RecipientUpdate(
         update.address, RcptState.HELD, 0.0, update.status, update.diagnostic, update.relay
@@ -463,16 +415,3 @@ def _log_extra(outcome: Outcome) -> dict[str, str] | None:
     if outcome.tls:
         extra["tls"] = outcome.tls
     return extra or None
-
-
-async def _signed_dsn(dkim: tuple[DkimKey, ...], report: bytes, queue_id: str) -> bytes:
-    """A DSN comes From: MAILER-DAEMON@host.name: signed only when host.name's domain (or a
-    parent) has a key, never for the sender's domain. A key that cannot be read does not stop
-    the notice: it goes unsigned, with an error in the log."""
-    if not dkim:
-        return report
-    try:
-        return await asyncio.to_thread(signed, dkim, report)
-    except DkimKeyError as exc:
-        log.error("%s: delivery status notification queued unsigned: %s", queue_id, exc)
-        return report

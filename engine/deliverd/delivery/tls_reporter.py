@@ -6,31 +6,32 @@ database are reported: the report is queued as ordinary mail (with ``TLS-Require
 own delivery neither obeys nor counts towards any policy) and the day's counts are forgotten.
 A domain without a usable ``v=TLSRPTv1`` record has its counts dropped; a DNS failure keeps
 them for the next round. With ``tls_reports.enabled`` off, finished days are dropped unsent, so
-the counts never grow beyond a day's worth.
+the counts never grow beyond a day's worth. The report itself is written by the notice service
+(``deliverd.reports.notices``), which queues it through the one way in.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from datetime import UTC, datetime
 
 from deliverd.config.model import Config
 from deliverd.dns.resolver import DnsTempFailure, Resolver
 from deliverd.queue.store import QueueStore
-from deliverd.reports.tlsrpt import report_json, report_message, rua_mailto
+from deliverd.reports.notices import Notices
+from deliverd.reports.tlsrpt import rua_mailto
 
 log = logging.getLogger("deliverd")
 
 
 class TlsReporter:
     def __init__(self, cfg: Config, store: QueueStore, resolver: Resolver,
-                 wake: Callable[[], None]) -> None:
+                 notices: Notices) -> None:
         self.cfg = cfg
         self.store = store
         self.resolver = resolver
-        self._wake = wake
+        self.notices = notices  # writes each report and queues it
 
     def update(self, cfg: Config, resolver: Resolver) -> None:
         """On reload: the next round follows ``cfg``."""
@@ -59,19 +60,9 @@ class TlsReporter:
             rua = rua_mailto(txt.texts)
             if rua:
                 rows = await self.store.tls_results(domain, day)
-                report = report_json(
-                    domain=domain, day=day, organization=self.cfg.host.name,
-                    contact=self.cfg.tls_reports.sender, rows=rows,
-                )
-                data = report_message(
-                    report, domain=domain, submitter=self.cfg.host.name,
-                    sender=self.cfg.tls_reports.sender, recipients=rua,
-                )
-                queue_id = await self.store.enqueue(self.cfg.tls_reports.sender, rua, data)
+                queue_id = await self.notices.tls_report(domain, day, rows, rua)
                 log.info("%s: TLS report for %s on %s queued to %s", queue_id, domain, day,
                          ", ".join(rua))
                 sent += 1
             await self.store.forget_tls_results(domain, day)
-        if sent:
-            self._wake()
         return sent

@@ -22,12 +22,13 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import TypeVar
 
+from deliverd.queue.message import NewMessage
 from deliverd.queue.spool import BODY_CHUNK, BodySpool
 
 T = TypeVar("T")
@@ -488,32 +489,17 @@ class QueueDB:
 
     # -- writes -------------------------------------------------------------------------------
 
-    def enqueue(
-        self,
-        sender: str,
-        recipients: Sequence[str],
-        data: bytes | BodySpool,
-        *,
-        smtputf8: bool = False,
-        eightbit: bool = False,
-        is_dsn: bool = False,
-        hold_reason: str | None = None,
-        queue_id: str | None = None,
-        now: float | None = None,
-        ret: str | None = None,
-        envid: str | None = None,
-        notify: Mapping[str, str] | None = None,
-        orcpt: Mapping[str, str] | None = None,
-    ) -> str:
+    def enqueue(self, message: NewMessage, *, now: float | None = None) -> str:
         """Store a message; durable when it returns (or when the enclosing batch commits).
 
-        ``queue_id`` may be chosen beforehand (the listener writes it into the Received:
-        header); should it already exist, a fresh one is used instead. ``data`` may be a
-        ``BodySpool``. A body larger than ``BODY_CHUNK`` goes into ``body_chunks`` one chunk
-        at a time (from the spool, or cut from the bytes), inside the same transaction, so
-        it is always read back in chunks. ``ret``, ``envid`` and, per recipient address,
-        ``notify`` and ``orcpt`` are the RFC 3461 parameters the message came with.
+        Should ``message.queue_id`` already exist, a fresh one is used instead (the returned
+        one). A body larger than ``BODY_CHUNK`` goes into ``body_chunks`` one chunk at a time
+        (from the spool, or cut from the bytes), inside the same transaction, so it is always
+        read back in chunks. ``now`` is the arrival time (tests set it).
         """
+        data, sender, queue_id = message.body, message.sender, message.queue_id
+        smtputf8, eightbit, is_dsn = message.smtputf8, message.eightbit, message.is_dsn
+        hold_reason, ret, envid = message.hold_reason, message.ret, message.envid
         small: bytes | None = None
         if isinstance(data, bytes):
             size = len(data)
@@ -523,12 +509,12 @@ class QueueDB:
             size = data.size
             if data.in_memory:
                 small = data.getvalue()
-        rcpts = _unique(recipients)
+        rcpts = _unique(message.recipients)
         if not rcpts:
             raise ValueError("a message needs at least one recipient")
         arrival = time.time() if now is None else now
         held = hold_reason is not None
-        notes, origs = notify or {}, orcpt or {}
+        notes, origs = message.notify, message.orcpt
         state = RcptState.HELD if held else RcptState.PENDING
 
         def op(c: sqlite3.Connection) -> str:

@@ -16,7 +16,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,12 +38,14 @@ from deliverd.queue.database import (
     is_queue_id,
     new_queue_id,
 )
+from deliverd.queue.message import NewMessage
 from deliverd.queue.spool import BODY_CHUNK, BodySpool
 
 __all__ = [
     "BODY_CHUNK",
     "BodySpool",
     "ChunkedBody",
+    "NewMessage",
     "QueueDB",
     "QueueError",
     "QueueFullError",
@@ -228,37 +230,15 @@ class QueueStore:
 
     # -- writes -------------------------------------------------------------------------------
 
-    async def enqueue(
-        self,
-        sender: str,
-        recipients: Sequence[str],
-        data: bytes | BodySpool,
-        *,
-        smtputf8: bool = False,
-        eightbit: bool = False,
-        is_dsn: bool = False,
-        hold_reason: str | None = None,
-        queue_id: str | None = None,
-        ret: str | None = None,
-        envid: str | None = None,
-        notify: Mapping[str, str] | None = None,
-        orcpt: Mapping[str, str] | None = None,
-    ) -> str:
+    async def enqueue(self, message: NewMessage) -> str:
         """Queue a message; returns its id once the transaction holding it has committed.
 
         Raises ``QueueFullError`` (disk full, I/O error) with nothing of the message stored.
-        A ``BodySpool`` (see ``spool()``) is read by the writer thread, chunk by chunk; the
-        caller must not touch it until this returns.
+        A ``BodySpool`` body (see ``spool()``) is read by the writer thread, chunk by chunk;
+        the caller must not touch it until this returns.
         """
-        rcpts = tuple(recipients)
         arrival = time.time()
-        return await self._write(
-            lambda db: db.enqueue(
-                sender, rcpts, data, smtputf8=smtputf8, eightbit=eightbit, is_dsn=is_dsn,
-                hold_reason=hold_reason, queue_id=queue_id, now=arrival, ret=ret, envid=envid,
-                notify=notify, orcpt=orcpt,
-            )
-        )
+        return await self._write(lambda db: db.enqueue(message, now=arrival))
 
     def spool(self) -> BodySpool:
         """An empty spool for a body arriving in pieces (its overflow file in the queue's

@@ -10,15 +10,18 @@ Worker → daemon:
 - ``("admit", rid, client)``: may a new session from ``client`` start? The daemon's one
   ``InboundGate`` counts every worker's sessions against the running config's caps.
 - ``("release", client)``: that session ended.
-- ``("enqueue", rid, sender, recipients, fields, body)``: queue a message; ``body`` is the
-  message when it fits one frame, else None and ``("chunk", rid, data)`` frames follow, then
-  ``("end", rid)`` (or ``("abort", rid)`` when the session went away meanwhile). The daemon
-  gathers a chunked body into its own ``BodySpool`` (bounded memory) and runs
-  ``QueueStore.enqueue``, whose group commit batches every worker's messages.
+- ``("enqueue", rid, arrival, body)``: a message for the way in (``cleanup.Arrival``); ``body``
+  is its content when it fits one frame, else None and ``("chunk", rid, data)`` frames follow,
+  then ``("end", rid)`` (or ``("abort", rid)`` when the session went away meanwhile). The
+  daemon gathers a chunked body into its own ``BodySpool`` (bounded memory) and hands it to its
+  ``Intake.admit``, the one way into the queue, whose group commit batches every worker's
+  messages.
+- ``("ready",)``: the worker listens.
 
 Daemon → worker: ``("admitted", rid, reason_or_None)``, ``("queued", rid, queue_id)`` once the
 COMMIT returned (the worker answers 250 only then: the durability rule is the in-process
-one), ``("failed", rid, text)``, and ``("stop", grace)``. A worker whose link closes fails
+one), ``("failed", rid, text, dkim)`` (``dkim``: a DKIM key could not be read, which the worker
+answers 451 rather than 452), and ``("stop", grace)``. A worker whose link closes fails
 every message it is still waiting for (the client gets 452 and keeps its copy).
 """
 
@@ -30,11 +33,14 @@ import os
 import pickle
 import struct
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from deliverd.dkim.keys import DkimKeyError
 from deliverd.queue.spool import BodySpool
-from deliverd.queue.store import QueueError, QueueStore
+from deliverd.queue.store import QueueError
+from deliverd.submission.cleanup import Arrival, Intake
 from deliverd.submission.gate import InboundGate
 
 log = logging.getLogger(__name__)
@@ -62,21 +68,6 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[Any, ...] | None:
         return None
     assert isinstance(message, tuple)
     return message
-
-
-class MessageQueue(Protocol):
-    """Where the listener queues mail: the daemon's ``QueueStore``, or in an SMTP worker
-    process the link to it (``deliverd.submission.handoff.QueueLink``)."""
-
-    def spool(self) -> BodySpool: ...
-
-    def free_bytes(self) -> int: ...
-
-    async def enqueue(
-        self, sender: str, recipients: list[str], data: bytes | BodySpool, *,
-        smtputf8: bool, eightbit: bool, hold_reason: str | None, queue_id: str | None,
-        ret: str | None, envid: str | None, notify: dict[str, str], orcpt: dict[str, str],
-    ) -> str: ...
 
 
 class AskingGate(Protocol):
@@ -119,8 +110,8 @@ class LinkClosed(QueueError):
 
 
 class QueueLink:
-    """What a worker's listeners use for the queue (``spool``, ``free_bytes``, ``enqueue``,
-    as ``QueueStore``) and for the session caps (``ask``, ``release``)."""
+    """What a worker's listeners use as the way in (``spool``, ``free_bytes``, ``admit``, as
+    the daemon's ``Intake``) and for the session caps (``ask``, ``release``)."""
 
     def __init__(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, queue_path: str,
@@ -147,23 +138,14 @@ class QueueLink:
         st = os.statvfs(self.path)
         return st.f_bavail * st.f_frsize
 
-    async def enqueue(
-        self,
-        sender: str,
-        recipients: Sequence[str],
-        data: bytes | BodySpool,
-        **fields: Any,
-    ) -> str:
+    async def admit(self, arrival: Arrival, data: BodySpool) -> str:
         rid, answer = self._ask()
-        body = data if isinstance(data, bytes) else None
-        if body is None and isinstance(data, BodySpool) and data.size <= INLINE_BODY:
-            body = data.getvalue()
-        self._send(("enqueue", rid, sender, tuple(recipients), fields, body))
+        body = data.getvalue() if data.size <= INLINE_BODY else None
+        self._send(("enqueue", rid, arrival, body))
         if body is not None and len(body) > FLUSH_AT:
             self._out.flush()  # a large frame leaves now, and waits for room: bounded memory
             await self._writer.drain()
         if body is None:
-            assert isinstance(data, BodySpool)
             try:
                 for chunk in data.chunks(CHUNK):
                     self._send(("chunk", rid, chunk))
@@ -239,7 +221,8 @@ class QueueLink:
                 if answer is None or answer.done():
                     continue
                 if kind == "failed":
-                    answer.set_exception(QueueError(str(message[2])))
+                    failure = DkimKeyError if message[3] else QueueError
+                    answer.set_exception(failure(str(message[2])))
                 else:  # "queued" (a queue id) or "admitted" (None or the cap reached)
                     answer.set_result(message[2])
         finally:
@@ -256,95 +239,114 @@ class QueueLink:
 # The daemon's end
 
 
+@dataclass
+class _LinkServer:
+    """The daemon's end of one worker's link: one method per frame kind (``frame_<kind>``)."""
+
+    intake: Intake
+    gate: InboundGate
+    limits: Callable[[], tuple[int, int]]
+    on_ready: Callable[[], None]
+    out: _Corked
+    open_sessions: Counter[str] = field(default_factory=Counter)
+    gathering: dict[int, tuple[Arrival, BodySpool]] = field(default_factory=dict)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def reply(self, message: tuple[Any, ...]) -> None:
+        if not self.out.writer.is_closing():
+            self.out.send(message)
+
+    def dispatch(self, message: tuple[Any, ...]) -> None:
+        handler = getattr(self, f"frame_{message[0]}", None)
+        if handler is None:
+            log.error("SMTP worker link: unknown frame %r", message[0])
+            return
+        handler(*message[1:])
+
+    # -- a message for the way in ------------------------------------------------------------
+
+    def frame_enqueue(self, rid: int, arrival: Arrival, body: bytes | None) -> None:
+        spool = self.intake.spool()
+        if body is None:
+            self.gathering[rid] = (arrival, spool)
+            return
+        spool.write(body)
+        self._admit(rid, arrival, spool)
+
+    def frame_chunk(self, rid: int, data: bytes) -> None:
+        self.gathering[rid][1].write(data)
+
+    def frame_end(self, rid: int) -> None:
+        arrival, spool = self.gathering.pop(rid)
+        self._admit(rid, arrival, spool)
+
+    def frame_abort(self, rid: int) -> None:
+        dropped = self.gathering.pop(rid, None)
+        if dropped is not None:
+            dropped[1].close()
+
+    def _admit(self, rid: int, arrival: Arrival, spool: BodySpool) -> None:
+        task = asyncio.create_task(self._queue(rid, arrival, spool))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _queue(self, rid: int, arrival: Arrival, spool: BodySpool) -> None:
+        try:
+            queue_id = await self.intake.admit(arrival, spool)
+        except Exception as exc:  # disk full, I/O, a key: the worker refuses (452, 451)
+            dkim = isinstance(exc, DkimKeyError)
+            self.reply(("failed", rid, str(exc) or type(exc).__name__, dkim))
+            return
+        finally:
+            spool.close()
+        self.reply(("queued", rid, queue_id))
+
+    # -- the session caps, and the worker's state ---------------------------------------------
+
+    def frame_admit(self, rid: int, client: str) -> None:
+        max_sessions, max_per_client = self.limits()
+        reason = self.gate.admit(client, max_sessions, max_per_client)
+        if reason is None:
+            self.open_sessions[client] += 1
+        elif self.gate.on_refused is not None:
+            self.gate.on_refused(reason)
+        self.reply(("admitted", rid, reason))
+
+    def frame_release(self, client: str) -> None:
+        if self.open_sessions[client] > 0:
+            self.open_sessions[client] -= 1
+            self.gate.release(client)
+
+    def frame_ready(self) -> None:
+        self.on_ready()
+
+    async def close(self) -> None:
+        for _arrival, spool in self.gathering.values():
+            spool.close()
+        for client, count in self.open_sessions.items():
+            for _ in range(count):
+                self.gate.release(client)
+        if self.tasks:  # what was handed over is queued all the same; only the answer is lost
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
 async def serve_link(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
-    store: QueueStore,
+    intake: Intake,
     gate: InboundGate,
     limits: Callable[[], tuple[int, int]],
-    on_enqueued: Callable[[str], None],
     on_ready: Callable[[], None],
 ) -> None:
-    """Serve one worker's link until it closes. Each message is queued in its own task, so
-    every worker's messages meet in the store's group commit; the sessions this worker had
-    open are released when its link closes (it exited, or died)."""
-    open_sessions: Counter[str] = Counter()
-    gathering: dict[int, tuple[BodySpool, str, tuple[str, ...], Mapping[str, Any]]] = {}
-    tasks: set[asyncio.Task[None]] = set()
-
-    out = _Corked(writer)
-
-    def reply(message: tuple[Any, ...]) -> None:
-        if not writer.is_closing():
-            out.send(message)
-
-    async def queue(
-        rid: int, sender: str, rcpts: tuple[str, ...], body: bytes | BodySpool,
-        fields: Mapping[str, Any],
-    ) -> None:
-        try:
-            queue_id = await store.enqueue(sender, rcpts, body, **fields)
-        except Exception as exc:  # disk full, I/O: the worker refuses with 452
-            reply(("failed", rid, str(exc) or type(exc).__name__))
-            return
-        finally:
-            if isinstance(body, BodySpool):
-                body.close()
-        try:
-            on_enqueued(queue_id)
-        except Exception:  # the scheduler's wake-up must never turn a queued message into an error
-            log.exception("%s: on_enqueued callback failed", queue_id)
-        reply(("queued", rid, queue_id))
-
-    def start(*args: Any) -> None:
-        task = asyncio.create_task(queue(*args))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-
+    """Serve one worker's link until it closes. Each message goes to ``intake`` in its own
+    task, so every worker's messages meet in the store's group commit; the sessions this
+    worker had open are released when its link closes (it exited, or died)."""
+    server = _LinkServer(intake, gate, limits, on_ready, _Corked(writer))
     try:
         while (message := await read_frame(reader)) is not None:
-            kind = message[0]
-            if kind == "enqueue":
-                _, rid, sender, rcpts, fields, body = message
-                if body is not None:
-                    start(rid, sender, rcpts, body, fields)
-                else:
-                    gathering[rid] = (store.spool(), sender, rcpts, fields)
-            elif kind == "chunk":
-                gathering[message[1]][0].write(message[2])
-            elif kind == "end":
-                spool, sender, rcpts, fields = gathering.pop(message[1])
-                start(message[1], sender, rcpts, spool, fields)
-            elif kind == "abort":
-                dropped = gathering.pop(message[1], None)
-                if dropped is not None:
-                    dropped[0].close()
-            elif kind == "admit":
-                _, rid, client = message
-                max_sessions, max_per_client = limits()
-                reason = gate.admit(client, max_sessions, max_per_client)
-                if reason is None:
-                    open_sessions[client] += 1
-                elif gate.on_refused is not None:
-                    gate.on_refused(reason)
-                reply(("admitted", rid, reason))
-            elif kind == "release":
-                client = message[1]
-                if open_sessions[client] > 0:
-                    open_sessions[client] -= 1
-                    gate.release(client)
-            elif kind == "ready":
-                on_ready()
-            else:
-                log.error("SMTP worker link: unknown frame %r", kind)
+            server.dispatch(message)
     finally:
-        for spool, *_ in gathering.values():
-            spool.close()
-        for client, count in open_sessions.items():
-            for _ in range(count):
-                gate.release(client)
-        if tasks:  # what was handed over is queued all the same; only the answer is lost
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await server.close()
         writer.close()
 
 

@@ -8,6 +8,7 @@ bounded writes; 8-bit content is noticed on the way.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from deliverd.queue.spool import BodySpool
 from deliverd.submission.local import LocalPolicy
@@ -38,18 +39,28 @@ _MAX_HEADER = 256 * 1024
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
+@dataclass(frozen=True)
+class Written:
+    """What the way in learnt of a message's content as it was written: its queue id (named by
+    the trace header), the trace header's size (the spool's first bytes, never signed), the
+    ``Received:`` fields it came with, and whether it has 8-bit content."""
+
+    queue_id: str
+    trace_size: int
+    hops: int
+    eightbit: bool
+
+
 class IncomingMessage:
     """One message as DATA arrives: the header section is kept until it ends (then masqueraded,
     its Received: fields counted), everything after it goes to the spool in bounded writes, and
     8-bit content is noticed on the way. The trace header is the spool's first line."""
 
-    def __init__(self, spool: BodySpool, trace: bytes, policy: LocalPolicy, queue_id: str,
-                 recipients: list[str]) -> None:
+    def __init__(self, spool: BodySpool, trace: bytes, policy: LocalPolicy, queue_id: str) -> None:
         self.spool = spool
         self.trace_size = len(trace)  # the spool's first bytes: the Received: field
         self.policy = policy
         self.queue_id = queue_id
-        self.recipients = recipients
         self.header: list[bytes] | None = []
         self.header_size = 0
         self.hops = 0
@@ -71,6 +82,25 @@ class IncomingMessage:
         if len(self._buf) >= _SPOOL_WRITE:
             self._flush()
 
+    def write_message(self, data: bytes) -> None:
+        """A whole message a local source has as bytes (a drop file, ``deliverd send``'s input,
+        a notice): judged as DATA lines would be. Lines may end in LF or CRLF."""
+        start = 0
+        while self.header is not None and start < len(data):
+            end = data.find(b"\n", start)
+            end = len(data) if end < 0 else end + 1
+            line = data[start:end]
+            if line.endswith(b"\n") and not line.endswith(b"\r\n"):
+                line = line[:-1] + b"\r\n"
+            self.feed(line)
+            start = end
+        while start < len(data):  # the body in bounded writes, each cut just after a LF
+            end = data.find(b"\n", start + _SPOOL_WRITE)
+            end = len(data) if end < 0 else end + 1
+            self._buf += _BARE_LF.sub(b"\r\n", data[start:end])
+            self._flush()
+            start = end
+
     def _end_header(self) -> None:
         assert self.header is not None
         header = b"".join(self.header)
@@ -90,6 +120,10 @@ class IncomingMessage:
             self._end_header()
         self._flush()
         return self.spool
+
+    def written(self) -> Written:
+        """What was learnt of the content (once ``done``)."""
+        return Written(self.queue_id, self.trace_size, self.hops, self.eightbit)
 
     def close(self) -> None:
         self.spool.close()

@@ -5,7 +5,9 @@ count, Received: header, 8-bit detection); ``_SubmissionHandler`` applies them t
 session (DATA is read by the listener itself, line by line into an ``IncomingMessage``: never
 held whole), and
 ``start_listeners`` binds every configured address on the running loop. A message is
-acknowledged (250) only after ``QueueStore.enqueue`` returned, i.e. after its COMMIT.
+handed to the one way into the queue (``deliverd.submission.cleanup.Intake.admit``, directly or
+over an SMTP worker's link) and acknowledged (250) only after that returned, i.e. after its
+COMMIT.
 """
 
 from __future__ import annotations
@@ -20,31 +22,24 @@ from typing import Any, AnyStr, cast
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from deliverd.config.model import Config, DkimKey, Listener
+from deliverd.config.model import Config, Listener
 from deliverd.dkim.keys import DkimKeyError
-from deliverd.dkim.signer import signed
-from deliverd.queue.space import WAL_HEADROOM as WAL_HEADROOM
 from deliverd.queue.space import min_free_bytes
-from deliverd.queue.spool import BodySpool
 from deliverd.queue.store import QueueError, new_queue_id
+from deliverd.submission.cleanup import Arrival, WayIn
 from deliverd.submission.dsn_smtp import DsnEnvelope, DsnSMTP, keep_rcpt_dsn
-from deliverd.submission.gate import CLIENT_REFUSED as CLIENT_REFUSED
-from deliverd.submission.gate import REPLY_TOO_MANY
-from deliverd.submission.gate import SESSIONS_REFUSED as SESSIONS_REFUSED
-from deliverd.submission.gate import InboundGate as InboundGate
-from deliverd.submission.handoff import AskingGate, MessageQueue
+from deliverd.submission.gate import REPLY_TOO_MANY, InboundGate
+from deliverd.submission.handoff import AskingGate
 from deliverd.submission.incoming import IncomingMessage
-from deliverd.submission.incoming import count_received as count_received
-from deliverd.submission.incoming import header_block as header_block
 from deliverd.submission.local import LocalPolicy, UnknownLocalUser, local_policy
-from deliverd.submission.policy import IPNetwork
-from deliverd.submission.policy import envelope_sender as envelope_sender
-from deliverd.submission.policy import has_8bit as has_8bit
-from deliverd.submission.policy import loop_hold_reason as loop_hold_reason
-from deliverd.submission.policy import parse_networks as parse_networks
-from deliverd.submission.policy import protocol_name as protocol_name
-from deliverd.submission.policy import received_header as received_header
-from deliverd.submission.policy import relay_allowed as relay_allowed
+from deliverd.submission.policy import (
+    IPNetwork,
+    envelope_sender,
+    parse_networks,
+    protocol_name,
+    received_header,
+    relay_allowed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -254,23 +249,19 @@ class _SubmissionHandler:
     def __init__(
         self,
         *,
-        store: MessageQueue,
-        on_enqueued: Callable[[str], None],
+        way_in: WayIn,
         hostname: str,
         allow_networks: tuple[IPNetwork, ...],
         trust_loopback: bool,
-        max_hops: int,
         min_free: int,
         current: Callable[[], Config],
     ) -> None:
-        self.store = store
+        self.way_in = way_in
         self.current = current
         self.min_free = min_free
-        self.on_enqueued = on_enqueued
         self.hostname = hostname
         self.allow_networks = allow_networks
         self.trust_loopback = trust_loopback
-        self.max_hops = max_hops
 
     def policy(self) -> LocalPolicy:
         """Local users' rules of the running config (a reload may change the aliases)."""
@@ -281,7 +272,7 @@ class _SubmissionHandler:
         """Refuse before the disk is full: the queue keeps room to record deliveries and to
         queue bounces, which a full disk would make impossible (see ``min_free_bytes``)."""
         try:
-            return self.store.free_bytes() - size < self.min_free
+            return self.way_in.free_bytes() - size < self.min_free
         except OSError:
             return True
 
@@ -337,66 +328,36 @@ class _SubmissionHandler:
             protocol=protocol_name(session.extended_smtp, bool(envelope.smtp_utf8)),
             when=datetime.now(UTC).astimezone(),
         )
-        return IncomingMessage(self.store.spool(), trace, self.policy(), queue_id, rcpts)
+        return IncomingMessage(self.way_in.spool(), trace, self.policy(), queue_id)
 
     async def finish(self, session: Session, envelope: Envelope, incoming: IncomingMessage) -> str:
-        """Queue the message read in full; the final reply (250 only after the COMMIT)."""
+        """Hand the message read in full to the way in; the final reply (250 only after the
+        COMMIT)."""
         assert envelope.mail_from is not None
         peer_ip = _peer_ip(session)
         spool = incoming.done()
-        sender = incoming.policy.sender(envelope_sender(envelope.mail_from))
-        rcpts = incoming.recipients
-        smtputf8 = bool(envelope.smtp_utf8)
-        eightbit = "BODY=8BITMIME" in envelope.mail_options or incoming.eightbit
-        hold_reason = loop_hold_reason(incoming.hops, self.max_hops)
+        sender = envelope_sender(envelope.mail_from)
         if self._short_of_space(spool.size):
             log.error("refusing mail: client=[%s] from=<%s>: queue filesystem short of space",
                       peer_ip, sender)
             return REPLY_NO_STORAGE
-        dkim = self.current().dkim
-        if dkim:
-            # Signed once, here, below the Received: field (never signed): every attempt and
-            # route sends these bytes. dkimpy signs a whole message in memory, so signed mail
-            # is held once here; RSA in pure Python takes milliseconds: off the loop.
-            try:
-                spool = await asyncio.to_thread(
-                    _signed_spool, dkim, spool, incoming.trace_size, self.store.spool
-                )
-            except DkimKeyError as exc:
-                log.error("refusing mail: client=[%s] from=<%s>: %s", peer_ip, sender, exc)
-                return REPLY_ERROR
         dsn = envelope if isinstance(envelope, DsnEnvelope) else DsnEnvelope()
+        arrival = Arrival(
+            sender, tuple(envelope.rcpt_tos), incoming.written(), f"client=[{peer_ip}]",
+            "listener", smtputf8=bool(envelope.smtp_utf8),
+            eightbit="BODY=8BITMIME" in envelope.mail_options,
+            ret=None if dsn.dsn.ret is None else dsn.dsn.ret.value, envid=dsn.dsn.envid,
+            notify=dsn.notify, orcpt=dsn.orcpt,
+        )
         try:
-            queue_id = await self.store.enqueue(
-                sender, rcpts, spool, smtputf8=smtputf8, eightbit=eightbit,
-                hold_reason=hold_reason, queue_id=incoming.queue_id,
-                ret=None if dsn.dsn.ret is None else dsn.dsn.ret.value, envid=dsn.dsn.envid,
-                notify=dsn.notify, orcpt=dsn.orcpt,
-            )
+            queue_id = await self.way_in.admit(arrival, spool)
+        except DkimKeyError as exc:
+            log.error("refusing mail: client=[%s] from=<%s>: %s", peer_ip, sender, exc)
+            return REPLY_ERROR
         except Exception as exc:  # disk full, I/O, anything: refuse temporarily, store nothing
             log.error("enqueue failed: client=[%s] from=<%s>: %s", peer_ip, sender, exc)
             return REPLY_NO_STORAGE
-        log.info(
-            "%s: client=[%s] from=<%s> nrcpt=%d size=%d%s", queue_id, peer_ip, sender,
-            len(rcpts), spool.size, f" held: {hold_reason}" if hold_reason else "",
-        )
-        try:
-            self.on_enqueued(queue_id)
-        except Exception:  # the scheduler's wake-up must never turn a queued message into an error
-            log.exception("%s: on_enqueued callback failed", queue_id)
         return REPLY_QUEUED.format(queue_id=queue_id)
-
-
-def _signed_spool(
-    dkim: tuple[DkimKey, ...], spool: BodySpool, trace_size: int, new_spool: Callable[[], BodySpool]
-) -> BodySpool:
-    """The message of ``spool`` with its DKIM signatures between the trace and the message."""
-    with spool:
-        data = spool.getvalue()
-    out = new_spool()
-    out.write(data[:trace_size])
-    out.write(signed(dkim, data[trace_size:]))
-    return out
 
 
 def _peer_ip(session: Session) -> str:
@@ -414,16 +375,14 @@ def _ip_of(peer: object) -> str:
 
 
 def _handler_for(
-    listener: Listener, cfg: Config, store: MessageQueue, on_enqueued: Callable[[str], None],
-    hostname: str, trust_loopback: bool, current: Callable[[], Config],
+    listener: Listener, cfg: Config, way_in: WayIn, hostname: str, trust_loopback: bool,
+    current: Callable[[], Config],
 ) -> _SubmissionHandler:
     return _SubmissionHandler(
-        store=store,
-        on_enqueued=on_enqueued,
+        way_in=way_in,
         hostname=hostname,
         allow_networks=parse_networks(listener.allow_networks),
         trust_loopback=trust_loopback,
-        max_hops=cfg.limits.max_hops,
         min_free=min_free_bytes(cfg.limits.max_message_size),
         current=current,
     )
@@ -431,8 +390,7 @@ def _handler_for(
 
 async def start_listeners(
     cfg: Config,
-    store: MessageQueue,
-    on_enqueued: Callable[[str], None],
+    way_in: WayIn,
     *,
     hostname: str | None = None,
     trust_loopback: bool = True,
@@ -442,8 +400,9 @@ async def start_listeners(
 ) -> list[asyncio.base_events.Server]:
     """Bind every ``cfg.listen`` entry on the running loop; the caller closes the servers.
 
-    ``on_enqueued(queue_id)`` is called after each message is durably queued (held ones
-    included). ``trust_loopback=False`` lets tests refuse a loopback client by network.
+    Each message goes to ``way_in``: the daemon's ``Intake``, or in an SMTP worker process
+    the link to it, which is also the ``gate``. ``trust_loopback=False`` lets tests refuse a
+    loopback client by network.
     ``current()`` gives the running config for the local users' rules (aliases,
     masquerading), which a reload changes without rebinding; by default ``cfg``'s.
     ``prebound`` holds sockets bound before the process gave up root (ports below 1024, see
@@ -451,8 +410,7 @@ async def start_listeners(
     that closes the servers leaves the bound socket to the next ones.
     ``gate`` counts the sessions against ``limits.max_inbound_sessions`` and
     ``limits.max_inbound_per_client`` of the running config; pass the same one across
-    reloads. By default the listeners get a gate of their own. In an SMTP worker process
-    ``store`` and ``gate`` are the link to the daemon, which queues and counts.
+    reloads. By default the listeners get a gate of their own.
     """
     now = current if current is not None else (lambda: cfg)
     counter = gate if gate is not None else InboundGate()
@@ -466,9 +424,7 @@ async def start_listeners(
     servers: list[asyncio.base_events.Server] = []
     try:
         for listener in cfg.listen:
-            handler = _handler_for(
-                listener, cfg, store, on_enqueued, name, trust_loopback, now
-            )
+            handler = _handler_for(listener, cfg, way_in, name, trust_loopback, now)
 
             def factory(handler: _SubmissionHandler = handler) -> SMTP:
                 return _SubmissionSMTP(

@@ -2,10 +2,11 @@
 
 It scans the maildrop when woken through ``public/pickup`` and every ``SCAN_EVERY`` seconds
 anyway (so mail left while the daemon was down, or a lost wake-up, is never stranded). Each
-file is read, its recipients resolved and its sender and header masqueraded with the running
-config (the rules ``sendmail`` applied already, but for the header of what its fast path
-wrote, which is left to this; a file written by other means gets them too), traced with
-the uid that owns it, queued, and deleted only after the queue's commit. A file that is not a
+file is read, its recipients resolved with the running config's local users' rules and handed,
+traced with the uid that owns it, to the one way into the queue
+(``deliverd.submission.cleanup.Intake``: the sender and header masqueraded, which ``sendmail``
+did already but for the header of what its fast path wrote, and a file written by other means
+gets too; the hop limit; DKIM), and deleted only after the queue's commit. A file that is not a
 drop file, or can never be queued, is moved to ``corrupt/`` with a log line; nothing is lost
 in silence. A message's queue id is derived from its file (owner, name, time), so after a
 crash between the commit and the delete the next scan finds it queued and only deletes it.
@@ -18,13 +19,10 @@ import contextlib
 import logging
 import os
 import stat
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.utils import format_datetime
 from pathlib import Path
 
-from deliverd.config.model import Config
 from deliverd.core.dsn_params import (
     DsnSyntaxError,
     check_envid,
@@ -33,11 +31,10 @@ from deliverd.core.dsn_params import (
     parse_ret,
 )
 from deliverd.dkim.keys import DkimKeyError
-from deliverd.dkim.signer import signed
 from deliverd.queue.database import derived_queue_id
 from deliverd.queue.store import QueueStore, new_queue_id
-from deliverd.submission.listener import count_received, has_8bit, loop_hold_reason
-from deliverd.submission.local import UnknownLocalUser, local_policy
+from deliverd.submission.cleanup import Arrival, Intake, local_trace
+from deliverd.submission.local import UnknownLocalUser
 from deliverd.submission.maildrop import (
     CORRUPT,
     DropEnvelope,
@@ -90,8 +87,7 @@ def read_drop(path: Path, max_size: int) -> _Drop:
 
 def pickup_trace(host: str, uid: int, queue_id: str, when: datetime) -> bytes:
     """Postfix's ``Received: by host (Postfix, from userid N)`` for locally submitted mail."""
-    return (f"Received: by {host} (deliverd pickup, from userid {uid})\r\n"
-            f"\tid {queue_id}; {format_datetime(when)}\r\n").encode("ascii")
+    return local_trace(host, f"deliverd pickup, from userid {uid}", queue_id, when)
 
 
 class Pickup:
@@ -99,15 +95,13 @@ class Pickup:
         self,
         queue_path: str | Path,
         store: QueueStore,
-        on_enqueued: Callable[[str], None],
-        current: Callable[[], Config],
+        intake: Intake,
         *,
         scan_every: float = SCAN_EVERY,
     ) -> None:
         self.queue_path = Path(queue_path)
-        self.store = store
-        self.on_enqueued = on_enqueued
-        self.current = current
+        self.store = store  # read: was a file queued before a crash stopped its delete?
+        self.intake = intake
         self.scan_every = scan_every
         self._wake = asyncio.Event()
         self._fds: list[int] = []
@@ -187,7 +181,7 @@ class Pickup:
         return queued
 
     async def _take(self, path: Path) -> bool:
-        cfg = self.current()
+        cfg = self.intake.current()
         try:
             drop = await asyncio.to_thread(read_drop, path, cfg.limits.max_message_size)
         except FileNotFoundError:
@@ -195,17 +189,7 @@ class Pickup:
         except (_Corrupt, OSError) as exc:
             await asyncio.to_thread(self._set_aside, path, str(exc))
             return False
-        policy = local_policy(cfg.local, cfg.masquerade)
-        recipients: list[str] = []
-        orcpt: dict[str, str] = {}  # as the listener keeps them (dsn_smtp.keep_rcpt_dsn)
-        for rcpt in drop.envelope.recipients:
-            try:
-                targets = policy.resolve_recipients([rcpt])
-                recipients += targets
-                if targets != [rcpt]:
-                    orcpt.update((t, orcpt_of(rcpt)) for t in targets if t not in orcpt)
-            except UnknownLocalUser as exc:
-                log.error("maildrop: %s: uid %d: %s", path.name, drop.uid, exc)
+        recipients, orcpt = self._recipients(path, drop)
         if not recipients:
             await asyncio.to_thread(self._set_aside, path, "no recipient left to deliver to")
             return False
@@ -214,52 +198,65 @@ class Pickup:
         except DsnSyntaxError as exc:
             await asyncio.to_thread(self._set_aside, path, f"bad DSN request: {exc}")
             return False
-        sender = policy.sender(drop.envelope.sender)
-        data = policy.rewrite_message(drop.data)
+        queue_id = await self._queue_id(path, drop, recipients)
+        if queue_id is None:
+            return False
+        trace = pickup_trace(cfg.host.name, drop.uid, queue_id, datetime.now(UTC).astimezone())
+        body, written = self.intake.take(queue_id, trace, drop.data)
+        arrival = Arrival(
+            drop.envelope.sender, tuple(recipients), written, f"uid={drop.uid}", "sendmail",
+            ret=dsn.ret, envid=dsn.envid, orcpt=orcpt,
+            notify=dict.fromkeys(recipients, dsn.notify) if dsn.notify else {},
+        )
+        try:
+            await self.intake.admit(arrival, body)
+        except DkimKeyError as exc:  # the file stays; the next scan tries again
+            log.error("maildrop: %s: not queued, cannot sign: %s", path.name, exc)
+            return False
+        except Exception as exc:  # the file stays; the next scan tries again
+            log.error("maildrop: %s: cannot queue: %s", path.name, exc)
+            return False
+        finally:
+            body.close()
+        await asyncio.to_thread(_unlink, path)
+        return True
+
+    def _recipients(self, path: Path, drop: _Drop) -> tuple[list[str], dict[str, str]]:
+        """The drop's recipients resolved (an unknown local user is logged and left out), and
+        the original recipient of each alias target, as the listener keeps them
+        (``dsn_smtp.keep_rcpt_dsn``)."""
+        policy = self.intake.policy()
+        recipients: list[str] = []
+        orcpt: dict[str, str] = {}
+        for rcpt in drop.envelope.recipients:
+            try:
+                targets = policy.resolve_recipients([rcpt])
+                recipients += targets
+                if targets != [rcpt]:
+                    orcpt.update((t, orcpt_of(rcpt)) for t in targets if t not in orcpt)
+            except UnknownLocalUser as exc:
+                log.error("maildrop: %s: uid %d: %s", path.name, drop.uid, exc)
+        return recipients, orcpt
+
+    async def _queue_id(self, path: Path, drop: _Drop, recipients: list[str]) -> str | None:
+        """The id derived from the file; None when it is queued already (then the file is
+        removed) or the queue cannot be read (it stays for the next scan)."""
+        sender = self.intake.policy().sender(drop.envelope.sender)
         queue_id = derived_queue_id(drop.mtime_ns // 1_000_000,
                                     f"{drop.uid}/{path.name}".encode("utf-8", "surrogateescape"))
         try:
             existing = await self.store.get(queue_id)
         except Exception as exc:  # the file stays; the next scan tries again
             log.error("maildrop: %s: cannot read the queue: %s", path.name, exc)
-            return False
-        if existing is not None:
-            if (existing.sender, [r.address for r in existing.recipients]) == (sender, recipients):
-                # Queued before a crash stopped the delete: once is enough.
-                log.info("%s: %s was queued already; removing it", queue_id, path.name)
-                await asyncio.to_thread(_unlink, path)
-                return False
-            queue_id = new_queue_id()  # a different message that happens to share the id
-        if cfg.dkim:
-            try:
-                data = await asyncio.to_thread(signed, cfg.dkim, data)
-            except DkimKeyError as exc:  # the file stays; the next scan tries again
-                log.error("maildrop: %s: not queued, cannot sign: %s", path.name, exc)
-                return False
-        trace = pickup_trace(cfg.host.name, drop.uid, queue_id, datetime.now(UTC).astimezone())
-        hold_reason = loop_hold_reason(count_received(data), cfg.limits.max_hops)
-        smtputf8 = not all(a.isascii() for a in (sender, *recipients))
-        try:
-            await self.store.enqueue(
-                sender, recipients, trace + data, smtputf8=smtputf8, eightbit=has_8bit(data),
-                hold_reason=hold_reason, queue_id=queue_id, ret=dsn.ret, envid=dsn.envid,
-                notify=dict.fromkeys(recipients, dsn.notify) if dsn.notify else None,
-                orcpt=orcpt,
-            )
-        except Exception as exc:  # the file stays; the next scan tries again
-            log.error("maildrop: %s: cannot queue: %s", path.name, exc)
-            return False
-        log.info("%s: uid=%d from=<%s> nrcpt=%d size=%d%s%s", queue_id, drop.uid, sender,
-                 len(recipients), len(trace) + len(data),
-                 "".join(f" {k}={v}" for k, v in (("notify", dsn.notify), ("ret", dsn.ret),
-                                                   ("envid", dsn.envid)) if v),
-                 f" held: {hold_reason}" if hold_reason else "")
-        await asyncio.to_thread(_unlink, path)
-        try:
-            self.on_enqueued(queue_id)
-        except Exception:
-            log.exception("%s: on_enqueued callback failed", queue_id)
-        return True
+            return None
+        if existing is None:
+            return queue_id
+        if (existing.sender, [r.address for r in existing.recipients]) == (sender, recipients):
+            # Queued before a crash stopped the delete: once is enough.
+            log.info("%s: %s was queued already; removing it", queue_id, path.name)
+            await asyncio.to_thread(_unlink, path)
+            return None
+        return new_queue_id()  # a different message that happens to share the id
 
     def _set_aside(self, path: Path, why: str) -> None:
         target = self.queue_path / CORRUPT / path.name

@@ -21,7 +21,7 @@ import socket
 from collections.abc import Callable, Mapping, Sequence
 
 from deliverd.config.model import Config
-from deliverd.queue.store import QueueStore
+from deliverd.submission.cleanup import Intake
 from deliverd.submission.gate import InboundGate
 from deliverd.submission.handoff import frame, serve_link, stop_frame
 from deliverd.submission.sockets import bind_listeners
@@ -54,9 +54,8 @@ class SmtpWorkers:
 
     def __init__(
         self,
-        store: QueueStore,
+        intake: Intake,
         gate: InboundGate,
-        on_enqueued: Callable[[str], None],
         current: Callable[[], Config],
         log_settings: tuple[str, str],
         command: Sequence[str],
@@ -65,9 +64,8 @@ class SmtpWorkers:
     ) -> None:
         self.on_exit = on_exit  # a worker ended unexpectedly (it is started again)
         self.command = tuple(command)  # a worker's program; its link's descriptor is appended
-        self.store = store
+        self.intake = intake
         self.gate = gate
-        self.on_enqueued = on_enqueued
         self.current = current
         self.log_settings = log_settings
         self.prebound = prebound or {}
@@ -174,8 +172,7 @@ class SmtpWorkers:
         on_ready: Callable[[], None],
     ) -> None:
         try:
-            await serve_link(reader, writer, self.store, self.gate, self._limits,
-                             self.on_enqueued, on_ready)
+            await serve_link(reader, writer, self.intake, self.gate, self._limits, on_ready)
         finally:
             if not worker.ready.done():
                 worker.ready.set_exception(WorkerError("it exited"))

@@ -24,6 +24,7 @@ from deliverd.ops.metrics import (
     status_class,
 )
 from deliverd.queue.database import QueueDB, RcptState, RecipientUpdate
+from deliverd.queue.message import NewMessage
 from deliverd_lab.prometheus import PrometheusMissing, promtool
 from tests.fixtures.engine import free_port
 
@@ -181,9 +182,9 @@ def test_depth_of_a_real_queue_counts_open_recipients_and_oldest_arrivals(
         empty = db.depth()
         assert (empty.messages, empty.oldest_arrival, empty.oldest_deferred_arrival) == (0, None,
                                                                                          None)
-        first = db.enqueue("a@x.test", ["b@y.test", "c@y.test"], b"x", now=NOW - 300)
-        db.enqueue("a@x.test", ["d@z.test"], b"x", now=NOW - 200)
-        db.enqueue("a@x.test", ["e@z.test"], b"x", now=NOW - 100, hold_reason="loop")
+        first = db.enqueue(NewMessage("a@x.test", ["b@y.test", "c@y.test"], b"x"), now=NOW - 300)
+        db.enqueue(NewMessage("a@x.test", ["d@z.test"], b"x"), now=NOW - 200)
+        db.enqueue(NewMessage("a@x.test", ["e@z.test"], b"x", hold_reason="loop"), now=NOW - 100)
         db.record(first, [RecipientUpdate("b@y.test", RcptState.DELIVERED)])
         assert db.depth().oldest_deferred_arrival is None
         third = db.due(NOW)[1].queue_id

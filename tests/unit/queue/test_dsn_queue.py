@@ -12,7 +12,9 @@ import pytest
 
 from deliverd.config.model import Config, DsnConfig, HostConfig, LocalConfig
 from deliverd.queue.database import DB_NAME, SCHEMA_VERSION, QueueDB
+from deliverd.queue.message import NewMessage
 from deliverd.queue.store import QueueStore
+from deliverd.submission.cleanup import Intake
 from deliverd.submission.maildrop import DropEnvelope, prepare, write_drop
 from deliverd.submission.pickup import Pickup
 
@@ -26,9 +28,9 @@ MESSAGE = b"Subject: x\r\n\r\nbody\r\n"
 
 def test_enqueue_keeps_ret_envid_and_per_recipient_notify_and_orcpt(tmp_path: Path) -> None:
     with QueueDB.open(tmp_path) as db:
-        qid = db.enqueue("a@x.test", ["b@y.test", "c@y.test"], MESSAGE, ret="FULL",
-                         envid="env 1", notify={"b@y.test": "NEVER"},
-                         orcpt={"c@y.test": "rfc822;C@Y.test"})
+        qid = db.enqueue(NewMessage(
+            "a@x.test", ["b@y.test", "c@y.test"], MESSAGE, ret="FULL", envid="env 1",
+            notify={"b@y.test": "NEVER"}, orcpt={"c@y.test": "rfc822;C@Y.test"}))
         msg = db.get(qid)
         assert msg is not None
         assert (msg.ret, msg.envid) == ("FULL", "env 1")
@@ -40,7 +42,7 @@ def test_enqueue_keeps_ret_envid_and_per_recipient_notify_and_orcpt(tmp_path: Pa
 
 def test_a_version_3_queue_gets_the_dsn_columns_and_keeps_its_messages(tmp_path: Path) -> None:
     with QueueDB.open(tmp_path) as db:
-        old = db.enqueue("a@x.test", ["b@y.test"], MESSAGE)
+        old = db.enqueue(NewMessage("a@x.test", ["b@y.test"], MESSAGE))
     with sqlite3.connect(tmp_path / DB_NAME) as conn:  # what version 3 left on disk
         for table, column in (("messages", "dsn_ret"), ("messages", "dsn_envid"),
                               ("recipients", "dsn_notify"), ("recipients", "dsn_orcpt")):
@@ -50,8 +52,8 @@ def test_a_version_3_queue_gets_the_dsn_columns_and_keeps_its_messages(tmp_path:
         before = db.get(old)
         assert before is not None and before.ret is None
         assert before.recipients[0].notify is None
-        new = db.enqueue("a@x.test", ["b@y.test"], MESSAGE, ret="HDRS",
-                         notify={"b@y.test": "SUCCESS"})
+        new = db.enqueue(NewMessage(
+            "a@x.test", ["b@y.test"], MESSAGE, ret="HDRS", notify={"b@y.test": "SUCCESS"}))
         after = db.get(new)
         assert after is not None and after.ret == "HDRS"
         assert after.recipients[0].notify == "SUCCESS"
@@ -68,6 +70,10 @@ async def queue(tmp_path: Path) -> AsyncIterator[tuple[Path, QueueStore, list[st
     await store.close()
 
 
+def _pickup(path: Path, store: QueueStore, woken: list[str]) -> Pickup:
+    return Pickup(path, store, Intake(store, lambda: CFG, lambda qid, _source: woken.append(qid)))
+
+
 @pytest.mark.integration
 async def test_pickup_queues_sendmails_dsn_request_with_orcpt_for_aliases(
     queue: tuple[Path, QueueStore, list[str]],
@@ -75,7 +81,7 @@ async def test_pickup_queues_sendmails_dsn_request_with_orcpt_for_aliases(
     path, store, woken = queue
     write_drop(path, DropEnvelope("root", ("root", "x@example.org"), notify="SUCCESS,FAILURE",
                                   ret="FULL", envid="cron-42"), [MESSAGE], min_free=0)
-    assert await Pickup(path, store, woken.append, lambda: CFG).scan() == 1
+    assert await _pickup(path, store, woken).scan() == 1
     msg = await store.get(woken[0])
     assert msg is not None
     assert (msg.ret, msg.envid) == ("FULL", "cron-42")
@@ -96,6 +102,6 @@ async def test_pickup_sets_aside_a_drop_file_with_a_forged_dsn_request(
 ) -> None:
     path, store, woken = queue
     name = write_drop(path, envelope, [MESSAGE], min_free=0)
-    assert await Pickup(path, store, woken.append, lambda: CFG).scan() == 0
+    assert await _pickup(path, store, woken).scan() == 0
     assert woken == [] and await store.list_messages() == []
     assert (path / "corrupt" / name).exists()

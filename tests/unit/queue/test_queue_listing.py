@@ -15,6 +15,7 @@ import pytest
 
 from deliverd.cli.queue import message_json, write_json_lines
 from deliverd.queue.database import QueueDB, RcptState, RecipientUpdate
+from deliverd.queue.message import NewMessage
 from deliverd.queue.summary import AGE_BOUNDS_MINUTES, format_summary, summarise, summary_json
 from deliverd.spec.normalise import normalise
 from deliverd.spec.render import write_rendered
@@ -51,13 +52,14 @@ def queue(tmp_path: Path) -> dict[str, str]:
     now = time.time()
     ids: dict[str, str] = {}
     with QueueDB.open(tmp_path / "queue") as db:
-        ids["old_deferred"] = db.enqueue("a@x.test", ["bob@slow.example", "eve@fast.example"],
-                                         b"x", now=now - 3 * 3600)
-        ids["old_pending"] = db.enqueue("a@x.test", ["carol@fast.example"], b"x",
-                                        now=now - 2 * 3600)
-        ids["held"] = db.enqueue("a@x.test", ["dan@Slow.Example"], b"x", now=now - 600,
-                                 hold_reason="loop")
-        ids["new"] = db.enqueue("a@x.test", ["frank@slow_example.test"], b"x", now=now - 5)
+        ids["old_deferred"] = db.enqueue(NewMessage(
+            "a@x.test", ["bob@slow.example", "eve@fast.example"], b"x"), now=now - 3 * 3600)
+        ids["old_pending"] = db.enqueue(NewMessage(
+            "a@x.test", ["carol@fast.example"], b"x"), now=now - 2 * 3600)
+        ids["held"] = db.enqueue(NewMessage(
+            "a@x.test", ["dan@Slow.Example"], b"x", hold_reason="loop"), now=now - 600)
+        ids["new"] = db.enqueue(NewMessage(
+            "a@x.test", ["frank@slow_example.test"], b"x"), now=now - 5)
         db.record(ids["old_deferred"], [
             RecipientUpdate("bob@slow.example", RcptState.DEFERRED, now + 600, "4.4.1", "x")])
     return ids
@@ -109,7 +111,7 @@ def test_list_refuses_bad_filter_values(config: Path, args: tuple[str, ...]) -> 
 
 def test_paging_returns_each_message_once_across_chunk_borders(tmp_path: Path) -> None:
     with QueueDB.open(tmp_path / "q") as db:
-        ids = [db.enqueue("a@x.test", [f"r{i}@d{i % 3}.test"], b"x", now=NOW + i)
+        ids = [db.enqueue(NewMessage("a@x.test", [f"r{i}@d{i % 3}.test"], b"x"), now=NOW + i)
                for i in range(23)]
         assert [m.queue_id for m in db.iter_messages(chunk=5)] == ids
         assert [m.queue_id for m in db.iter_messages(chunk=5, limit=11)] == ids[:11]
@@ -130,10 +132,12 @@ def test_streamed_json_lines_make_one_array(documents: list[str]) -> None:
 
 def test_sqlite_rendered_json_equals_the_python_view_of_every_message(tmp_path: Path) -> None:
     with QueueDB.open(tmp_path / "q") as db:
-        plain = db.enqueue("a@x.test", ["b@y.test", "c@y.test"], b"x", now=NOW + 0.123456789)
-        db.enqueue("", ["postmaster@x.test"], b"x", is_dsn=True, now=NOW + 1)
-        db.enqueue("ü@x.test", ["ñ@y.test"], b"x", smtputf8=True, eightbit=True,
-                   hold_reason='loop "quoted"\\', now=NOW + 2)
+        plain = db.enqueue(NewMessage(
+            "a@x.test", ["b@y.test", "c@y.test"], b"x"), now=NOW + 0.123456789)
+        db.enqueue(NewMessage("", ["postmaster@x.test"], b"x", is_dsn=True), now=NOW + 1)
+        db.enqueue(NewMessage(
+            "ü@x.test", ["ñ@y.test"], b"x", smtputf8=True, eightbit=True,
+            hold_reason='loop "quoted"\\'), now=NOW + 2)
         db.record(plain, [RecipientUpdate("c@y.test", RcptState.DEFERRED, NOW + 600.5, "4.4.1",
                                           "smtp; 421 4.4.1 \"busy\"\ttab", "mx[192.0.2.1]:25")])
         db.mark_delay_notified(plain)
@@ -171,11 +175,11 @@ def test_summary_text_has_qshape_columns() -> None:
 def test_database_counts_recipients_by_domain_and_age_bucket(tmp_path: Path) -> None:
     bounds = [60.0 * m for m in AGE_BOUNDS_MINUTES]
     with QueueDB.open(tmp_path / "q") as db:
-        db.enqueue("a@x.test", ["one@A.test", "two@a.test"], b"x", now=NOW - 2 * MINUTE)
-        first = db.enqueue("a@x.test", ["three@b.test", "four@a.test"], b"x",
-                           now=NOW - 7 * MINUTE)
-        db.enqueue("a@x.test", ["five@b.test"], b"x", now=NOW - 3000 * MINUTE)
-        db.enqueue("a@x.test", ["six@c.test"], b"x", now=NOW, hold_reason="operator")
+        db.enqueue(NewMessage("a@x.test", ["one@A.test", "two@a.test"], b"x"), now=NOW - 2 * MINUTE)
+        first = db.enqueue(NewMessage(
+            "a@x.test", ["three@b.test", "four@a.test"], b"x"), now=NOW - 7 * MINUTE)
+        db.enqueue(NewMessage("a@x.test", ["five@b.test"], b"x"), now=NOW - 3000 * MINUTE)
+        db.enqueue(NewMessage("a@x.test", ["six@c.test"], b"x", hold_reason="operator"), now=NOW)
         db.record(first, [RecipientUpdate("four@a.test", RcptState.DELIVERED)])
         open_rows = db.recipients_by_domain_and_age(
             NOW, [RcptState.PENDING, RcptState.DEFERRED], bounds)
@@ -209,7 +213,7 @@ def test_state_filter_looks_up_each_message_by_its_key_not_through_the_state_ind
     from deliverd.queue.database import _MSG_COLS, _list_filter
 
     with QueueDB.open(tmp_path / "q") as db:
-        db.enqueue("a@x.test", ["b@y.test"], b"x")
+        db.enqueue(NewMessage("a@x.test", ["b@y.test"], b"x"))
     where, params = _list_filter(RcptState.DEFERRED, "y.test", None)
     conn = sqlite3.connect(tmp_path / "q" / "queue.db")
     plan = [row[3] for row in conn.execute(

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from deliverd.queue.database import DB_NAME, is_queue_id, new_queue_id
+from deliverd.queue.message import NewMessage
 from deliverd.queue.store import (
     QueueDB,
     QueueFullError,
@@ -56,10 +57,9 @@ def test_queue_ids_sort_by_time() -> None:
 
 async def test_enqueue_stores_envelope_body_and_pending_recipients(store: QueueStore) -> None:
     before = time.time()
-    qid = await store.enqueue(
+    qid = await store.enqueue(NewMessage(
         "a@example.test", ["b@example.test", "c@example.test", "b@example.test"], BODY,
-        smtputf8=True, eightbit=True,
-    )
+        smtputf8=True, eightbit=True))
     msg = await store.get(qid)
     assert msg is not None
     assert msg.queue_id == qid and msg.sender == "a@example.test"
@@ -74,7 +74,7 @@ async def test_enqueue_stores_envelope_body_and_pending_recipients(store: QueueS
 
 async def test_enqueue_without_recipients_is_refused(store: QueueStore) -> None:
     with pytest.raises(ValueError):
-        await store.enqueue("a@example.test", [], BODY)
+        await store.enqueue(NewMessage("a@example.test", [], BODY))
     assert await store.list_messages() == []
 
 
@@ -86,19 +86,20 @@ async def test_unknown_id_reads_as_missing(store: QueueStore) -> None:
 
 async def test_enqueue_with_a_chosen_id_keeps_it(store: QueueStore) -> None:
     chosen = new_queue_id()
-    assert await store.enqueue("a@x.test", ["b@y.test"], BODY, queue_id=chosen) == chosen
+    assert await store.enqueue(NewMessage(
+        "a@x.test", ["b@y.test"], BODY, queue_id=chosen)) == chosen
 
 
 async def test_enqueue_with_a_colliding_id_gets_a_fresh_one(store: QueueStore) -> None:
-    first = await store.enqueue("a@x.test", ["b@y.test"], BODY)
-    second = await store.enqueue("a@x.test", ["c@y.test"], b"other", queue_id=first)
+    first = await store.enqueue(NewMessage("a@x.test", ["b@y.test"], BODY))
+    second = await store.enqueue(NewMessage("a@x.test", ["c@y.test"], b"other", queue_id=first))
     assert second != first
     assert await store.read_data(first) == BODY
     assert await store.read_data(second) == b"other"
 
 
 async def test_null_sender_and_dsn_flag_are_kept(store: QueueStore) -> None:
-    qid = await store.enqueue("", ["b@y.test"], BODY, is_dsn=True)
+    qid = await store.enqueue(NewMessage("", ["b@y.test"], BODY, is_dsn=True))
     msg = await store.get(qid)
     assert msg is not None and msg.sender == "" and msg.is_dsn
 
@@ -107,12 +108,12 @@ async def test_null_sender_and_dsn_flag_are_kept(store: QueueStore) -> None:
 
 
 async def test_pending_messages_are_due_at_once(store: QueueStore) -> None:
-    qid = await store.enqueue("a@x.test", ["b@y.test"], BODY)
+    qid = await store.enqueue(NewMessage("a@x.test", ["b@y.test"], BODY))
     assert [m.queue_id for m in await store.due(time.time())] == [qid]
 
 
 async def test_deferred_recipient_is_due_only_from_its_next_attempt(store: QueueStore) -> None:
-    qid = await store.enqueue("a@x.test", ["b@y.test"], BODY)
+    qid = await store.enqueue(NewMessage("a@x.test", ["b@y.test"], BODY))
     await store.record(qid, [RecipientUpdate("b@y.test", RcptState.DEFERRED, 1_000.0,
                                              "4.4.1", "connect refused", "mx[192.0.2.1]:25")])
     assert await store.due(999.0) == []
@@ -121,7 +122,7 @@ async def test_deferred_recipient_is_due_only_from_its_next_attempt(store: Queue
 
 
 async def test_record_counts_attempts_and_keeps_last_diagnostic(store: QueueStore) -> None:
-    qid = await store.enqueue("a@x.test", ["b@y.test", "c@y.test"], BODY)
+    qid = await store.enqueue(NewMessage("a@x.test", ["b@y.test", "c@y.test"], BODY))
     await store.record(qid, [RecipientUpdate("b@y.test", RcptState.DEFERRED, 50.0, "4.2.0",
                                              "smtp; 421 busy", "mx[192.0.2.1]:25")])
     await store.record(qid, [RecipientUpdate("b@y.test", RcptState.DEFERRED, 80.0, "4.4.1",
@@ -136,22 +137,22 @@ async def test_record_counts_attempts_and_keeps_last_diagnostic(store: QueueStor
 
 
 async def test_record_for_a_deleted_message_is_ignored(store: QueueStore) -> None:
-    qid = await store.enqueue("a@x.test", ["b@y.test"], BODY)
+    qid = await store.enqueue(NewMessage("a@x.test", ["b@y.test"], BODY))
     await store.delete(qid)
     await store.record(qid, [RecipientUpdate("b@y.test", RcptState.DELIVERED)])
     assert await store.get(qid) is None
 
 
 async def test_due_respects_limit_and_orders_pending_before_deferred(store: QueueStore) -> None:
-    deferred = await store.enqueue("a@x.test", ["b@y.test"], BODY)
+    deferred = await store.enqueue(NewMessage("a@x.test", ["b@y.test"], BODY))
     await store.record(deferred, [RecipientUpdate("b@y.test", RcptState.DEFERRED, 10.0)])
-    pending = [await store.enqueue("a@x.test", ["b@y.test"], BODY) for _ in range(3)]
+    pending = [await store.enqueue(NewMessage("a@x.test", ["b@y.test"], BODY)) for _ in range(3)]
     assert [m.queue_id for m in await store.due(100.0, limit=2)] == pending[:2]
     assert [m.queue_id for m in await store.due(100.0)] == [*pending, deferred]
 
 
 async def test_message_with_only_final_recipients_is_not_due(store: QueueStore) -> None:
-    qid = await store.enqueue("a@x.test", ["b@y.test"], BODY)
+    qid = await store.enqueue(NewMessage("a@x.test", ["b@y.test"], BODY))
     await store.record(qid, [RecipientUpdate("b@y.test", RcptState.DELIVERED, status="2.0.0")])
     assert await store.due(time.time() + 10**6) == []
     assert await store.next_wakeup() is None
@@ -160,13 +161,13 @@ async def test_message_with_only_final_recipients_is_not_due(store: QueueStore) 
 async def test_next_wakeup_is_the_earliest_deferred(store: QueueStore) -> None:
     assert await store.next_wakeup() is None
     for at in (500.0, 300.0, 900.0):
-        qid = await store.enqueue("a@x.test", ["b@y.test"], BODY)
+        qid = await store.enqueue(NewMessage("a@x.test", ["b@y.test"], BODY))
         await store.record(qid, [RecipientUpdate("b@y.test", RcptState.DEFERRED, at)])
     assert await store.next_wakeup() == 300.0
 
 
 async def test_mark_delay_notified_is_stored(store: QueueStore) -> None:
-    qid = await store.enqueue("a@x.test", ["b@y.test"], BODY)
+    qid = await store.enqueue(NewMessage("a@x.test", ["b@y.test"], BODY))
     await store.mark_delay_notified(qid)
     msg = await store.get(qid)
     assert msg is not None and msg.delay_notified
@@ -176,7 +177,7 @@ async def test_mark_delay_notified_is_stored(store: QueueStore) -> None:
 
 
 async def test_finish_keeps_a_message_with_an_open_recipient(store: QueueStore) -> None:
-    qid = await store.enqueue("a@x.test", ["b@y.test", "c@y.test"], BODY)
+    qid = await store.enqueue(NewMessage("a@x.test", ["b@y.test", "c@y.test"], BODY))
     await store.record(qid, [RecipientUpdate("b@y.test", RcptState.DELIVERED)])
     assert await store.finish(qid) is False
     assert await store.read_data(qid) == BODY
@@ -185,7 +186,7 @@ async def test_finish_keeps_a_message_with_an_open_recipient(store: QueueStore) 
 async def test_finish_removes_message_and_body_when_all_final(
     store: QueueStore, tmp_path: Path
 ) -> None:
-    qid = await store.enqueue("a@x.test", ["b@y.test", "c@y.test"], BODY)
+    qid = await store.enqueue(NewMessage("a@x.test", ["b@y.test", "c@y.test"], BODY))
     await store.record(qid, [RecipientUpdate("b@y.test", RcptState.DELIVERED),
                              RecipientUpdate("c@y.test", RcptState.BOUNCED, status="5.1.1")])
     assert await store.finish(qid) is True
@@ -199,13 +200,13 @@ async def test_finish_removes_message_and_body_when_all_final(
 
 
 async def test_held_recipient_is_not_final(store: QueueStore) -> None:
-    qid = await store.enqueue("a@x.test", ["b@y.test"], BODY)
+    qid = await store.enqueue(NewMessage("a@x.test", ["b@y.test"], BODY))
     await store.record(qid, [RecipientUpdate("b@y.test", RcptState.HELD, diagnostic="loop")])
     assert await store.finish(qid) is False
 
 
 async def test_delete_removes_whatever_the_state(store: QueueStore) -> None:
-    qid = await store.enqueue("a@x.test", ["b@y.test"], BODY)
+    qid = await store.enqueue(NewMessage("a@x.test", ["b@y.test"], BODY))
     assert await store.delete(qid) is True
     assert await store.get(qid) is None
     assert await store.delete(qid) is False
@@ -215,7 +216,7 @@ async def test_flush_makes_every_deferred_recipient_due_now(store: QueueStore) -
     later = time.time() + 3600
     ids = []
     for _ in range(3):
-        qid = await store.enqueue("a@x.test", ["b@y.test"], BODY)
+        qid = await store.enqueue(NewMessage("a@x.test", ["b@y.test"], BODY))
         await store.record(qid, [RecipientUpdate("b@y.test", RcptState.DEFERRED, later)])
         ids.append(qid)
     assert await store.due(time.time()) == []
@@ -227,7 +228,7 @@ async def test_flush_makes_every_deferred_recipient_due_now(store: QueueStore) -
 async def test_hold_takes_a_message_out_of_due_and_release_puts_it_back(
     store: QueueStore,
 ) -> None:
-    qid = await store.enqueue("a@x.test", ["b@y.test", "c@y.test"], BODY)
+    qid = await store.enqueue(NewMessage("a@x.test", ["b@y.test", "c@y.test"], BODY))
     await store.record(qid, [RecipientUpdate("c@y.test", RcptState.DELIVERED)])
     assert await store.hold(qid, "suspicious") is True
     held = await store.get(qid)
@@ -249,7 +250,8 @@ async def test_hold_and_release_of_unknown_id_say_so(store: QueueStore) -> None:
 
 
 async def test_enqueue_held_for_a_loop_is_listed_but_never_due(store: QueueStore) -> None:
-    qid = await store.enqueue("a@x.test", ["b@y.test"], BODY, hold_reason="mail loop: 31 hops")
+    qid = await store.enqueue(NewMessage(
+        "a@x.test", ["b@y.test"], BODY, hold_reason="mail loop: 31 hops"))
     msg = await store.get(qid)
     assert msg is not None and msg.held and msg.hold_reason == "mail loop: 31 hops"
     assert msg.recipients[0].state is RcptState.HELD
@@ -258,7 +260,7 @@ async def test_enqueue_held_for_a_loop_is_listed_but_never_due(store: QueueStore
 
 
 async def test_list_messages_returns_everything_oldest_first(store: QueueStore) -> None:
-    ids = [await store.enqueue("a@x.test", [f"r{i}@y.test"], BODY) for i in range(5)]
+    ids = [await store.enqueue(NewMessage("a@x.test", [f"r{i}@y.test"], BODY)) for i in range(5)]
     await store.hold(ids[2])
     listed = await store.list_messages()
     assert [m.queue_id for m in listed] == ids
@@ -271,7 +273,7 @@ async def test_list_messages_returns_everything_oldest_first(store: QueueStore) 
 async def test_concurrent_enqueues_share_few_commits(store: QueueStore) -> None:
     start = store.commits
     ids = await asyncio.gather(
-        *(store.enqueue("a@x.test", [f"r{i}@y.test"], BODY) for i in range(300))
+        *(store.enqueue(NewMessage("a@x.test", [f"r{i}@y.test"], BODY)) for i in range(300))
     )
     assert len(set(ids)) == 300
     commits = store.commits - start
@@ -281,7 +283,7 @@ async def test_concurrent_enqueues_share_few_commits(store: QueueStore) -> None:
 
 async def test_writes_survive_close_and_reopen(tmp_path: Path) -> None:
     s = await QueueStore.open(tmp_path / "queue")
-    qid = await s.enqueue("a@x.test", ["b@y.test", "c@y.test"], BODY)
+    qid = await s.enqueue(NewMessage("a@x.test", ["b@y.test", "c@y.test"], BODY))
     await s.record(qid, [RecipientUpdate("b@y.test", RcptState.DEFERRED, 42.0, "4.0.0", "x")])
     await s.hold(qid, "kept")
     before = await s.get(qid)
@@ -305,14 +307,14 @@ async def test_closed_store_refuses_work(tmp_path: Path) -> None:
     s = await QueueStore.open(tmp_path / "queue")
     await s.close()
     with pytest.raises(Exception, match="closed"):
-        await s.enqueue("a@x.test", ["b@y.test"], BODY)
+        await s.enqueue(NewMessage("a@x.test", ["b@y.test"], BODY))
 
 
 def test_sync_db_sees_what_the_async_store_wrote(tmp_path: Path) -> None:
     async def write() -> str:
         s = await QueueStore.open(tmp_path / "queue")
         try:
-            return await s.enqueue("a@x.test", ["b@y.test"], BODY)
+            return await s.enqueue(NewMessage("a@x.test", ["b@y.test"], BODY))
         finally:
             await s.close()
 
@@ -324,10 +326,10 @@ def test_sync_db_sees_what_the_async_store_wrote(tmp_path: Path) -> None:
 
 
 async def test_cli_connection_and_daemon_store_work_side_by_side(store: QueueStore) -> None:
-    qid = await store.enqueue("a@x.test", ["b@y.test"], BODY)
+    qid = await store.enqueue(NewMessage("a@x.test", ["b@y.test"], BODY))
     with QueueDB.open(store.path, create=False) as cli:
         assert cli.hold(qid, "operator")
-        more = await asyncio.gather(*(store.enqueue("a@x.test", ["c@y.test"], BODY)
+        more = await asyncio.gather(*(store.enqueue(NewMessage("a@x.test", ["c@y.test"], BODY))
                                       for _ in range(20)))
         assert len(cli.list_messages()) == 21
     msg = await store.get(qid)
@@ -347,17 +349,17 @@ def test_database_full_raises_queue_full_and_stores_nothing_of_the_message(
     tmp_path: Path,
 ) -> None:
     with QueueDB.open(tmp_path / "queue") as db:
-        kept = db.enqueue("a@x.test", ["b@y.test"], BODY)
+        kept = db.enqueue(NewMessage("a@x.test", ["b@y.test"], BODY))
         (pages,) = db._conn.execute("PRAGMA page_count").fetchone()
         _shrink(db, pages + 2)
         with pytest.raises(QueueFullError):
-            db.enqueue("a@x.test", ["b@y.test", "c@y.test"], os.urandom(64 * 1024))
+            db.enqueue(NewMessage("a@x.test", ["b@y.test", "c@y.test"], os.urandom(64 * 1024)))
         assert [m.queue_id for m in db.list_messages()] == [kept]
         for table in ("bodies", "recipients"):
             assert db._conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone() == (1,)
         # Space again: the same connection goes on working.
         _shrink(db, 10**6)
-        assert db.enqueue("a@x.test", ["b@y.test"], BODY) != kept
+        assert db.enqueue(NewMessage("a@x.test", ["b@y.test"], BODY)) != kept
 
 
 @contextlib.contextmanager
@@ -384,7 +386,8 @@ async def test_real_full_disk_fails_enqueue_cleanly_and_keeps_acknowledged_mail(
             with pytest.raises(QueueFullError):
                 for i in range(100):
                     acknowledged.append(
-                        await store.enqueue("a@x.test", [f"r{i}@y.test"], os.urandom(60_000))
+                        await store.enqueue(NewMessage(
+                            "a@x.test", [f"r{i}@y.test"], os.urandom(60_000)))
                     )
             assert 3 <= len(acknowledged) < 100
             listed = await store.list_messages()
@@ -402,11 +405,11 @@ async def test_real_full_disk_fails_enqueue_cleanly_and_keeps_acknowledged_mail(
 _ENQUEUER = textwrap.dedent(
     """
     import asyncio, os, sys
-    from deliverd.queue.store import QueueStore
+    from deliverd.queue.store import NewMessage, QueueStore
 
     async def worker(store, n):
         while True:
-            qid = await store.enqueue("a@x.test", [f"r{n}@y.test"], os.urandom(2000))
+            qid = await store.enqueue(NewMessage("a@x.test", [f"r{n}@y.test"], os.urandom(2000)))
             print(qid, flush=True)
 
     async def main():
@@ -451,7 +454,7 @@ def test_kill_9_never_loses_an_acknowledged_message(tmp_path: Path) -> None:
 async def test_settle_records_and_removes_a_finished_message_in_one_commit(
     store: QueueStore,
 ) -> None:
-    qid = await store.enqueue("a@x.test", ["b@y.test"], BODY)
+    qid = await store.enqueue(NewMessage("a@x.test", ["b@y.test"], BODY))
     before = store.commits
     removed = await store.settle(qid, [RecipientUpdate("b@y.test", RcptState.DELIVERED)])
     assert removed is True
@@ -460,7 +463,7 @@ async def test_settle_records_and_removes_a_finished_message_in_one_commit(
 
 
 async def test_settle_keeps_a_message_with_an_open_recipient(store: QueueStore) -> None:
-    qid = await store.enqueue("a@x.test", ["b@y.test", "c@y.test"], BODY)
+    qid = await store.enqueue(NewMessage("a@x.test", ["b@y.test", "c@y.test"], BODY))
     removed = await store.settle(qid, [
         RecipientUpdate("b@y.test", RcptState.DELIVERED),
         RecipientUpdate("c@y.test", RcptState.DEFERRED, next_attempt=time.time() + 60,
@@ -474,8 +477,8 @@ async def test_settle_keeps_a_message_with_an_open_recipient(store: QueueStore) 
 
 
 async def test_due_with_data_skips_excluded_ids_and_returns_bodies(store: QueueStore) -> None:
-    first = await store.enqueue("a@x.test", ["b@y.test"], BODY)
-    second = await store.enqueue("a@x.test", ["c@y.test"], BODY + b"second\r\n")
+    first = await store.enqueue(NewMessage("a@x.test", ["b@y.test"], BODY))
+    second = await store.enqueue(NewMessage("a@x.test", ["c@y.test"], BODY + b"second\r\n"))
     due = await store.due_with_data(time.time(), limit=10, exclude=frozenset({first}))
     assert [(m.queue_id, data) for m, data in due] == [(second, BODY + b"second\r\n")]
     assert [m.queue_id for m in await store.due(time.time(), exclude=frozenset({second}))] == [
@@ -485,15 +488,16 @@ async def test_due_with_data_skips_excluded_ids_and_returns_bodies(store: QueueS
 
 def test_read_many_returns_the_bodies_of_existing_ids_only(tmp_path: Path) -> None:
     with QueueDB.open(tmp_path / "queue") as db:
-        ids = [db.enqueue("a@x.test", [f"r{n}@y.test"], BODY + str(n).encode()) for n in range(3)]
+        ids = [db.enqueue(NewMessage(
+            "a@x.test", [f"r{n}@y.test"], BODY + str(n).encode())) for n in range(3)]
         found = db.read_many([*ids, "NOSUCHID00000"])
     assert found == {qid: BODY + str(n).encode() for n, qid in enumerate(ids)}
 
 
 def test_settled_lists_only_messages_whose_recipients_are_all_final(tmp_path: Path) -> None:
     with QueueDB.open(tmp_path / "queue") as db:
-        done = db.enqueue("a@x.test", ["b@y.test", "c@y.test"], BODY)
-        open_one = db.enqueue("a@x.test", ["d@y.test", "e@y.test"], BODY)
+        done = db.enqueue(NewMessage("a@x.test", ["b@y.test", "c@y.test"], BODY))
+        open_one = db.enqueue(NewMessage("a@x.test", ["d@y.test", "e@y.test"], BODY))
         db.record(done, [RecipientUpdate("b@y.test", RcptState.DELIVERED),
                          RecipientUpdate("c@y.test", RcptState.BOUNCED)])
         db.record(open_one, [RecipientUpdate("d@y.test", RcptState.DELIVERED)])
@@ -502,7 +506,7 @@ def test_settled_lists_only_messages_whose_recipients_are_all_final(tmp_path: Pa
 
 async def test_store_open_removes_messages_left_settled_by_a_crash(tmp_path: Path) -> None:
     with QueueDB.open(tmp_path / "queue") as db:
-        qid = db.enqueue("a@x.test", ["b@y.test"], BODY)
+        qid = db.enqueue(NewMessage("a@x.test", ["b@y.test"], BODY))
         db.record(qid, [RecipientUpdate("b@y.test", RcptState.DELIVERED)])  # no finish: a crash
     store = await QueueStore.open(tmp_path / "queue")
     try:

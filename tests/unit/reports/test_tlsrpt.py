@@ -14,6 +14,7 @@ from deliverd.core.outcomes import Hop, Reply, Route, SessionFailure, Stage, Tra
 from deliverd.delivery.tls_reporter import TlsReporter
 from deliverd.dns.resolver import Resolver
 from deliverd.queue.store import QueueStore
+from deliverd.reports.notices import Notices
 from deliverd.reports.tlsrpt import (
     failure_type,
     is_tls_required_no,
@@ -23,6 +24,7 @@ from deliverd.reports.tlsrpt import (
     session_result,
 )
 from deliverd.spec.normalise import normalise
+from deliverd.submission.cleanup import Intake
 
 HOP = Hop("mx1.example.test", "127.0.0.75", 25, Route.DIRECT)
 
@@ -107,7 +109,8 @@ async def test_finished_days_are_dropped_unsent_when_reports_are_off(tmp_path: P
         await store.count_tls_result(("example.test", "2026-11-29", "sts", "", ""), "p")
         await store.count_tls_result(("example.test", "2026-11-30", "sts", "", ""), "p")
         woken: list[bool] = []
-        reporter = TlsReporter(cfg, store, Resolver(["127.0.0.1:9"]), lambda: woken.append(True))
+        notices = Notices(Intake(store, lambda: cfg, lambda _qid, _source: woken.append(True)))
+        reporter = TlsReporter(cfg, store, Resolver(["127.0.0.1:9"]), notices)
         assert await reporter.send_due(today="2026-11-30") == 0
         assert await store.tls_result_days("2026-12-01") == [("example.test", "2026-11-30")]
         assert not woken and not await store.list_messages()

@@ -18,7 +18,9 @@ import uvloop
 from deliverd.config.model import Config, DsnConfig, HostConfig, LimitsConfig, Listener
 from deliverd.ops.metrics import Metrics
 from deliverd.queue.store import QueueStore
-from deliverd.submission.listener import InboundGate, start_listeners
+from deliverd.submission.cleanup import Intake
+from deliverd.submission.gate import InboundGate
+from deliverd.submission.listener import start_listeners
 
 pytestmark = pytest.mark.integration
 
@@ -76,7 +78,8 @@ async def started(tmp_path: Path) -> AsyncIterator[Listening]:
     )
     metrics = Metrics()
     enqueued: list[str] = []
-    servers = await start_listeners(cfg, store, enqueued.append,
+    intake = Intake(store, lambda: cfg, lambda qid, _source: enqueued.append(qid))
+    servers = await start_listeners(cfg, intake,
                                     gate=InboundGate(on_refused=metrics.inbound_refused_by))
     running = Listening(servers[0].sockets[0].getsockname()[1], metrics, enqueued)
     try:

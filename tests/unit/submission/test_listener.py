@@ -15,18 +15,17 @@ import aiosmtplib
 import pytest
 
 from deliverd.config.model import Config, DsnConfig, HostConfig, LimitsConfig, Listener
+from deliverd.queue.space import WAL_HEADROOM, min_free_bytes
 from deliverd.queue.store import BodySpool, QueueFullError, QueueStore
-from deliverd.submission.listener import (
-    REPLY_RELAY_DENIED,
-    WAL_HEADROOM,
-    count_received,
+from deliverd.submission.cleanup import Intake
+from deliverd.submission.incoming import count_received
+from deliverd.submission.listener import REPLY_RELAY_DENIED, start_listeners
+from deliverd.submission.policy import (
     has_8bit,
     loop_hold_reason,
-    min_free_bytes,
     parse_networks,
     received_header,
     relay_allowed,
-    start_listeners,
 )
 
 pytestmark = pytest.mark.integration
@@ -140,8 +139,8 @@ async def start(store: QueueStore) -> AsyncIterator[StartFn]:
         )
         target = with_store if with_store is not None else store
         running = Running(address, 0, target)
-        started = await start_listeners(cfg, target, running.enqueued.append,
-                                        trust_loopback=trust_loopback)
+        intake = Intake(target, lambda: cfg, lambda qid, _source: running.enqueued.append(qid))
+        started = await start_listeners(cfg, intake, trust_loopback=trust_loopback)
         servers.extend(started)
         running.port = started[0].sockets[0].getsockname()[1]
         return running
@@ -385,7 +384,7 @@ async def test_listener_binds_every_configured_address(store: QueueStore) -> Non
         dsn=DsnConfig("postmaster@mx.deliverd.test"),
         listen=(Listener("127.0.0.1", 0, ()), Listener("127.0.0.3", 0, ("127.0.0.0/8",))),
     )
-    servers = await start_listeners(cfg, store, lambda _qid: None)
+    servers = await start_listeners(cfg, Intake(store, lambda: cfg, lambda _qid, _source: None))
     try:
         bound = sorted(str(ipaddress.ip_address(s.sockets[0].getsockname()[0]))
                        for s in servers)

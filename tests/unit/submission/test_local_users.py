@@ -28,6 +28,7 @@ from deliverd.spec.normalise import normalise
 from deliverd.spec.problems import errors
 from deliverd.spec.render import render_config
 from deliverd.spec.validation import validate_spec
+from deliverd.submission.cleanup import Intake
 from deliverd.submission.listener import start_listeners
 from deliverd.submission.local import (
     LocalPolicy,
@@ -268,7 +269,8 @@ async def test_listener_resolves_aliases_masquerades_and_refuses_unknown_users(
         masquerade=MasqueradeConfig("example.com"),
     )
     current = {"cfg": cfg}
-    servers = await start_listeners(cfg, store, lambda _: None, current=lambda: current["cfg"])
+    intake = Intake(store, lambda: current["cfg"], lambda _qid, _source: None)
+    servers = await start_listeners(cfg, intake, current=lambda: current["cfg"])
     port = servers[0].sockets[0].getsockname()[1]
     try:
         smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=10)

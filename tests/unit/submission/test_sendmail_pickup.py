@@ -22,6 +22,7 @@ from deliverd.config.model import (
     MasqueradeConfig,
 )
 from deliverd.queue.store import QueueStore
+from deliverd.submission.cleanup import Intake
 from deliverd.submission.maildrop import DropEnvelope, prepare, write_drop
 from deliverd.submission.pickup import STALE_TEMP, Pickup
 
@@ -48,7 +49,7 @@ async def queue(tmp_path: Path) -> AsyncIterator[tuple[Path, QueueStore, list[st
 
 def _pickup(queue: tuple[Path, QueueStore, list[str]]) -> Pickup:
     path, store, woken = queue
-    return Pickup(path, store, woken.append, lambda: CFG)
+    return Pickup(path, store, Intake(store, lambda: CFG, lambda qid, _source: woken.append(qid)))
 
 
 def _lexists(path: Path) -> bool:

@@ -15,7 +15,9 @@ import pytest
 
 from deliverd.config.model import Config, DsnConfig, HostConfig, LimitsConfig, Listener
 from deliverd.queue.database import DB_NAME, QueueDB
+from deliverd.queue.message import NewMessage
 from deliverd.queue.store import BODY_CHUNK, BodySpool, QueueStore
+from deliverd.submission.cleanup import Intake
 from deliverd.submission.listener import start_listeners
 
 LISTEN = "127.0.0.91"
@@ -52,7 +54,7 @@ def test_a_spooled_body_is_stored_in_chunks_and_read_back_whole(tmp_path: Path) 
         for start in range(0, len(data), 70_000):
             spool.write(data[start:start + 70_000])
         assert not spool.in_memory
-        qid = db.enqueue("a@example.test", ["b@example.test"], spool)
+        qid = db.enqueue(NewMessage("a@example.test", ["b@example.test"], spool))
         spool.close()
         chunks = list(db.iter_body(qid))
         assert [len(c) for c in chunks[:-1]] == [BODY_CHUNK] * (len(chunks) - 1)
@@ -60,7 +62,8 @@ def test_a_spooled_body_is_stored_in_chunks_and_read_back_whole(tmp_path: Path) 
         assert db.read_many([qid]) == {qid: data}
         message = db.get(qid)
         assert message is not None and message.size == len(data)
-        small = db.enqueue("a@example.test", ["b@example.test"], b"Subject: s\r\n\r\nx\r\n")
+        small = db.enqueue(NewMessage(
+            "a@example.test", ["b@example.test"], b"Subject: s\r\n\r\nx\r\n"))
         assert list(db.iter_body(small)) == [b"Subject: s\r\n\r\nx\r\n"]
         assert db.delete(qid)
         with pytest.raises(KeyError):
@@ -71,7 +74,8 @@ def test_a_spooled_body_is_stored_in_chunks_and_read_back_whole(tmp_path: Path) 
 
 def test_a_version_1_queue_gains_the_chunk_table_and_keeps_its_bodies(tmp_path: Path) -> None:
     with QueueDB.open(tmp_path) as db:
-        qid = db.enqueue("a@example.test", ["b@example.test"], b"Subject: old\r\n\r\nx\r\n")
+        qid = db.enqueue(NewMessage(
+            "a@example.test", ["b@example.test"], b"Subject: old\r\n\r\nx\r\n"))
     with sqlite3.connect(tmp_path / DB_NAME) as conn:  # what version 1 left on disk
         conn.execute("DROP TABLE body_chunks")
         conn.execute("PRAGMA user_version = 1")
@@ -79,7 +83,7 @@ def test_a_version_1_queue_gains_the_chunk_table_and_keeps_its_bodies(tmp_path: 
         assert db.read_data(qid) == b"Subject: old\r\n\r\nx\r\n"
         spool = BodySpool(tmp_path)
         spool.write(b"x" * (BODY_CHUNK + 1))
-        big = db.enqueue("a@example.test", ["b@example.test"], spool)
+        big = db.enqueue(NewMessage("a@example.test", ["b@example.test"], spool))
         assert db.read_data(big) == b"x" * (BODY_CHUNK + 1)
 
 
@@ -89,7 +93,7 @@ async def test_the_store_streams_a_body_chunk_by_chunk(tmp_path: Path) -> None:
     try:
         spool = store.spool()
         spool.write(data)
-        qid = await store.enqueue("a@example.test", ["b@example.test"], spool)
+        qid = await store.enqueue(NewMessage("a@example.test", ["b@example.test"], spool))
         spool.close()
         chunks = [c async for c in store.body_chunks(qid)]
         assert len(chunks) == 3 and b"".join(chunks) == data
@@ -111,7 +115,7 @@ async def listening(tmp_path: Path) -> AsyncIterator[tuple[QueueStore, int]]:
         listen=(Listener(LISTEN, 0, ()),),
         limits=LimitsConfig(max_message_size=12 * 1024 * 1024),
     )
-    servers = await start_listeners(cfg, store, lambda _qid: None)
+    servers = await start_listeners(cfg, Intake(store, lambda: cfg, lambda _qid, _source: None))
     try:
         yield store, servers[0].sockets[0].getsockname()[1]
     finally:
@@ -227,7 +231,7 @@ async def test_a_lost_connection_mid_data_queues_nothing(
 def test_a_large_body_given_as_bytes_is_stored_in_chunks_too(tmp_path: Path) -> None:
     data = big_message(2 * BODY_CHUNK + 5)
     with QueueDB.open(tmp_path) as db:
-        qid = db.enqueue("a@example.test", ["b@example.test"], data)
+        qid = db.enqueue(NewMessage("a@example.test", ["b@example.test"], data))
         sizes = [len(c) for c in db.iter_body(qid)]
         assert sizes == [BODY_CHUNK, BODY_CHUNK, len(data) - 2 * BODY_CHUNK]
         assert db.read_data(qid) == data
