@@ -1,12 +1,12 @@
 """``deliverd probe``: check from this host that the smart host would take our mail.
 
-The probe walks the same path a smart host delivery takes (DESIGN §2): resolve the smart host
-(address lookup, or MX with ``resolve_mx``), POP-before-SMTP when configured (before the SMTP
-session, as the engine does), connect and read the greeting (refusing a loop to ourselves),
-EHLO, TLS by policy with verification as configured, AUTH with the global credentials or those
-a given account would use, then QUIT. It never sends MAIL. It reuses the transport's session
-(``SmtpSession``), TLS policy and AUTH rules, so a passing probe means the engine's own code got
-through, not a look-alike.
+The probe walks the same path a smart host delivery takes (docs/delivery.md): resolve the
+smart host (address lookup, or MX with ``resolve_mx``), POP-before-SMTP when configured
+(before the SMTP session, as the engine does), connect and read the greeting (refusing a loop
+to ourselves), EHLO, TLS by policy with verification as configured, AUTH with the global
+credentials or those a given account would use, then QUIT. It never sends MAIL. It reuses the
+transport's session (``SmtpSession``), TLS policy and AUTH rules, so a passing probe means the
+engine's own code got through, not a look-alike.
 
 The result is a list of steps, each ``ok`` with a one-line detail; no detail ever carries a
 password (AUTH is exchanged by ``SmtpSession``, which redacts it, and errors are built from

@@ -67,7 +67,7 @@ def needs_dsn(sender: str, is_dsn: bool) -> bool:
     """Whether a failure of this message may be reported to its sender.
 
     Never to the null sender and never for a DSN itself: those are held for the operator
-    instead (DESIGN §2), so two MTAs can never bounce notices at each other.
+    instead (docs/delivery.md, "Bounces"), so two MTAs can never bounce notices at each other.
     """
     return not is_dsn and sender.strip() not in ("", "<>")
 
