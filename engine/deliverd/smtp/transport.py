@@ -1,7 +1,8 @@
 """The SMTP client: one call, one transaction to one hop, always a result.
 
-``Transport.transact`` runs connect, greeting, EHLO, TLS and AUTH (or reuses a pooled session
-that already did), then MAIL, RCPT for every recipient and DATA, and returns the raw replies as
+``Transport.transact`` runs the handshake (``smtp.handshake``: connect, greeting, EHLO, TLS and
+AUTH, the same code ``deliverd probe`` runs) or reuses a pooled session that already did, then
+MAIL, RCPT for every recipient and DATA, and returns the raw replies as
 a ``TransactionResult``. Network trouble of any kind ends as ``result.failure``; judging what
 the replies mean for each recipient is the router's job, not this module's.
 
@@ -30,23 +31,23 @@ from deliverd.core.outcomes import (
     StreamedBody,
     TransactionResult,
 )
-from deliverd.smtp.dane import verify as dane_verify
 from deliverd.smtp.errors import (
-    STATUS_AUTH,
     STATUS_CONNECT,
-    STATUS_TLS_FAILED,
-    STATUS_TLS_NOT_OFFERED,
     SessionError,
     failure_from_reply,
 )
+from deliverd.smtp.handshake import (
+    Handshake,
+    close_after_failure,
+    establish,
+    retries_in_clear,
+)
 from deliverd.smtp.policy import (
     WireStuffer,
-    choose_mechanism,
     dsn_mail_parameters,
     dsn_rcpt_parameters,
     is_eightbit,
     mail_parameters,
-    may_authenticate,
     needs_smtputf8,
     size_limit,
     unsafe_address,
@@ -58,11 +59,9 @@ from deliverd.smtp.pop3 import PopBeforeSmtp
 from deliverd.smtp.session import Command, Exchange, SmtpSession
 from deliverd.smtp.tls import (
     ContextCache,
-    StartTls,
     TlsMode,
     TlsPlan,
     plan_for,
-    starttls_decision,
 )
 
 IDLE_TIMEOUT = 30.0
@@ -180,12 +179,7 @@ class Transport:
         async with self._pool.slot(key.destination):
             result = await self._attempt(hop, envelope, creds, plan, key, cfg, tls=True)
             failure = result.failure
-            if (
-                failure is not None
-                and failure.stage is Stage.STARTTLS
-                and failure.reply is None
-                and plan.may_fall_back_to_clear
-            ):
+            if failure is not None and retries_in_clear(failure, plan):
                 # Postfix "may": a broken handshake is retried once in clear text.
                 clear = await self._attempt(hop, envelope, creds, plan, key, cfg, tls=False)
                 result = replace(clear, transcript=result.transcript + clear.transcript)
@@ -213,12 +207,13 @@ class Transport:
                     return _result(hop, progress, transcript, plan, pooled.session)
                 # The server dropped the cached session while it sat idle: reconnect once.
         session = SmtpSession(hop, cfg.host.name, cfg.timeouts)
+        handshake = Handshake.for_config(plan, creds, cfg)
         try:
-            await self._establish(session, plan, creds, cfg, tls=tls)
+            await establish(session, handshake if tls else handshake.in_clear(), self._contexts)
         except SessionError as err:
             if err.failure.stage is Stage.STARTTLS and err.failure.reply is None:
                 self._session_secured("failed")
-            await _close_after_failure(session, err.failure)
+            await close_after_failure(session, err.failure)
             if _host_failed(err.failure):
                 self._failures.record(key.destination, cfg.limits.connection_failure_cache)
             return TransactionResult(hop, failure=err.failure, transcript=tuple(session.transcript))
@@ -233,40 +228,6 @@ class Transport:
     def _session_secured(self, result: str) -> None:
         if self._on_session is not None:
             self._on_session(result)
-
-    async def _establish(
-        self,
-        session: SmtpSession,
-        plan: TlsPlan,
-        creds: Credentials | None,
-        cfg: Config,
-        *,
-        tls: bool,
-    ) -> None:
-        """Connect, greet, EHLO, TLS per plan and AUTH; raises ``SessionError``."""
-        implicit = plan.mode is TlsMode.IMPLICIT
-        await session.open(self._contexts.get(plan) if implicit else None)
-        await session.hello()
-        offered = "starttls" in session.features
-        decision = starttls_decision(plan, offered, session.tls_active) if tls else StartTls.SKIP
-        if decision is StartTls.FAIL:
-            raise SessionError(SessionFailure(
-                Stage.STARTTLS,
-                f"TLS is required, but was not offered by {session.hop.relay}",
-                status=STATUS_TLS_NOT_OFFERED,
-            ))
-        if decision is StartTls.START:
-            reply = await session.starttls(self._contexts.get(plan))
-            if reply.code == 220 and plan.dane:
-                _check_dane(session, plan)
-            if reply.code == 220:
-                await session.hello()  # RFC 3207: forget what was learnt before TLS
-            elif plan.mode is TlsMode.REQUIRED:
-                refused = failure_from_reply(Stage.STARTTLS, reply)
-                raise SessionError(replace(refused, temporary=True, status=STATUS_TLS_NOT_OFFERED))
-            # opportunistic and refused: carry on in clear text, as Postfix does
-        if creds is not None:
-            await _authenticate(session, creds, cfg)
 
     async def _run(
         self, pooled: PooledSession, envelope: Envelope, cfg: Config
@@ -323,24 +284,6 @@ class Transport:
 
 
 # -- the transaction itself -----------------------------------------------------------------
-
-
-async def _authenticate(session: SmtpSession, creds: Credentials, cfg: Config) -> None:
-    smarthost = cfg.routing.smarthost
-    plaintext_ok = smarthost is not None and smarthost.allow_plaintext_auth
-    if not may_authenticate(session.tls_active, plaintext_ok):
-        raise SessionError(SessionFailure(
-            Stage.AUTH, "refusing to send credentials without TLS", status="4.7.0"
-        ))
-    mechanism = choose_mechanism(session.auth_mechanisms)
-    if mechanism is None:
-        offered = " ".join(session.auth_mechanisms) or "none"
-        raise SessionError(SessionFailure(
-            Stage.AUTH,
-            f"no usable AUTH mechanism offered by {session.hop.relay} (offered: {offered})",
-            status=STATUS_AUTH,
-        ))
-    await session.authenticate(creds, mechanism)
 
 
 async def _transaction(
@@ -513,16 +456,6 @@ def _tls_name(hop: Hop, plan: TlsPlan) -> str | None:
     return None
 
 
-def _check_dane(session: SmtpSession, plan: TlsPlan) -> None:
-    """RFC 7672: the chain must match a usable TLSA record, or no mail goes over it."""
-    verdict = dane_verify(plan.dane, session.peer_chain(), [session.hop.host])
-    session.note(f"--- {verdict.reason}")
-    if not verdict.ok:
-        raise SessionError(SessionFailure(
-            Stage.STARTTLS, f"{verdict.reason} at {session.hop.relay}", status=STATUS_TLS_FAILED
-        ))
-
-
 def _result(
     hop: Hop,
     progress: _Progress,
@@ -547,15 +480,6 @@ def _host_failed(failure: SessionFailure) -> bool:
     would not talk (a timeout, 4xx or 5xx greeting). Such a host is skipped for
     ``limits.connection_failure_cache``; refusals of a sender or recipient are not."""
     return failure.stage in (Stage.CONNECT, Stage.GREETING) and not failure.loop
-
-
-async def _close_after_failure(session: SmtpSession, failure: SessionFailure) -> None:
-    # After a reply the dialogue is in step and a QUIT is polite; after a local error
-    # (timeout, garbage, dropped connection) it is not, so just close.
-    if failure.reply is not None or failure.loop:
-        await session.quit()
-    else:
-        session.abort()
 
 
 async def _quit_all(sessions: list[PooledSession]) -> None:
