@@ -302,62 +302,19 @@ async def _transaction(
     before RSET. With ``abort_on_rcpt_5xx`` DATA stays out of the group: whether to send it
     depends on every RCPT reply.
     """
-    relay = session.hop.relay
-    features = session.features
-    smtputf8 = needs_smtputf8(envelope)
-    if smtputf8 and "smtputf8" not in features:
-        progress.failure = SessionFailure(
-            Stage.MAIL, f"SMTPUTF8 required but not offered by {relay}",
-            temporary=False, status="5.6.7",
-        )
+    size = await _size_if_sendable(session, envelope, progress)
+    if size is None:
         return
-    if unsafe_address(envelope.sender):
-        progress.failure = SessionFailure(
-            Stage.MAIL, "sender address cannot be sent in SMTP", temporary=False, status="5.1.7"
-        )
-        return
-    data = envelope.data
-    size = wire_size(data) if isinstance(data, bytes) else await _streamed_wire_size(data)
-    limit = size_limit(features)
-    if limit is not None and size > limit:
-        progress.failure = SessionFailure(
-            Stage.MAIL, f"message size {size} exceeds size limit {limit} of {relay}",
-            temporary=False, status="5.3.4",
-        )
-        return
-
-    encoding = "utf-8" if smtputf8 else "ascii"
     recipients = list(dict.fromkeys(envelope.recipients))
     # DATA joins the group unless the RCPT replies must be seen first (abort_on_rcpt_5xx).
     pipelined = session.pipelining
     data_pipelined = pipelined and not cfg.routing.abort_on_rcpt_5xx
-    commands: list[Command] = [(Stage.MAIL, _mail_words(envelope, features, size, smtputf8))]
-    commands += [
-        (Stage.RCPT, _rcpt_words(r, encoding, features, envelope.dsn.of(r)))
-        for r in recipients if not unsafe_address(r)
-    ]
-    if data_pipelined:
-        commands.append((Stage.DATA, (b"DATA",)))
+    commands = _commands(envelope, recipients, session.features, size, data_pipelined)
     exchange = session.exchange(commands, pipelined=pipelined)
-
-    mail = await exchange.reply()
-    if not mail.is_positive:
-        progress.failure = failure_from_reply(Stage.MAIL, mail)
-        # RCPT and DATA replies owed after a refused MAIL are read and ignored.
-        progress.in_sync = mail.code != 421 and await _owed(exchange) and await _reset(session)
+    if not await _mail_accepted(session, exchange, progress):
         return
-
-    for recipient in recipients:
-        if unsafe_address(recipient):
-            progress.rcpt_replies[recipient] = Reply(553, "address not sendable in SMTP", "5.1.3")
-            continue
-        reply = await exchange.reply()
-        progress.rcpt_replies[recipient] = reply
-        if reply.code == 421:  # the server is closing the session
-            progress.failure = failure_from_reply(Stage.RCPT, reply)
-            progress.in_sync = False
-            return
-
+    if not await _rcpt_replies(exchange, recipients, progress):
+        return
     replies = progress.rcpt_replies.values()
     if not any(r.is_positive for r in replies):
         # A pipelined DATA must then be refused (RFC 2920: 503 or 554); a server that says
@@ -369,7 +326,85 @@ async def _transaction(
         progress.aborted = True
         progress.in_sync = await _reset(session)
         return
+    await _send_body(session, envelope.data, start, progress)
 
+
+async def _size_if_sendable(
+    session: SmtpSession, envelope: Envelope, progress: _Progress
+) -> int | None:
+    """The message's SIZE, or None when this server must not get it (the failure is in
+    ``progress``): SMTPUTF8 needed but not offered, a sender SMTP cannot carry, too big."""
+    relay = session.hop.relay
+    features = session.features
+    if needs_smtputf8(envelope) and "smtputf8" not in features:
+        progress.failure = SessionFailure(
+            Stage.MAIL, f"SMTPUTF8 required but not offered by {relay}",
+            temporary=False, status="5.6.7",
+        )
+        return None
+    if unsafe_address(envelope.sender):
+        progress.failure = SessionFailure(
+            Stage.MAIL, "sender address cannot be sent in SMTP", temporary=False, status="5.1.7"
+        )
+        return None
+    data = envelope.data
+    size = wire_size(data) if isinstance(data, bytes) else await _streamed_wire_size(data)
+    limit = size_limit(features)
+    if limit is not None and size > limit:
+        progress.failure = SessionFailure(
+            Stage.MAIL, f"message size {size} exceeds size limit {limit} of {relay}",
+            temporary=False, status="5.3.4",
+        )
+        return None
+    return size
+
+
+def _commands(
+    envelope: Envelope, recipients: list[str], features: Mapping[str, str], size: int,
+    with_data: bool,
+) -> list[Command]:
+    """MAIL, a RCPT per recipient SMTP can carry, and DATA when it joins the group."""
+    smtputf8 = needs_smtputf8(envelope)
+    encoding = "utf-8" if smtputf8 else "ascii"
+    commands: list[Command] = [(Stage.MAIL, _mail_words(envelope, features, size, smtputf8))]
+    commands += [
+        (Stage.RCPT, _rcpt_words(r, encoding, features, envelope.dsn.of(r)))
+        for r in recipients if not unsafe_address(r)
+    ]
+    if with_data:
+        commands.append((Stage.DATA, (b"DATA",)))
+    return commands
+
+
+async def _mail_accepted(session: SmtpSession, exchange: Exchange, progress: _Progress) -> bool:
+    mail = await exchange.reply()
+    if mail.is_positive:
+        return True
+    progress.failure = failure_from_reply(Stage.MAIL, mail)
+    # RCPT and DATA replies owed after a refused MAIL are read and ignored.
+    progress.in_sync = mail.code != 421 and await _owed(exchange) and await _reset(session)
+    return False
+
+
+async def _rcpt_replies(exchange: Exchange, recipients: list[str], progress: _Progress) -> bool:
+    """Each recipient's reply into ``progress``; False when the server closes the session."""
+    for recipient in recipients:
+        if unsafe_address(recipient):
+            progress.rcpt_replies[recipient] = Reply(553, "address not sendable in SMTP", "5.1.3")
+            continue
+        reply = await exchange.reply()
+        progress.rcpt_replies[recipient] = reply
+        if reply.code == 421:  # the server is closing the session
+            progress.failure = failure_from_reply(Stage.RCPT, reply)
+            progress.in_sync = False
+            return False
+    return True
+
+
+async def _send_body(
+    session: SmtpSession, data: bytes | StreamedBody, start: Reply | None, progress: _Progress
+) -> None:
+    """DATA (unless its 354 came with the group), the body, and the final reply."""
     if isinstance(data, bytes):
         start, final = await session.data(wire_body(data), start)
     else:
