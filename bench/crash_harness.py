@@ -1,4 +1,6 @@
-"""kill -9 crash harness: prove that no acknowledged message is ever lost (DESIGN §3, Durability).
+"""kill -9 crash harness: prove that no acknowledged message is ever lost.
+
+The rule is docs/architecture.md, "Durability".
 
 One run: a counting SMTP sink (aiosmtpd in a thread, slow on purpose so deliveries are in
 flight), a ``deliverd run`` subprocess relaying everything to it as a smart host, and K rounds of

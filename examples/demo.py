@@ -195,7 +195,7 @@ def main() -> int:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(30)
             deploy_fleet(workdir, dns, mx_port, sinks)
-    title("Done: delivered, deferred and bounced by the rules of DESIGN §2, and a fleet "
+    title("Done: delivered, deferred and bounced by the rules of docs/delivery.md, and a fleet "
           "deployed from its spec.")
     return 0
 

@@ -20,6 +20,7 @@ import pwd
 import signal
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from deliverd.config.loader import ConfigError, load_config
@@ -65,6 +66,18 @@ def make_resolver(cfg: Config) -> Resolver:
     )
 
 
+@dataclass(frozen=True)
+class _Running:
+    """What ``serve`` started and stops again, in the order ``_shut_down`` needs them."""
+
+    transport: Transport
+    runner: asyncio.Task[None]  # the scheduler
+    pickup: asyncio.Task[None]  # the maildrop's
+    showq_server: asyncio.AbstractServer | None
+    periodic: tuple[asyncio.Task[None], ...]  # metrics file, TLS reports, watchdog pings
+    pid_file: Path
+
+
 class Daemon:
     def __init__(
         self,
@@ -97,6 +110,30 @@ class Daemon:
         self.notifier = sdnotify.Notifier()
 
     async def serve(self) -> int:
+        """Run until SIGTERM (or ``stop``): open the queue, listen, deliver; then stop in
+        order. 1 when the queue or a listening address cannot be had, else 0."""
+        store = await self._open_queue()
+        if store is None:
+            return 1
+        transport = Transport(self.cfg, on_session=self.metrics.tls_session)
+        resolver = make_resolver(self.cfg)
+        # The one way into the queue, for every source: listeners, SMTP workers, the pickup,
+        # and the notices the scheduler and the TLS reporter ask for.
+        intake = self.intake = Intake(store, self._current, self._enqueued)
+        notices = Notices(intake)
+        self.scheduler = Scheduler(
+            self.cfg, store, resolver, transport, log_format=self.log_format,
+            metrics=self.metrics, sts=StsPolicies(resolver, store), notices=notices,
+        )
+        if not await self._open_endpoints(store):
+            return 1
+        running = await self._start(store, self.scheduler, transport, resolver, notices)
+        await self._stop.wait()
+        await self._shut_down(store, self.scheduler, running)
+        self._event("stopped")
+        return 0
+
+    async def _open_queue(self) -> QueueStore | None:
         try:
             self.store = await QueueStore.open(self.cfg.queue.path)
         except (OSError, QueueError) as exc:
@@ -104,18 +141,12 @@ class Daemon:
             # directory), not a traceback.
             log.error("cannot open the queue %s as %s: %s", self.cfg.queue.path,
                       _user_name(), exc)
-            return 1
-        pid_file = Path(self.cfg.queue.path) / PID_NAME
-        transport = Transport(self.cfg, on_session=self.metrics.tls_session)
-        resolver = make_resolver(self.cfg)
-        # The one way into the queue, for every source: listeners, SMTP workers, the pickup,
-        # and the notices the scheduler and the TLS reporter ask for.
-        intake = self.intake = Intake(self.store, self._current, self._enqueued)
-        notices = Notices(intake)
-        self.scheduler = Scheduler(
-            self.cfg, self.store, resolver, transport, log_format=self.log_format,
-            metrics=self.metrics, sts=StsPolicies(resolver, self.store), notices=notices,
-        )
+            return None
+        return self.store
+
+    async def _open_endpoints(self, store: QueueStore) -> bool:
+        """The metrics endpoint, then the SMTP listeners; False (logged, all closed again)
+        when an address cannot be had."""
         try:
             # The endpoint first: a port that cannot be had stops the start before any client
             # could see the SMTP listener open.
@@ -125,28 +156,40 @@ class Daemon:
             log.error("cannot listen: %s", exc)
             await self._close_servers()
             self._close_metrics()
-            await self.store.close()
-            return 1
+            await store.close()
+            return False
+        return True
+
+    async def _start(
+        self, store: QueueStore, scheduler: Scheduler, transport: Transport, resolver: Resolver,
+        notices: Notices,
+    ) -> _Running:
+        """Announce readiness and start everything that runs until the stop."""
+        assert self.intake is not None
         self.metrics.watch_queue(self._queue_shape)
+        pid_file = Path(self.cfg.queue.path) / PID_NAME
         pid_file.write_text(f"{os.getpid()}\n", encoding="ascii")
         self._install_signals()
         where = ", ".join(f"{x.address}:{x.port}" for x in self.cfg.listen)
         self._event(f"ready: listening on {where}, mode={self.cfg.routing.mode.value}")
-        maildrop = Pickup(self.cfg.queue.path, self.store, intake)
+        maildrop = Pickup(self.cfg.queue.path, store, self.intake)
         await maildrop.start()
         self.notifier.ready(f"listening on {where}")
-        runner = asyncio.create_task(self.scheduler.run())
+        runner = asyncio.create_task(scheduler.run())
         pickup = asyncio.create_task(maildrop.run())
-        showq_server = await showq.serve(self.cfg.queue.path, self.store)
+        showq_server = await showq.serve(self.cfg.queue.path, store)
         reporter = asyncio.create_task(self._write_metrics_every(METRICS_EVERY))
-        self.tls_reporter = TlsReporter(self.cfg, self.store, resolver, notices)
+        self.tls_reporter = TlsReporter(self.cfg, store, resolver, notices)
         tls_reports = asyncio.create_task(self.tls_reporter.run())
         watchdog = asyncio.create_task(self._ping_watchdog(self.notifier.watchdog_interval))
-        await self._stop.wait()
+        return _Running(transport, runner, pickup, showq_server,
+                        (reporter, tls_reports, watchdog), pid_file)
+
+    async def _shut_down(self, store: QueueStore, scheduler: Scheduler, running: _Running) -> None:
+        """Stop taking mail, finish or requeue what is in flight, close the queue last."""
         self.notifier.stopping()
-        reporter.cancel()
-        tls_reports.cancel()
-        watchdog.cancel()
+        for task in running.periodic:
+            task.cancel()
         self._event("stopping: closing listeners, finishing in-flight deliveries")
         workers = self.workers
         self.workers = None
@@ -154,16 +197,16 @@ class Daemon:
             asyncio.create_task(workers.stop(WORKER_STOP_GRACE)) if workers is not None else None
         )
         await self._close_servers()
-        pickup.cancel()
-        if showq_server is not None:
-            showq_server.close()
+        running.pickup.cancel()
+        if running.showq_server is not None:
+            running.showq_server.close()
         with contextlib.suppress(asyncio.CancelledError):
-            await pickup
-        await self.scheduler.stop(self.stop_grace)
-        runner.cancel()
+            await running.pickup
+        await scheduler.stop(self.stop_grace)
+        running.runner.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await runner
-        await transport.close()
+            await running.runner
+        await running.transport.close()
         if workers_stopped is not None:
             await workers_stopped  # before the store closes: their last messages go in
         for retiring in self._retiring:  # workers a reload replaced, still finishing
@@ -171,11 +214,9 @@ class Daemon:
         await asyncio.gather(*self._retiring, return_exceptions=True)
         self._write_metrics()
         self._close_metrics()
-        await self.store.close()
+        await store.close()
         with contextlib.suppress(FileNotFoundError):
-            pid_file.unlink()
-        self._event("stopped")
-        return 0
+            running.pid_file.unlink()
 
     def _current(self) -> Config:
         return self.cfg

@@ -1,7 +1,7 @@
 """A real dnsmasq on a free port of 127.0.0.1: the lab's DNS (tests, demo, benchmarks).
 
-``LAB_ZONE`` is a standard zone covering every case of DESIGN §2 (names under ``.test`` that are
-not listed are NXDOMAIN through ``local=/test/``; every answer has TTL 60):
+``LAB_ZONE`` is a standard zone covering every case of docs/delivery.md (names under ``.test``
+that are not listed are NXDOMAIN through ``local=/test/``; every answer has TTL 60):
 
 =================  ==========================================================================
 ``mx.test``        MX 10 ``mx1.mx.test`` (127.0.0.11), 10 ``mx2.mx.test`` (127.0.0.12),

@@ -1,4 +1,4 @@
-"""DESIGN §3 Durability: a kill -9 at any instant loses no acknowledged message.
+"""docs/architecture.md, "Durability": a kill -9 at any instant loses no acknowledged message.
 
 The end-to-end proof is ``bench/crash`` (``bench/crash_harness.py``): a real ``deliverd run``
 SIGKILLed repeatedly while submissions stream in and deliveries to a slow sink are in flight.

@@ -1,4 +1,4 @@
-"""DESIGN §2, direct mode, end to end: real listener, real dnsmasq, real aiosmtpd MX sinks.
+"""docs/delivery.md, direct mode, end to end: real listener, real dnsmasq, real aiosmtpd MX sinks.
 
 Every test submits mail over SMTP to a running ``deliverd run`` and asserts what the sinks
 received, the queue state, the log line and the DSN that came back to the sender's own MX.

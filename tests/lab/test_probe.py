@@ -171,7 +171,7 @@ def test_probe_fails_when_required_tls_is_not_offered_and_never_sends_auth(
     assert done.returncode == 1, done.stdout + done.stderr
     steps = steps_of(done)
     assert steps["tls"]["ok"] is False
-    assert "does not offer STARTTLS" in steps["tls"]["detail"]
+    assert "STARTTLS was not offered" in steps["tls"]["detail"]
     assert "auth" not in steps
     commands = [c for s in sink.sessions for c in s.commands]
     assert not any(c.startswith("AUTH") for c in commands), commands

@@ -1,4 +1,4 @@
-"""DESIGN §2, smarthost and direct_then_smarthost, end to end against aiosmtpd doubles.
+"""docs/delivery.md, smarthost and direct_then_smarthost, end to end against aiosmtpd doubles.
 
 The real Postfix + Dovecot smart host is proven in test_smarthost_postfix.py and
 test_pop_before_smtp.py; here scripted doubles prove every branch of the rules.

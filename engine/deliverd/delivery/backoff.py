@@ -6,8 +6,8 @@ The rule, precisely:
 - after the Nth failed attempt (``attempts == N >= 1``) wait
   ``min(interval * 2**(N-1), max_interval)``: with the defaults 15m, 30m, 1h, 2h, 4h, 4h...;
 - after a temporary *reply* (4xx) the wait is never shorter than ``temp_error_delay``, the
-  minimum DESIGN promises a server that asked us to come back later; a failure without a reply
-  (connect refused, timeout) follows the backoff alone;
+  minimum docs/operations.md ("Retry") promises a server that asked us to come back later; a
+  failure without a reply (connect refused, timeout) follows the backoff alone;
 - when the arrival time is known, no attempt is scheduled after the expiry moment
   ``arrival + expire_after``: the last attempt lands exactly on it, so a message that still
   fails then expires on time instead of up to ``max_interval`` late.

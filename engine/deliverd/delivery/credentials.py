@@ -1,4 +1,4 @@
-"""Which smart host login a message uses (DESIGN §1 per_account_auth, use_account_mail_passwords).
+"""Which smart host login a message uses (docs/delivery.md, "Which login a message uses").
 
 Pure: the envelope sender's account supplies the login when per-account auth is on and the
 account has usable credentials; anything else falls back to the global ``auth``.

@@ -1,12 +1,13 @@
 """``deliverd probe``: check from this host that the smart host would take our mail.
 
-The probe walks the same path a smart host delivery takes (DESIGN §2): resolve the smart host
-(address lookup, or MX with ``resolve_mx``), POP-before-SMTP when configured (before the SMTP
-session, as the engine does), connect and read the greeting (refusing a loop to ourselves),
-EHLO, TLS by policy with verification as configured, AUTH with the global credentials or those
-a given account would use, then QUIT. It never sends MAIL. It reuses the transport's session
-(``SmtpSession``), TLS policy and AUTH rules, so a passing probe means the engine's own code got
-through, not a look-alike.
+The probe walks the same path a smart host delivery takes (docs/delivery.md): resolve the
+smart host (address lookup, or MX with ``resolve_mx``), POP-before-SMTP when configured
+(before the SMTP session, as the engine does), then delivery's own handshake
+(``smtp.handshake.establish``: connect and greeting, refusing a loop to ourselves, EHLO, TLS
+by the route's plan, AUTH with the global credentials or those a given account would use),
+then QUIT. It never sends MAIL. The handshake reports each step to the probe as it passes or
+fails, and no STARTTLS or AUTH decision is made anywhere else, so a passing probe means
+delivery's code got through, not a look-alike.
 
 The result is a list of steps, each ``ok`` with a one-line detail; no detail ever carries a
 password (AUTH is exchanged by ``SmtpSession``, which redacts it, and errors are built from
@@ -16,7 +17,6 @@ server replies and local conditions only).
 from __future__ import annotations
 
 import ipaddress
-import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -34,17 +34,16 @@ from deliverd.dns.resolver import (
     Resolver,
 )
 from deliverd.smtp.errors import SessionError
-from deliverd.smtp.policy import choose_mechanism, may_authenticate
+from deliverd.smtp.handshake import (
+    Handshake,
+    close_after_failure,
+    establish,
+    failure_text,
+    retries_in_clear,
+)
 from deliverd.smtp.pop3 import PopBeforeSmtp
 from deliverd.smtp.session import SmtpSession
-from deliverd.smtp.tls import (
-    ContextCache,
-    StartTls,
-    TlsMode,
-    TlsPlan,
-    plan_for,
-    starttls_decision,
-)
+from deliverd.smtp.tls import ContextCache, plan_for
 
 
 @dataclass(frozen=True)
@@ -93,7 +92,10 @@ class ProbeConfigError(Exception):
 
 @dataclass
 class _Steps:
+    """The probe's report; also the handshake's ``StepReport``."""
+
     steps: list[ProbeStep] = field(default_factory=list)
+    failure: SessionFailure | None = None  # the session failure behind the last failed step
 
     def ok(self, name: str, detail: str) -> None:
         self.steps.append(ProbeStep(name, True, detail))
@@ -164,112 +166,56 @@ def _own_addresses(cfg: Config) -> set[str]:
     return own
 
 
-# -- the SMTP part -----------------------------------------------------------------------
-
-
-def _tls_version(session: SmtpSession) -> str:
-    # SmtpSession does not expose its aiosmtplib client; the version is only for the report.
-    client = getattr(session, "_smtp", None)
-    transport = getattr(client, "transport", None)
-    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-    if isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
-        return ssl_object.version() or "TLS"
-    return "TLS"
-
-
-def _tls_detail(session: SmtpSession, plan: TlsPlan, host: str) -> str:
-    version = _tls_version(session)
-    if plan.verify:
-        return f"{version} certificate verified for {host}"
-    return f"{version} (certificate not verified: verify_tls is false)"
-
-
-def _first_line(text: str) -> str:
-    return text.split("\n", 1)[0]
+# -- the SMTP part: delivery's own handshake, watched step by step ------------------------
 
 
 async def _smtp_steps(
     hop: Hop, cfg: Config, creds: Credentials | None, steps: _Steps
 ) -> bool:
-    """EHLO, TLS and AUTH on a session that already greeted; False at the first failure."""
+    """Connect, EHLO, TLS and AUTH as delivery does them, then QUIT; False at the first
+    failure. A broken handshake under opportunistic TLS is tried again in clear text, as
+    delivery tries it, so what passes here passes there."""
     plan = plan_for(Route.SMARTHOST, cfg)
+    handshake = Handshake.for_config(plan, creds, cfg)
     contexts = ContextCache()
+    trial = _Steps()
+    session = await _handshake(hop, cfg, handshake, contexts, trial)
+    if session is None:
+        failed = trial.steps[-1]
+        failure = trial.failure
+        if failure is None or not retries_in_clear(failure, plan):
+            steps.steps += trial.steps
+            return False
+        clear = _Steps()
+        session = await _handshake(hop, cfg, handshake.in_clear(), contexts, clear)
+        steps.steps += [s for s in trial.steps if s is not failed]
+        steps.ok("tls", f"handshake failed ({failed.detail}); retried in clear text, as "
+                        "delivery does (opportunistic)")
+        steps.steps += [s for s in clear.steps if s.name not in ("connect", "ehlo", "tls")]
+        if session is None:
+            return False
+    else:
+        steps.steps += trial.steps
+    await session.quit()
+    steps.ok("quit", "session closed without sending mail")
+    return True
+
+
+async def _handshake(
+    hop: Hop, cfg: Config, handshake: Handshake, contexts: ContextCache, steps: _Steps
+) -> SmtpSession | None:
+    """An established session, or None after ``steps`` recorded the failure."""
     session = SmtpSession(hop, cfg.host.name, cfg.timeouts)
-    current = "connect"
     try:
-        await session.open(contexts.get(plan) if plan.mode is TlsMode.IMPLICIT else None)
-        steps.ok("connect", f"{hop.relay}: {_first_line(session.transcript[0][4:])}")
-        if plan.mode is TlsMode.IMPLICIT:
-            steps.ok("tls", _tls_detail(session, plan, hop.host))
-        current = "ehlo"
-        await session.hello()
-        steps.ok("ehlo", " ".join(sorted(k.upper() for k in session.features)) or "(none)")
-        current = "tls"
-        if not await _starttls(session, plan, contexts, hop, steps):
-            return False
-        current = "auth"
-        if creds is not None and not await _auth(session, cfg, creds, steps):
-            return False
-        current = "quit"
-        await session.quit()
-        steps.ok("quit", "session closed without sending mail")
-        return True
+        await establish(session, handshake, contexts, steps)
     except SessionError as err:
-        steps.fail(current, _failure_text(err.failure))
+        steps.failure = err.failure
+        await close_after_failure(session, err.failure)
+        return None
+    except BaseException:
         session.abort()
-        return False
-
-
-async def _starttls(
-    session: SmtpSession, plan: TlsPlan, contexts: ContextCache, hop: Hop, steps: _Steps
-) -> bool:
-    if plan.mode is TlsMode.IMPLICIT:
-        return True
-    offered = "starttls" in session.features
-    decision = starttls_decision(plan, offered, session.tls_active)
-    if decision is StartTls.FAIL:
-        steps.fail("tls", f"TLS is required (tls: starttls), but {hop.relay} does not offer "
-                          "STARTTLS")
-        await session.quit()
-        return False
-    if decision is StartTls.SKIP:
-        why = "tls: none" if plan.mode is TlsMode.NONE else "not offered (opportunistic)"
-        steps.ok("tls", f"not used: {why}")
-        return True
-    reply = await session.starttls(contexts.get(plan))
-    if reply.code != 220:
-        if plan.mode is TlsMode.REQUIRED:
-            steps.fail("tls", f"STARTTLS refused: {reply}")
-            await session.quit()
-            return False
-        steps.ok("tls", f"STARTTLS refused ({reply}); continuing in clear (opportunistic)")
-        return True
-    steps.ok("tls", _tls_detail(session, plan, hop.host))
-    await session.hello()  # RFC 3207: what the server offers after TLS is what counts
-    return True
-
-
-async def _auth(session: SmtpSession, cfg: Config, creds: Credentials, steps: _Steps) -> bool:
-    smarthost = cfg.routing.smarthost
-    plaintext_ok = smarthost is not None and smarthost.allow_plaintext_auth
-    if not may_authenticate(session.tls_active, plaintext_ok):
-        steps.fail("auth", "refusing to send credentials without TLS "
-                           "(allow_plaintext_auth is false)")
-        await session.quit()
-        return False
-    mechanism = choose_mechanism(session.auth_mechanisms)
-    if mechanism is None:
-        offered = " ".join(session.auth_mechanisms) or "none"
-        steps.fail("auth", f"no usable AUTH mechanism offered (offered: {offered})")
-        await session.quit()
-        return False
-    await session.authenticate(creds, mechanism)
-    steps.ok("auth", f"AUTH {mechanism} accepted as {creds.username}")
-    return True
-
-
-def _failure_text(failure: SessionFailure) -> str:
-    return f"{failure.error} [{failure.status}]"
+        raise
+    return session
 
 
 # -- the probe ---------------------------------------------------------------------------
@@ -319,7 +265,7 @@ async def probe(
         pop = smarthost.pop_before_smtp
         failure = await PopBeforeSmtp(cfg).ensure()
         if failure is not None:
-            steps.fail("pop", _failure_text(failure))
+            steps.fail("pop", failure_text(failure))
             return ProbeReport(report.smarthost, tuple(steps.steps))
         steps.ok("pop", f"POP3 login as {pop.username} at {pop.host}:{pop.port} "
                         f"({pop.tls.value}) accepted")

@@ -14,13 +14,13 @@ Modelled on dnspython's ``_Resolution``: an ``Attempt`` object decides, a short 
                 attempt.on_transaction(await transport.send(hop, rcpts))
     record(action.outcomes)            # exactly one Outcome per recipient
 
-DESIGN §2 is the specification. Choices it leaves open, made here (each has a test row):
+docs/delivery.md is the specification; each rule below is stated there and has a test row:
 
 - **4xx at MAIL, RCPT or DATA** (direct): a temporary failure at that host; the recipients it
   concerns are tried at the remaining hosts, and deferred with the last temporary reply when
   none accepts. Unlike Postfix (which defers a RCPT 4xx without trying the next MX) this
-  follows DESIGN's "all hosts exhausted with any temporary failure → defer": a backup MX may
-  well accept what a busy primary greylists.
+  follows "every host tried, any temporary failure → defer" (docs/delivery.md, "Direct
+  delivery"): a backup MX may well accept what a busy primary greylists.
 - **5xx greeting / EHLO / STARTTLS** (direct): the host's failure, next host; if every host
   failed permanently and none temporarily, the recipients bounce with the last 5xx.
 - **Loops, direct**: a hop whose address is one of ``host.addresses`` (or an MX host named
@@ -44,7 +44,7 @@ DESIGN §2 is the specification. Choices it leaves open, made here (each has a t
 - **abort_on_rcpt_5xx**: the refused recipients follow their 5xx rule; all the others are
   DEFERRED at once (4.5.0) and not tried at another host in this attempt.
 
-This module is long because DESIGN §2 is one set of rules: the MX ordering, the hop list
+This module is long because docs/delivery.md is one set of rules: the MX ordering, the hop list
 and the reply classification of all three routing modes are decided together here, and the
 choices above are part of its contract.
 """

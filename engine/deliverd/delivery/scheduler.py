@@ -258,7 +258,7 @@ class Scheduler:
         bounce_to_sender = needs_dsn(message.sender, message.is_dsn)
         notify = {r.address: r.notify for r in message.recipients}
         if failed and not bounce_to_sender:
-            # Never bounce a bounce: hold it for the operator instead (DESIGN §2).
+            # Never bounce a bounce: hold it for the operator instead (docs/delivery.md, "Bounces").
             updates = [_held_instead(u) if u.state is RcptState.BOUNCED else u for u in updates]
             self._event(message.queue_id, "undeliverable notice held for the operator")
         elif failed:

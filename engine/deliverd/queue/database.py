@@ -6,328 +6,55 @@ same database as its envelope, so a message is either wholly queued or not at al
 
 ``QueueDB`` is synchronous and owns one connection; it is what the CLI uses directly, and what
 the async ``deliverd.queue.store.QueueStore`` drives from its writer and reader threads. Several
-write operations can share one transaction (``batch``): that is the group commit.
-
-This module is long because it is the whole on-disk format in one place: the table
-definitions, their migration and every statement that reads or writes them, so a change to the
-format is reviewed in one file.
+write operations can share one transaction (``batch``, from ``transactions.py``): that is the
+group commit. The tables and their migration are in ``schema.py``, the records read from them
+in ``records.py``; the MTA-STS policy cache (``sts_policies``) and the TLS-RPT counts
+(``tls_results``) share the connection and its transactions from their own modules.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
-import secrets
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
-from typing import TypeVar
 
+from deliverd.queue.listing import QueueListing
 from deliverd.queue.message import NewMessage
+from deliverd.queue.queue_ids import derived_queue_id, is_queue_id, new_queue_id
+from deliverd.queue.records import (
+    HEAD_SIZE,
+    MSG_COLS,
+    RCPT_COLS,
+    ChunkedBody,
+    MsgRow,
+    QueueDepth,
+    QueuedMessage,
+    QueuedRecipient,
+    RcptState,
+    RecipientUpdate,
+    message_from_row,
+    recipient_from_row,
+)
+from deliverd.queue.schema import DB_NAME, SCHEMA_VERSION, prepare
 from deliverd.queue.spool import BODY_CHUNK, BodySpool
+from deliverd.queue.sts_cache import StsPolicyCache, StsRow
+from deliverd.queue.tls_counts import TlsResultCounts, TlsResultKey, TlsResultRow
+from deliverd.queue.transactions import QueueError, QueueFullError, QueueMissingError, translate
 
-T = TypeVar("T")
-_P = TypeVar("_P")
+# The names other modules import from here, wherever they are defined now.
+__all__ = [
+    "DB_NAME", "HEAD_SIZE", "SCHEMA_VERSION", "ChunkedBody", "QueueDB", "QueueDepth",
+    "QueueError", "QueueFullError", "QueueMissingError", "QueuedMessage", "QueuedRecipient",
+    "RcptState", "RecipientUpdate", "StsRow", "TlsResultKey", "TlsResultRow",
+    "derived_queue_id", "is_queue_id", "new_queue_id",
+]
 
-DB_NAME = "queue.db"
-SCHEMA_VERSION = 4  # 2: mta_sts_policies, tls_results; 3: body_chunks (all IF NOT EXISTS);
-# 4: RFC 3461 columns (messages.dsn_ret, dsn_envid; recipients.dsn_notify, dsn_orcpt), added
-# by _MIGRATIONS to a queue made before them
-BUSY_TIMEOUT_MS = 30_000
+_MSG_COLS = MSG_COLS  # the name enqueue's statement uses
 # SQLite limits host parameters per statement; fetch messages by id in chunks below it.
 # (Every f-string query below interpolates only these constant column lists or "?" marks.)
 _ID_CHUNK = 500
-
-
-class RcptState(StrEnum):
-    PENDING = "pending"
-    DEFERRED = "deferred"
-    DELIVERED = "delivered"
-    BOUNCED = "bounced"
-    HELD = "held"
-
-    @property
-    def is_final(self) -> bool:
-        return self in (RcptState.DELIVERED, RcptState.BOUNCED)
-
-
-@dataclass(frozen=True)
-class QueuedRecipient:
-    address: str
-    state: RcptState
-    attempts: int
-    next_attempt: float  # unix time
-    last_status: str | None
-    last_diagnostic: str | None
-    last_relay: str | None
-    notify: str | None = None  # RFC 3461 NOTIFY as given (NEVER or SUCCESS,FAILURE,DELAY)
-    orcpt: str | None = None  # RFC 3461 ORCPT, decoded: "rfc822;user@example.com"
-
-
-@dataclass(frozen=True)
-class QueuedMessage:
-    queue_id: str
-    sender: str
-    arrival: float
-    size: int
-    recipients: tuple[QueuedRecipient, ...]
-    smtputf8: bool
-    eightbit: bool
-    is_dsn: bool
-    held: bool
-    hold_reason: str | None
-    delay_notified: bool
-    ret: str | None = None  # RFC 3461 RET: FULL or HDRS
-    envid: str | None = None  # RFC 3461 ENVID, decoded
-
-
-@dataclass(frozen=True)
-class RecipientUpdate:
-    address: str
-    state: RcptState
-    next_attempt: float = 0.0
-    status: str | None = None
-    diagnostic: str | None = None
-    relay: str | None = None
-
-
-@dataclass(frozen=True)
-class QueueDepth:
-    recipients: dict[str, int]  # open state -> count
-    messages: int
-    oldest_arrival: float | None
-    oldest_deferred_arrival: float | None
-
-
-class QueueError(Exception):
-    """The queue database failed in a way that is not the caller's fault."""
-
-
-class QueueFullError(QueueError):
-    """Disk full or an I/O error while writing: nothing of the operation was stored."""
-
-
-class QueueMissingError(QueueError, FileNotFoundError):
-    """``open(create=False)`` found no queue database."""
-
-
-# Error names (sqlite3.Error.sqlite_errorname) that mean the storage itself failed.
-_STORAGE_FAILURES = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_CANTOPEN", "SQLITE_READONLY")
-
-
-def _translate(exc: sqlite3.Error) -> QueueError:
-    name = getattr(exc, "sqlite_errorname", "") or ""
-    if name.startswith(_STORAGE_FAILURES):
-        return QueueFullError(f"queue storage failure: {name}: {exc}")
-    return QueueError(f"queue database error: {name or type(exc).__name__}: {exc}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Queue ids: time-ordered, unique, short (Postfix long-id style, Crockford base32 upper case).
-
-_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # ASCII-sorted, so ids sort by time
-_TIME_CHARS = 9  # milliseconds: 45 bits, good until the year 3084
-_RAND_CHARS = 4  # 20 bits: random start, incremented within one millisecond
-_id_lock = threading.Lock()
-_id_last = (0, 0)
-
-
-def _b32(value: int, width: int) -> str:
-    chars = []
-    for _ in range(width):
-        chars.append(_ALPHABET[value & 31])
-        value >>= 5
-    return "".join(reversed(chars))
-
-
-def new_queue_id(now: float | None = None) -> str:
-    """A 13-character id: milliseconds since the epoch, then a per-process monotonic suffix.
-
-    Within one process ids are strictly increasing; across processes (daemon and ``deliverd
-    send``) a collision needs the same millisecond and the same 20 random bits, and the
-    database's primary key catches even that.
-    """
-    global _id_last
-    ms = int((time.time() if now is None else now) * 1000)
-    with _id_lock:
-        last_ms, last_seq = _id_last
-        if ms <= last_ms:
-            ms, seq = last_ms, last_seq + 1
-            if seq >= 1 << (5 * _RAND_CHARS):
-                ms, seq = last_ms + 1, secrets.randbits(5 * _RAND_CHARS - 1)
-        else:
-            # Half the space, so the increments after it cannot overflow in practice.
-            seq = secrets.randbits(5 * _RAND_CHARS - 1)
-        _id_last = (ms, seq)
-    return _b32(ms, _TIME_CHARS) + _b32(seq, _RAND_CHARS)
-
-
-def derived_queue_id(ms: int, key: bytes) -> str:
-    """The id of the message a given thing becomes, the same every time it is asked: ``ms``
-    for the time part, 20 bits of ``key``'s hash for the rest. A producer that may be asked
-    twice (the maildrop pickup after a crash) finds out whether it already queued it."""
-    digest = int.from_bytes(hashlib.blake2b(key, digest_size=4).digest(), "big")
-    return _b32(ms, _TIME_CHARS) + _b32(digest >> (32 - 5 * _RAND_CHARS), _RAND_CHARS)
-
-
-def is_queue_id(text: str) -> bool:
-    return len(text) == _TIME_CHARS + _RAND_CHARS and all(c in _ALPHABET for c in text)
-
-
-# ---------------------------------------------------------------------------------------------
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS messages (
-    queue_id TEXT PRIMARY KEY,
-    sender TEXT NOT NULL,
-    arrival REAL NOT NULL,
-    size INTEGER NOT NULL,
-    smtputf8 INTEGER NOT NULL DEFAULT 0,
-    eightbit INTEGER NOT NULL DEFAULT 0,
-    is_dsn INTEGER NOT NULL DEFAULT 0,
-    held INTEGER NOT NULL DEFAULT 0,
-    hold_reason TEXT,
-    delay_notified INTEGER NOT NULL DEFAULT 0,
-    dsn_ret TEXT,
-    dsn_envid TEXT
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS bodies (
-    queue_id TEXT PRIMARY KEY REFERENCES messages(queue_id) ON DELETE CASCADE,
-    data BLOB NOT NULL
-) WITHOUT ROWID;
--- Bodies larger than one chunk, in order (version 2): a message has its body either in
--- bodies (one row, as every version-1 queue holds them) or here, never in both.
-CREATE TABLE IF NOT EXISTS body_chunks (
-    queue_id TEXT NOT NULL REFERENCES messages(queue_id) ON DELETE CASCADE,
-    seq INTEGER NOT NULL,
-    data BLOB NOT NULL,
-    PRIMARY KEY (queue_id, seq)
-);
-CREATE TABLE IF NOT EXISTS recipients (
-    queue_id TEXT NOT NULL REFERENCES messages(queue_id) ON DELETE CASCADE,
-    idx INTEGER NOT NULL,
-    address TEXT NOT NULL,
-    state TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt REAL NOT NULL DEFAULT 0,
-    last_status TEXT,
-    last_diagnostic TEXT,
-    last_relay TEXT,
-    dsn_notify TEXT,
-    dsn_orcpt TEXT,
-    PRIMARY KEY (queue_id, idx),
-    UNIQUE (queue_id, address)
-);
--- due() and next_wakeup() walk this index only: never a scan of every deferred row.
-CREATE INDEX IF NOT EXISTS recipients_due ON recipients (state, next_attempt);
--- MTA-STS policies (RFC 8461 §5): kept across restarts, served until they expire.
-CREATE TABLE IF NOT EXISTS mta_sts_policies (
-    domain TEXT PRIMARY KEY,
-    policy_id TEXT NOT NULL,
-    policy TEXT NOT NULL,
-    fetched REAL NOT NULL,
-    expires REAL NOT NULL
-) WITHOUT ROWID;
--- TLS-RPT (RFC 8460): sessions per policy domain, UTC day, policy, MX and result type
--- (result '' is a success), until the day's report has been queued.
-CREATE TABLE IF NOT EXISTS tls_results (
-    domain TEXT NOT NULL,
-    day TEXT NOT NULL,
-    policy_type TEXT NOT NULL,
-    policy TEXT NOT NULL,
-    mx TEXT NOT NULL,
-    result TEXT NOT NULL,
-    count INTEGER NOT NULL,
-    PRIMARY KEY (domain, day, policy_type, mx, result)
-) WITHOUT ROWID;
-"""
-
-# Columns added to a table after its first version: (table, column, type). A queue whose
-# user_version is older gets the ones it lacks (CREATE TABLE IF NOT EXISTS leaves its tables
-# as they were).
-_MIGRATIONS = (
-    ("messages", "dsn_ret", "TEXT"),
-    ("messages", "dsn_envid", "TEXT"),
-    ("recipients", "dsn_notify", "TEXT"),
-    ("recipients", "dsn_orcpt", "TEXT"),
-)
-
-_MSG_COLS = (
-    "queue_id, sender, arrival, size, smtputf8, eightbit, is_dsn, held, hold_reason, "
-    "delay_notified, dsn_ret, dsn_envid"
-)
-_RCPT_COLS = (
-    "queue_id, address, state, attempts, next_attempt, last_status, last_diagnostic, last_relay,"
-    " dsn_notify, dsn_orcpt"
-)
-
-# One message as JSON, built by SQLite: the keys and order of QueuedMessage and
-# QueuedRecipient; REALs printed with 17 significant digits so they read back as the same float;
-# json('true') is a constant SQLite computes once per statement, not once per row.
-_RCPT_JSON = (
-    "json_object('address', r.address, 'state', r.state, 'attempts', r.attempts,"
-    " 'next_attempt', json(printf('%!.17g', r.next_attempt)), 'last_status', r.last_status,"
-    " 'last_diagnostic', r.last_diagnostic, 'last_relay', r.last_relay,"
-    " 'notify', r.dsn_notify, 'orcpt', r.dsn_orcpt)"
-)
-_MSG_JSON = (  # constant text: no value is interpolated
-    "json_object('queue_id', m.queue_id, 'sender', m.sender,"  # noqa: S608
-    " 'arrival', json(printf('%!.17g', m.arrival)), 'size', m.size,"
-    f" 'recipients', (SELECT json_group_array({_RCPT_JSON}) FROM"
-    " (SELECT * FROM recipients WHERE queue_id = m.queue_id ORDER BY idx) r),"
-    " 'smtputf8', iif(m.smtputf8, json('true'), json('false')),"
-    " 'eightbit', iif(m.eightbit, json('true'), json('false')),"
-    " 'is_dsn', iif(m.is_dsn, json('true'), json('false')),"
-    " 'held', iif(m.held, json('true'), json('false')), 'hold_reason', m.hold_reason,"
-    " 'delay_notified', iif(m.delay_notified, json('true'), json('false')),"
-    " 'ret', m.dsn_ret, 'envid', m.dsn_envid)"
-)
-
-
-TlsResultKey = tuple[str, str, str, str, str]  # domain, day, policy type, MX, result ('' = ok)
-TlsResultRow = tuple[str, str, str, str, int]  # policy type, policy, MX, result, count
-StsRow = tuple[str, str, float, float]  # policy id, policy text, fetched, expires (epoch)
-_MsgRow = tuple[str, str, float, int, int, int, int, int, "str | None", int, "str | None",
-                "str | None"]
-_RcptRow = tuple[str, str, str, int, float, "str | None", "str | None", "str | None",
-                 "str | None", "str | None"]
-
-
-def _recipient(row: _RcptRow) -> QueuedRecipient:
-    return QueuedRecipient(
-        address=row[1],
-        state=RcptState(row[2]),
-        attempts=row[3],
-        next_attempt=row[4],
-        last_status=row[5],
-        last_diagnostic=row[6],
-        last_relay=row[7],
-        notify=row[8],
-        orcpt=row[9],
-    )
-
-
-def _message(row: _MsgRow, rcpts: Sequence[QueuedRecipient]) -> QueuedMessage:
-    return QueuedMessage(
-        queue_id=row[0],
-        sender=row[1],
-        arrival=row[2],
-        size=row[3],
-        recipients=tuple(rcpts),
-        smtputf8=bool(row[4]),
-        eightbit=bool(row[5]),
-        is_dsn=bool(row[6]),
-        held=bool(row[7]),
-        hold_reason=row[8],
-        delay_notified=bool(row[9]),
-        ret=row[10],
-        envid=row[11],
-    )
 
 
 def _fsync_dir(path: Path) -> None:
@@ -342,19 +69,7 @@ def _unique(addresses: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(addresses))
 
 
-# How much of a chunked body ``read_dispatch`` returns: more than the listener keeps of a
-# header section, so the whole header is in it.
-HEAD_SIZE = 320 * 1024
-
-
-@dataclass(frozen=True)
-class ChunkedBody:
-    """A body stored in chunks, not read yet: its first ``HEAD_SIZE`` octets."""
-
-    head: bytes
-
-
-class QueueDB:
+class QueueDB(QueueListing):
     """One connection to the queue database; every public method is one transaction.
 
     Not thread-safe by itself: one thread at a time (the async store gives each connection its
@@ -362,10 +77,9 @@ class QueueDB:
     """
 
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
-        self._conn = conn
-        self.path = path
-        self._in_batch = False
-        self.commits = 0  # committed write transactions: proves group commit in tests
+        super().__init__(conn, path)
+        self.sts_policies = StsPolicyCache(self)
+        self.tls_results = TlsResultCounts(self)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -386,106 +100,24 @@ class QueueDB:
                 db_file, isolation_level=None, check_same_thread=False, timeout=30.0
             )
         except sqlite3.Error as exc:
-            raise _translate(exc) from exc
+            raise translate(exc) from exc
         try:
             db = cls(conn, qdir)
-            db._setup()
+            prepare(conn)
         except sqlite3.Error as exc:
             conn.close()
-            raise _translate(exc) from exc
+            raise translate(exc) from exc
         if new_db:
             os.chmod(db_file, 0o600)
         # The database and its WAL exist now; make their directory entries durable too.
         _fsync_dir(qdir)
         return db
 
-    def _setup(self) -> None:
-        c = self._conn
-        c.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        c.execute("PRAGMA journal_mode = WAL")
-        c.execute("PRAGMA synchronous = FULL")
-        c.execute("PRAGMA foreign_keys = ON")
-        (version,) = c.execute("PRAGMA user_version").fetchone()
-        if version != SCHEMA_VERSION:
-            c.execute("BEGIN IMMEDIATE")
-            try:
-                for stmt in _SCHEMA.split(";"):
-                    if stmt.strip():
-                        c.execute(stmt)
-                _add_missing_columns(c)
-                c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                c.execute("COMMIT")
-            except BaseException:
-                c.execute("ROLLBACK")
-                raise
-
-    def close(self) -> None:
-        self._conn.close()
-
     def __enter__(self) -> QueueDB:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # -- transactions -------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def batch(self) -> Iterator[None]:
-        """Run several write methods in one transaction (group commit).
-
-        Each write inside runs in its own savepoint, so one failing operation is rolled back
-        alone; COMMIT at the end is the durability point for all of them.
-        """
-        if self._in_batch:
-            raise RuntimeError("nested batch")
-        try:
-            self._conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise _translate(exc) from exc
-        self._in_batch = True
-        try:
-            yield
-            self._conn.execute("COMMIT")
-            self.commits += 1
-        except BaseException as exc:
-            with contextlib.suppress(sqlite3.Error):
-                self._conn.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.Error):
-                raise _translate(exc) from exc
-            raise
-        finally:
-            self._in_batch = False
-
-    def _write(self, op: Callable[[sqlite3.Connection], T]) -> T:
-        if not self._in_batch:
-            with self.batch():
-                return self._write(op)
-        self._conn.execute("SAVEPOINT op")
-        try:
-            result = op(self._conn)
-        except BaseException as exc:
-            with contextlib.suppress(sqlite3.Error):
-                self._conn.execute("ROLLBACK TO op")
-                self._conn.execute("RELEASE op")
-            if isinstance(exc, sqlite3.Error):
-                raise _translate(exc) from exc
-            raise
-        self._conn.execute("RELEASE op")
-        return result
-
-    def _read(self, op: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``op`` on one consistent snapshot (a read transaction)."""
-        try:
-            if self._in_batch:
-                return op(self._conn)
-            self._conn.execute("BEGIN")
-            try:
-                return op(self._conn)
-            finally:
-                self._conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise _translate(exc) from exc
 
     # -- writes -------------------------------------------------------------------------------
 
@@ -781,221 +413,6 @@ class QueueDB:
         )
         return None if row is None else float(row[0])
 
-    def list_messages(self) -> list[QueuedMessage]:
-        """Every queued message, oldest first (reads the whole queue)."""
-
-        def op(c: sqlite3.Connection) -> list[QueuedMessage]:
-            rcpts: dict[str, list[QueuedRecipient]] = {}
-            sql = f"SELECT {_RCPT_COLS} FROM recipients ORDER BY queue_id, idx"  # noqa: S608
-            for row in c.execute(sql):
-                rcpts.setdefault(row[0], []).append(_recipient(row))
-            return [
-                _message(row, rcpts.get(row[0], ()))
-                for row in c.execute(
-                    f"SELECT {_MSG_COLS} FROM messages ORDER BY queue_id"  # noqa: S608
-                )
-            ]
-
-        return self._read(op)
-
-    def iter_messages(
-        self,
-        *,
-        state: RcptState | None = None,
-        domain: str | None = None,
-        arrived_before: float | None = None,
-        limit: int | None = None,
-        chunk: int = _ID_CHUNK,
-    ) -> Iterator[QueuedMessage]:
-        """Queued messages oldest first, read ``chunk`` at a time: memory stays flat whatever
-        the queue's size, and the first message comes out at once.
-
-        Filters: a recipient in ``state`` (and, with ``domain``, that same recipient at that
-        domain, case-insensitive), arrival before ``arrived_before``. Each chunk is its own
-        read transaction, so a long listing never holds a snapshot open; a message settled
-        meanwhile is simply not shown.
-        """
-        where, params = _list_filter(state, domain, arrived_before)
-        sql = f"SELECT {_MSG_COLS} FROM messages m WHERE {where} ORDER BY m.queue_id LIMIT ?"  # noqa: S608
-
-        def page(c: sqlite3.Connection, after: str, size: int) -> list[QueuedMessage]:
-            return _with_recipients(c, list(c.execute(sql, [after, *params, size])))
-
-        for batch in self._pages(page, lambda m: m.queue_id, limit, chunk):
-            yield from batch
-
-    def iter_json(
-        self,
-        *,
-        state: RcptState | None = None,
-        domain: str | None = None,
-        arrived_before: float | None = None,
-        limit: int | None = None,
-        chunk: int = 5000,
-    ) -> Iterator[str]:
-        """Like ``iter_messages``, but each message as one line of JSON rendered by SQLite
-        itself: the fields and values of ``QueuedMessage`` (booleans as booleans, floats
-        printed to round-trip exactly), at a small fraction of the cost of building the
-        objects in Python (``queue list --json`` over a million messages)."""
-        where, params = _list_filter(state, domain, arrived_before)
-        sql = (
-            f"SELECT m.queue_id, {_MSG_JSON} FROM messages m WHERE {where}"  # noqa: S608
-            " ORDER BY m.queue_id LIMIT ?"
-        )
-
-        def page(c: sqlite3.Connection, after: str, size: int) -> list[tuple[str, str]]:
-            return list(c.execute(sql, [after, *params, size]))
-
-        for batch in self._pages(page, lambda row: row[0], limit, chunk):
-            for _qid, text in batch:
-                yield text
-
-    def _pages(
-        self,
-        page: Callable[[sqlite3.Connection, str, int], list[_P]],
-        queue_id: Callable[[_P], str],
-        limit: int | None,
-        chunk: int,
-    ) -> Iterator[list[_P]]:
-        """Keyset paging by queue id: each page one read transaction of at most ``chunk``."""
-        after, left = "", limit
-        while left is None or left > 0:
-            size = chunk if left is None else min(chunk, left)
-
-            def one_page(c: sqlite3.Connection, after: str = after, size: int = size) -> list[_P]:
-                return page(c, after, size)
-
-            batch = self._read(one_page)
-            if batch:
-                yield batch
-            if len(batch) < size:
-                return
-            after = queue_id(batch[-1])
-            if left is not None:
-                left -= len(batch)
-
-    def recipients_by_domain_and_age(
-        self, now: float, states: Sequence[RcptState], bounds: Sequence[float]
-    ) -> list[tuple[str, int, int]]:
-        """(domain, age bucket, recipients) for recipients in ``states``: bucket ``i`` holds
-        messages younger than ``bounds[i]`` seconds (and not younger than ``bounds[i-1]``),
-        bucket ``len(bounds)`` the older ones. Counted by SQLite in one pass, never held."""
-        cases = " ".join(
-            f"WHEN ? - m.arrival < {float(b)!r} THEN {i}" for i, b in enumerate(bounds)
-        )
-        sql = (
-            "SELECT lower(substr(r.address, instr(r.address, '@') + 1)) AS domain,"  # noqa: S608
-            f" CASE {cases} ELSE {len(bounds)} END AS bucket, COUNT(*)"
-            " FROM recipients r JOIN messages m ON m.queue_id = r.queue_id"
-            f" WHERE r.state IN ({','.join('?' * len(states))})"
-            " GROUP BY domain, bucket"
-        )
-        args = [now] * len(bounds) + [s.value for s in states]
-        rows = self._read(lambda c: list(c.execute(sql, args)))
-        return [(str(d), int(b), int(n)) for d, b, n in rows]
-
-    def sts_policy(self, domain: str) -> StsRow | None:
-        """The cached MTA-STS policy of ``domain``: (policy id, text, fetched, expires)."""
-        def op(c: sqlite3.Connection) -> StsRow | None:
-            row = c.execute(
-                "SELECT policy_id, policy, fetched, expires FROM mta_sts_policies"
-                " WHERE domain = ?", (domain,),
-            ).fetchone()
-            return None if row is None else (str(row[0]), str(row[1]), float(row[2]),
-                                             float(row[3]))
-        return self._read(op)
-
-    def store_sts_policy(self, domain: str, row: StsRow) -> None:
-        def op(c: sqlite3.Connection) -> None:
-            c.execute(
-                "INSERT OR REPLACE INTO mta_sts_policies"
-                " (domain, policy_id, policy, fetched, expires) VALUES (?, ?, ?, ?, ?)",
-                (domain, *row),
-            )
-        self._write(op)
-
-    def count_tls_result(self, key: TlsResultKey, policy: str) -> None:
-        """One more session for (domain, day, policy type, MX, result)."""
-        def op(c: sqlite3.Connection) -> None:
-            c.execute(
-                "INSERT INTO tls_results (domain, day, policy_type, mx, result, policy, count)"
-                " VALUES (?, ?, ?, ?, ?, ?, 1) ON CONFLICT (domain, day, policy_type, mx, result)"
-                " DO UPDATE SET count = count + 1, policy = excluded.policy",
-                (*key, policy),
-            )
-        self._write(op)
-
-    def tls_result_days(self, before: str) -> list[tuple[str, str]]:
-        """(domain, day) pairs with results of a day before ``before`` (YYYY-MM-DD)."""
-        def op(c: sqlite3.Connection) -> list[tuple[str, str]]:
-            rows = c.execute(
-                "SELECT DISTINCT domain, day FROM tls_results WHERE day < ? ORDER BY day, domain",
-                (before,),
-            ).fetchall()
-            return [(str(d), str(day)) for d, day in rows]
-        return self._read(op)
-
-    def tls_results(self, domain: str, day: str) -> list[TlsResultRow]:
-        """(policy type, policy, MX, result, count) of one domain's day."""
-        def op(c: sqlite3.Connection) -> list[TlsResultRow]:
-            rows = c.execute(
-                "SELECT policy_type, policy, mx, result, count FROM tls_results"
-                " WHERE domain = ? AND day = ? ORDER BY policy_type, mx, result", (domain, day),
-            ).fetchall()
-            return [(str(a), str(b), str(m), str(r), int(n)) for a, b, m, r, n in rows]
-        return self._read(op)
-
-    def forget_tls_results(self, domain: str, day: str) -> None:
-        def op(c: sqlite3.Connection) -> None:
-            c.execute("DELETE FROM tls_results WHERE domain = ? AND day = ?", (domain, day))
-        self._write(op)
-
-    def count(self) -> int:
-        return int(self._read(lambda c: c.execute("SELECT COUNT(*) FROM messages").fetchone())[0])
-
-    def depth(self) -> QueueDepth:
-        """Recipients by open state, messages, and the oldest arrivals: what a metrics scrape
-        reads. Counts walk the state index (no table rows); the oldest arrivals walk messages
-        in queue id order, which is arrival order, and stop at the first match."""
-
-        def op(c: sqlite3.Connection) -> QueueDepth:
-            by_state = {
-                state: int(n) for state, n in c.execute(
-                    "SELECT state, COUNT(*) FROM recipients WHERE state IN (?, ?, ?)"
-                    " GROUP BY state",
-                    (RcptState.PENDING.value, RcptState.DEFERRED.value, RcptState.HELD.value),
-                )
-            }
-            (messages,) = c.execute("SELECT COUNT(*) FROM messages").fetchone()
-            oldest = c.execute(
-                "SELECT arrival FROM messages ORDER BY queue_id LIMIT 1"
-            ).fetchone()
-            oldest_deferred = None
-            if by_state.get(RcptState.DEFERRED.value):
-                oldest_deferred = c.execute(
-                    "SELECT m.arrival FROM messages m WHERE EXISTS (SELECT 1 FROM recipients r"
-                    " WHERE r.queue_id = m.queue_id AND r.state = ?)"
-                    " ORDER BY m.queue_id LIMIT 1",
-                    (RcptState.DEFERRED.value,),
-                ).fetchone()
-            return QueueDepth(
-                recipients=by_state,
-                messages=int(messages),
-                oldest_arrival=None if oldest is None else float(oldest[0]),
-                oldest_deferred_arrival=(
-                    None if oldest_deferred is None else float(oldest_deferred[0])
-                ),
-            )
-
-        return self._read(op)
-
-
-def _add_missing_columns(c: sqlite3.Connection) -> None:
-    for table, column, kind in _MIGRATIONS:
-        have = {row[1] for row in c.execute(f"PRAGMA table_info({table})")}
-        if column not in have:
-            c.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-
 
 def _chunk_reader(queue_id: str, seq: int) -> Callable[[sqlite3.Connection], bytes | None]:
     def op(c: sqlite3.Connection) -> bytes | None:
@@ -1016,67 +433,22 @@ def _delete(c: sqlite3.Connection, queue_id: str) -> bool:
     return c.execute("DELETE FROM messages WHERE queue_id = ?", (queue_id,)).rowcount > 0
 
 
-def _list_filter(
-    state: RcptState | None, domain: str | None, arrived_before: float | None
-) -> tuple[str, list[object]]:
-    """The WHERE clause (after ``m.queue_id > ?``) and parameters of a filtered listing."""
-    where, params = ["m.queue_id > ?"], list[object]()
-    if arrived_before is not None:
-        where.append("m.arrival < ?")
-        params.append(arrived_before)
-    rcpt_where = []
-    if state is not None:
-        # "+" keeps SQLite on the (queue_id, idx) key for this per-message check: through the
-        # state index it would walk every recipient in that state for each message.
-        rcpt_where.append("+r.state = ?")
-        params.append(state.value)
-    if domain is not None:
-        rcpt_where.append("lower(r.address) LIKE ? ESCAPE '\\'")
-        params.append(f"%@{_like_literal(domain.lower())}")
-    if rcpt_where:
-        where.append(
-            "EXISTS (SELECT 1 FROM recipients r WHERE r.queue_id = m.queue_id AND "  # noqa: S608
-            + " AND ".join(rcpt_where) + ")"
-        )
-    return " AND ".join(where), params
-
-
-def _like_literal(text: str) -> str:
-    """``text`` matched literally by LIKE ... ESCAPE '\\' (its wildcards escaped)."""
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
-def _with_recipients(c: sqlite3.Connection, rows: list[_MsgRow]) -> list[QueuedMessage]:
-    """Messages from their rows, with their recipients read in one query."""
-    if not rows:
-        return []
-    marks = ",".join("?" * len(rows))
-    rcpts: dict[str, list[QueuedRecipient]] = {}
-    for rrow in c.execute(
-        f"SELECT {_RCPT_COLS} FROM recipients WHERE queue_id IN ({marks})"  # noqa: S608
-        " ORDER BY queue_id, idx",
-        [row[0] for row in rows],
-    ):
-        rcpts.setdefault(rrow[0], []).append(_recipient(rrow))
-    return [_message(row, rcpts.get(row[0], ())) for row in rows]
-
-
 def _fetch(c: sqlite3.Connection, ids: Sequence[str]) -> list[QueuedMessage]:
     """The messages with these ids, in the order given (missing ones skipped)."""
-    rows: dict[str, _MsgRow] = {}
+    rows: dict[str, MsgRow] = {}
     rcpts: dict[str, list[QueuedRecipient]] = {}
     for start in range(0, len(ids), _ID_CHUNK):
         chunk = list(ids[start:start + _ID_CHUNK])
         marks = ",".join("?" * len(chunk))
         for row in c.execute(
-            f"SELECT {_MSG_COLS} FROM messages WHERE queue_id IN ({marks})",  # noqa: S608
+            f"SELECT {MSG_COLS} FROM messages WHERE queue_id IN ({marks})",  # noqa: S608
             chunk,
         ):
             rows[row[0]] = row
         for rrow in c.execute(
-            f"SELECT {_RCPT_COLS} FROM recipients WHERE queue_id IN ({marks})"  # noqa: S608
+            f"SELECT {RCPT_COLS} FROM recipients WHERE queue_id IN ({marks})"  # noqa: S608
             " ORDER BY queue_id, idx",
             chunk,
         ):
-            rcpts.setdefault(rrow[0], []).append(_recipient(rrow))
-    return [_message(rows[i], rcpts.get(i, ())) for i in ids if i in rows]
+            rcpts.setdefault(rrow[0], []).append(recipient_from_row(rrow))
+    return [message_from_row(rows[i], rcpts.get(i, ())) for i in ids if i in rows]

@@ -320,22 +320,22 @@ class QueueStore:
         return await self._read(lambda db: db.get(queue_id))
 
     async def sts_policy(self, domain: str) -> StsRow | None:
-        return await self._read(lambda db: db.sts_policy(domain))
+        return await self._read(lambda db: db.sts_policies.get(domain))
 
     async def store_sts_policy(self, domain: str, row: StsRow) -> None:
-        await self._write(lambda db: db.store_sts_policy(domain, row))
+        await self._write(lambda db: db.sts_policies.store(domain, row))
 
     async def count_tls_result(self, key: TlsResultKey, policy: str) -> None:
-        await self._write(lambda db: db.count_tls_result(key, policy))
+        await self._write(lambda db: db.tls_results.count(key, policy))
 
     async def tls_result_days(self, before: str) -> list[tuple[str, str]]:
-        return await self._read(lambda db: db.tls_result_days(before))
+        return await self._read(lambda db: db.tls_results.days(before))
 
     async def tls_results(self, domain: str, day: str) -> list[TlsResultRow]:
-        return await self._read(lambda db: db.tls_results(domain, day))
+        return await self._read(lambda db: db.tls_results.results(domain, day))
 
     async def forget_tls_results(self, domain: str, day: str) -> None:
-        await self._write(lambda db: db.forget_tls_results(domain, day))
+        await self._write(lambda db: db.tls_results.forget(domain, day))
 
     async def list_messages(self) -> list[QueuedMessage]:
         return await self._read(lambda db: db.list_messages())

@@ -67,7 +67,7 @@ def needs_dsn(sender: str, is_dsn: bool) -> bool:
     """Whether a failure of this message may be reported to its sender.
 
     Never to the null sender and never for a DSN itself: those are held for the operator
-    instead (DESIGN §2), so two MTAs can never bounce notices at each other.
+    instead (docs/delivery.md, "Bounces"), so two MTAs can never bounce notices at each other.
     """
     return not is_dsn and sender.strip() not in ("", "<>")
 
@@ -327,18 +327,52 @@ def build_dsn(
     (RET=FULL, see ``returned_message``) is attached as message/rfc822 instead of the
     headers of ``original``; ``size`` is the whole message's, to say when it was cut.
     """
-    if not outcomes:
-        raise ValueError("a DSN needs at least one recipient outcome")
-    if any((o.kind is Kind.DELIVERED) != (kind is DsnKind.RELAYED) for o in outcomes):
-        raise ValueError("a relayed notice reports delivered recipients only, the others none")
-    recipient = one_line(to if to is not None else original_sender)
-    if recipient in ("", "<>"):
-        raise ValueError("a DSN is never sent to the null sender")
+    recipient = _notice_recipient(kind, outcomes, to if to is not None else original_sender)
     moment = _aware(now or datetime.now(UTC))
     addresses = [recipient, original_sender, *(o.recipient for o in outcomes)]
     utf8 = not all(a.isascii() for a in addresses)
     pol = email_policy.SMTPUTF8 if utf8 else email_policy.SMTP
 
+    report = _report_head(pol, kind, reporting_mta, recipient, moment)
+    text = _explanation(kind, reporting_mta, outcomes, retry_until, include_transcript)
+    if returned is not None:
+        text = text.replace("Its headers are attached below.", "It is returned below.")
+        text += _return_note(returned, size)
+    if postmaster:
+        text += f"\nFor further assistance, please contact <{one_line(postmaster)}>.\n"
+    _set_human_part(report, text)
+
+    per_message = [] if envid is None else [("Original-Envelope-Id", one_line(envid))]
+    per_message += [
+        ("Reporting-MTA", f"dns; {reporting_mta}"),
+        ("X-Deliverd-Queue-ID", queue_id),
+        ("Arrival-Date", format_datetime(_aware(arrival))),
+    ]
+    per_recipient = [
+        _recipient_block(o, kind, utf8, moment, retry_until, (orcpts or {}).get(o.recipient))
+        for o in outcomes
+    ]
+    report.attach(_status_part(pol, utf8, [_field_block(per_message, utf8), *per_recipient]))
+    return _flatten(report, pol, original, returned)
+
+
+def _notice_recipient(kind: DsnKind, outcomes: Sequence[Outcome], to: str) -> str:
+    """Who the notice goes to, after the checks that no caller may get past."""
+    if not outcomes:
+        raise ValueError("a DSN needs at least one recipient outcome")
+    if any((o.kind is Kind.DELIVERED) != (kind is DsnKind.RELAYED) for o in outcomes):
+        raise ValueError("a relayed notice reports delivered recipients only, the others none")
+    recipient = one_line(to)
+    if recipient in ("", "<>"):
+        raise ValueError("a DSN is never sent to the null sender")
+    return recipient
+
+
+def _report_head(
+    pol: email_policy.EmailPolicy[EmailMessage], kind: DsnKind, reporting_mta: str,
+    recipient: str, moment: datetime,
+) -> EmailMessage:
+    """The notice's header fields, from the mailer daemon of ``reporting_mta``."""
     report = EmailMessage(policy=pol)
     report["From"] = f"Mail Delivery System <MAILER-DAEMON@{one_line(reporting_mta)}>"
     report["To"] = recipient
@@ -346,13 +380,11 @@ def build_dsn(
     report["Date"] = format_datetime(moment)
     report["Message-ID"] = make_msgid(domain=one_line(reporting_mta))
     report["Auto-Submitted"] = "auto-replied"
+    return report
 
-    text = _explanation(kind, reporting_mta, outcomes, retry_until, include_transcript)
-    if returned is not None:
-        text = text.replace("Its headers are attached below.", "It is returned below.")
-        text += _return_note(returned, size)
-    if postmaster:
-        text += f"\nFor further assistance, please contact <{one_line(postmaster)}>.\n"
+
+def _set_human_part(report: EmailMessage, text: str) -> None:
+    """The text for people, first part of a multipart/report of type delivery-status."""
     # Remote replies may be non-ASCII: quoted-printable keeps the report 7-bit clean then.
     report.set_content(text, charset="utf-8",
                        cte=None if text.isascii() else "quoted-printable")
@@ -360,27 +392,28 @@ def build_dsn(
     report.set_type("multipart/report")
     report.set_param("report-type", "delivery-status")
 
+
+def _status_part(
+    pol: email_policy.EmailPolicy[EmailMessage], utf8: bool, blocks: list[str]
+) -> EmailMessage:
+    """The machine-readable part: the per-message block, then one block per recipient."""
     status = EmailMessage(policy=pol)
     status["Content-Type"] = (
         "message/global-delivery-status" if utf8 else "message/delivery-status"
     )
-    per_message = [] if envid is None else [("Original-Envelope-Id", one_line(envid))]
-    per_message += [
-        ("Reporting-MTA", f"dns; {reporting_mta}"),
-        ("X-Deliverd-Queue-ID", queue_id),
-        ("Arrival-Date", format_datetime(_aware(arrival))),
-    ]
-    status.set_payload("\r\n".join([
-        _field_block(per_message, utf8),
-        *(_recipient_block(o, kind, utf8, moment, retry_until, (orcpts or {}).get(o.recipient))
-          for o in outcomes),
-    ]))
-    report.attach(status)
+    status.set_payload("\r\n".join(blocks))
+    return status
+
+
+def _flatten(
+    report: EmailMessage, pol: email_policy.EmailPolicy[EmailMessage], original: bytes,
+    returned: bytes | None,
+) -> bytes:
+    """The notice as CRLF bytes, with the original's headers or the returned message last."""
     if returned is None:
         report.attach(_headers_part(original))
     else:
         report.set_boundary(_boundary_not_in(returned))
-
     out = io.BytesIO()
     _DsnGenerator(out, policy=pol.clone(linesep="\r\n")).flatten(report)
     if returned is None:

@@ -261,6 +261,15 @@ class SmtpSession:
         self._note_reply(response.code, response.message)
         return reply_from(response.code, response.message)
 
+    @property
+    def tls_version(self) -> str | None:
+        """The negotiated protocol (``TLSv1.3``), None in clear text."""
+        transport = self._smtp.transport if self._smtp is not None else None
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        if isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
+            return ssl_object.version()
+        return None
+
     def peer_chain(self) -> list[bytes]:
         """The certificates the server sent, leaf first, DER; unverified (DANE checks them).
 

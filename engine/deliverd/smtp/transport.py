@@ -1,7 +1,8 @@
 """The SMTP client: one call, one transaction to one hop, always a result.
 
-``Transport.transact`` runs connect, greeting, EHLO, TLS and AUTH (or reuses a pooled session
-that already did), then MAIL, RCPT for every recipient and DATA, and returns the raw replies as
+``Transport.transact`` runs the handshake (``smtp.handshake``: connect, greeting, EHLO, TLS and
+AUTH, the same code ``deliverd probe`` runs) or reuses a pooled session that already did, then
+MAIL, RCPT for every recipient and DATA, and returns the raw replies as
 a ``TransactionResult``. Network trouble of any kind ends as ``result.failure``; judging what
 the replies mean for each recipient is the router's job, not this module's.
 
@@ -30,23 +31,23 @@ from deliverd.core.outcomes import (
     StreamedBody,
     TransactionResult,
 )
-from deliverd.smtp.dane import verify as dane_verify
 from deliverd.smtp.errors import (
-    STATUS_AUTH,
     STATUS_CONNECT,
-    STATUS_TLS_FAILED,
-    STATUS_TLS_NOT_OFFERED,
     SessionError,
     failure_from_reply,
 )
+from deliverd.smtp.handshake import (
+    Handshake,
+    close_after_failure,
+    establish,
+    retries_in_clear,
+)
 from deliverd.smtp.policy import (
     WireStuffer,
-    choose_mechanism,
     dsn_mail_parameters,
     dsn_rcpt_parameters,
     is_eightbit,
     mail_parameters,
-    may_authenticate,
     needs_smtputf8,
     size_limit,
     unsafe_address,
@@ -58,11 +59,9 @@ from deliverd.smtp.pop3 import PopBeforeSmtp
 from deliverd.smtp.session import Command, Exchange, SmtpSession
 from deliverd.smtp.tls import (
     ContextCache,
-    StartTls,
     TlsMode,
     TlsPlan,
     plan_for,
-    starttls_decision,
 )
 
 IDLE_TIMEOUT = 30.0
@@ -180,12 +179,7 @@ class Transport:
         async with self._pool.slot(key.destination):
             result = await self._attempt(hop, envelope, creds, plan, key, cfg, tls=True)
             failure = result.failure
-            if (
-                failure is not None
-                and failure.stage is Stage.STARTTLS
-                and failure.reply is None
-                and plan.may_fall_back_to_clear
-            ):
+            if failure is not None and retries_in_clear(failure, plan):
                 # Postfix "may": a broken handshake is retried once in clear text.
                 clear = await self._attempt(hop, envelope, creds, plan, key, cfg, tls=False)
                 result = replace(clear, transcript=result.transcript + clear.transcript)
@@ -213,12 +207,13 @@ class Transport:
                     return _result(hop, progress, transcript, plan, pooled.session)
                 # The server dropped the cached session while it sat idle: reconnect once.
         session = SmtpSession(hop, cfg.host.name, cfg.timeouts)
+        handshake = Handshake.for_config(plan, creds, cfg)
         try:
-            await self._establish(session, plan, creds, cfg, tls=tls)
+            await establish(session, handshake if tls else handshake.in_clear(), self._contexts)
         except SessionError as err:
             if err.failure.stage is Stage.STARTTLS and err.failure.reply is None:
                 self._session_secured("failed")
-            await _close_after_failure(session, err.failure)
+            await close_after_failure(session, err.failure)
             if _host_failed(err.failure):
                 self._failures.record(key.destination, cfg.limits.connection_failure_cache)
             return TransactionResult(hop, failure=err.failure, transcript=tuple(session.transcript))
@@ -233,40 +228,6 @@ class Transport:
     def _session_secured(self, result: str) -> None:
         if self._on_session is not None:
             self._on_session(result)
-
-    async def _establish(
-        self,
-        session: SmtpSession,
-        plan: TlsPlan,
-        creds: Credentials | None,
-        cfg: Config,
-        *,
-        tls: bool,
-    ) -> None:
-        """Connect, greet, EHLO, TLS per plan and AUTH; raises ``SessionError``."""
-        implicit = plan.mode is TlsMode.IMPLICIT
-        await session.open(self._contexts.get(plan) if implicit else None)
-        await session.hello()
-        offered = "starttls" in session.features
-        decision = starttls_decision(plan, offered, session.tls_active) if tls else StartTls.SKIP
-        if decision is StartTls.FAIL:
-            raise SessionError(SessionFailure(
-                Stage.STARTTLS,
-                f"TLS is required, but was not offered by {session.hop.relay}",
-                status=STATUS_TLS_NOT_OFFERED,
-            ))
-        if decision is StartTls.START:
-            reply = await session.starttls(self._contexts.get(plan))
-            if reply.code == 220 and plan.dane:
-                _check_dane(session, plan)
-            if reply.code == 220:
-                await session.hello()  # RFC 3207: forget what was learnt before TLS
-            elif plan.mode is TlsMode.REQUIRED:
-                refused = failure_from_reply(Stage.STARTTLS, reply)
-                raise SessionError(replace(refused, temporary=True, status=STATUS_TLS_NOT_OFFERED))
-            # opportunistic and refused: carry on in clear text, as Postfix does
-        if creds is not None:
-            await _authenticate(session, creds, cfg)
 
     async def _run(
         self, pooled: PooledSession, envelope: Envelope, cfg: Config
@@ -325,24 +286,6 @@ class Transport:
 # -- the transaction itself -----------------------------------------------------------------
 
 
-async def _authenticate(session: SmtpSession, creds: Credentials, cfg: Config) -> None:
-    smarthost = cfg.routing.smarthost
-    plaintext_ok = smarthost is not None and smarthost.allow_plaintext_auth
-    if not may_authenticate(session.tls_active, plaintext_ok):
-        raise SessionError(SessionFailure(
-            Stage.AUTH, "refusing to send credentials without TLS", status="4.7.0"
-        ))
-    mechanism = choose_mechanism(session.auth_mechanisms)
-    if mechanism is None:
-        offered = " ".join(session.auth_mechanisms) or "none"
-        raise SessionError(SessionFailure(
-            Stage.AUTH,
-            f"no usable AUTH mechanism offered by {session.hop.relay} (offered: {offered})",
-            status=STATUS_AUTH,
-        ))
-    await session.authenticate(creds, mechanism)
-
-
 async def _transaction(
     session: SmtpSession, envelope: Envelope, cfg: Config, progress: _Progress
 ) -> None:
@@ -359,62 +302,19 @@ async def _transaction(
     before RSET. With ``abort_on_rcpt_5xx`` DATA stays out of the group: whether to send it
     depends on every RCPT reply.
     """
-    relay = session.hop.relay
-    features = session.features
-    smtputf8 = needs_smtputf8(envelope)
-    if smtputf8 and "smtputf8" not in features:
-        progress.failure = SessionFailure(
-            Stage.MAIL, f"SMTPUTF8 required but not offered by {relay}",
-            temporary=False, status="5.6.7",
-        )
+    size = await _size_if_sendable(session, envelope, progress)
+    if size is None:
         return
-    if unsafe_address(envelope.sender):
-        progress.failure = SessionFailure(
-            Stage.MAIL, "sender address cannot be sent in SMTP", temporary=False, status="5.1.7"
-        )
-        return
-    data = envelope.data
-    size = wire_size(data) if isinstance(data, bytes) else await _streamed_wire_size(data)
-    limit = size_limit(features)
-    if limit is not None and size > limit:
-        progress.failure = SessionFailure(
-            Stage.MAIL, f"message size {size} exceeds size limit {limit} of {relay}",
-            temporary=False, status="5.3.4",
-        )
-        return
-
-    encoding = "utf-8" if smtputf8 else "ascii"
     recipients = list(dict.fromkeys(envelope.recipients))
     # DATA joins the group unless the RCPT replies must be seen first (abort_on_rcpt_5xx).
     pipelined = session.pipelining
     data_pipelined = pipelined and not cfg.routing.abort_on_rcpt_5xx
-    commands: list[Command] = [(Stage.MAIL, _mail_words(envelope, features, size, smtputf8))]
-    commands += [
-        (Stage.RCPT, _rcpt_words(r, encoding, features, envelope.dsn.of(r)))
-        for r in recipients if not unsafe_address(r)
-    ]
-    if data_pipelined:
-        commands.append((Stage.DATA, (b"DATA",)))
+    commands = _commands(envelope, recipients, session.features, size, data_pipelined)
     exchange = session.exchange(commands, pipelined=pipelined)
-
-    mail = await exchange.reply()
-    if not mail.is_positive:
-        progress.failure = failure_from_reply(Stage.MAIL, mail)
-        # RCPT and DATA replies owed after a refused MAIL are read and ignored.
-        progress.in_sync = mail.code != 421 and await _owed(exchange) and await _reset(session)
+    if not await _mail_accepted(session, exchange, progress):
         return
-
-    for recipient in recipients:
-        if unsafe_address(recipient):
-            progress.rcpt_replies[recipient] = Reply(553, "address not sendable in SMTP", "5.1.3")
-            continue
-        reply = await exchange.reply()
-        progress.rcpt_replies[recipient] = reply
-        if reply.code == 421:  # the server is closing the session
-            progress.failure = failure_from_reply(Stage.RCPT, reply)
-            progress.in_sync = False
-            return
-
+    if not await _rcpt_replies(exchange, recipients, progress):
+        return
     replies = progress.rcpt_replies.values()
     if not any(r.is_positive for r in replies):
         # A pipelined DATA must then be refused (RFC 2920: 503 or 554); a server that says
@@ -426,7 +326,85 @@ async def _transaction(
         progress.aborted = True
         progress.in_sync = await _reset(session)
         return
+    await _send_body(session, envelope.data, start, progress)
 
+
+async def _size_if_sendable(
+    session: SmtpSession, envelope: Envelope, progress: _Progress
+) -> int | None:
+    """The message's SIZE, or None when this server must not get it (the failure is in
+    ``progress``): SMTPUTF8 needed but not offered, a sender SMTP cannot carry, too big."""
+    relay = session.hop.relay
+    features = session.features
+    if needs_smtputf8(envelope) and "smtputf8" not in features:
+        progress.failure = SessionFailure(
+            Stage.MAIL, f"SMTPUTF8 required but not offered by {relay}",
+            temporary=False, status="5.6.7",
+        )
+        return None
+    if unsafe_address(envelope.sender):
+        progress.failure = SessionFailure(
+            Stage.MAIL, "sender address cannot be sent in SMTP", temporary=False, status="5.1.7"
+        )
+        return None
+    data = envelope.data
+    size = wire_size(data) if isinstance(data, bytes) else await _streamed_wire_size(data)
+    limit = size_limit(features)
+    if limit is not None and size > limit:
+        progress.failure = SessionFailure(
+            Stage.MAIL, f"message size {size} exceeds size limit {limit} of {relay}",
+            temporary=False, status="5.3.4",
+        )
+        return None
+    return size
+
+
+def _commands(
+    envelope: Envelope, recipients: list[str], features: Mapping[str, str], size: int,
+    with_data: bool,
+) -> list[Command]:
+    """MAIL, a RCPT per recipient SMTP can carry, and DATA when it joins the group."""
+    smtputf8 = needs_smtputf8(envelope)
+    encoding = "utf-8" if smtputf8 else "ascii"
+    commands: list[Command] = [(Stage.MAIL, _mail_words(envelope, features, size, smtputf8))]
+    commands += [
+        (Stage.RCPT, _rcpt_words(r, encoding, features, envelope.dsn.of(r)))
+        for r in recipients if not unsafe_address(r)
+    ]
+    if with_data:
+        commands.append((Stage.DATA, (b"DATA",)))
+    return commands
+
+
+async def _mail_accepted(session: SmtpSession, exchange: Exchange, progress: _Progress) -> bool:
+    mail = await exchange.reply()
+    if mail.is_positive:
+        return True
+    progress.failure = failure_from_reply(Stage.MAIL, mail)
+    # RCPT and DATA replies owed after a refused MAIL are read and ignored.
+    progress.in_sync = mail.code != 421 and await _owed(exchange) and await _reset(session)
+    return False
+
+
+async def _rcpt_replies(exchange: Exchange, recipients: list[str], progress: _Progress) -> bool:
+    """Each recipient's reply into ``progress``; False when the server closes the session."""
+    for recipient in recipients:
+        if unsafe_address(recipient):
+            progress.rcpt_replies[recipient] = Reply(553, "address not sendable in SMTP", "5.1.3")
+            continue
+        reply = await exchange.reply()
+        progress.rcpt_replies[recipient] = reply
+        if reply.code == 421:  # the server is closing the session
+            progress.failure = failure_from_reply(Stage.RCPT, reply)
+            progress.in_sync = False
+            return False
+    return True
+
+
+async def _send_body(
+    session: SmtpSession, data: bytes | StreamedBody, start: Reply | None, progress: _Progress
+) -> None:
+    """DATA (unless its 354 came with the group), the body, and the final reply."""
     if isinstance(data, bytes):
         start, final = await session.data(wire_body(data), start)
     else:
@@ -513,16 +491,6 @@ def _tls_name(hop: Hop, plan: TlsPlan) -> str | None:
     return None
 
 
-def _check_dane(session: SmtpSession, plan: TlsPlan) -> None:
-    """RFC 7672: the chain must match a usable TLSA record, or no mail goes over it."""
-    verdict = dane_verify(plan.dane, session.peer_chain(), [session.hop.host])
-    session.note(f"--- {verdict.reason}")
-    if not verdict.ok:
-        raise SessionError(SessionFailure(
-            Stage.STARTTLS, f"{verdict.reason} at {session.hop.relay}", status=STATUS_TLS_FAILED
-        ))
-
-
 def _result(
     hop: Hop,
     progress: _Progress,
@@ -547,15 +515,6 @@ def _host_failed(failure: SessionFailure) -> bool:
     would not talk (a timeout, 4xx or 5xx greeting). Such a host is skipped for
     ``limits.connection_failure_cache``; refusals of a sender or recipient are not."""
     return failure.stage in (Stage.CONNECT, Stage.GREETING) and not failure.loop
-
-
-async def _close_after_failure(session: SmtpSession, failure: SessionFailure) -> None:
-    # After a reply the dialogue is in step and a QUIT is polite; after a local error
-    # (timeout, garbage, dropped connection) it is not, so just close.
-    if failure.reply is not None or failure.loop:
-        await session.quit()
-    else:
-        session.abort()
 
 
 async def _quit_all(sessions: list[PooledSession]) -> None:

@@ -1,4 +1,4 @@
-"""The attempt planner, DESIGN §2 one rule a row, driven by scripted DNS and SMTP results.
+"""The attempt planner, docs/delivery.md one rule a row, driven by scripted DNS and SMTP results.
 
 No sockets: a scripted driver plays resolver and transport. Peers are keyed by address and
 turn (hop, recipients) into a TransactionResult the way the transport would.

@@ -210,7 +210,8 @@ def test_state_filter_looks_up_each_message_by_its_key_not_through_the_state_ind
 ) -> None:
     # Through the (state, next_attempt) index, the per-message check walks every recipient in
     # that state: quadratic in the queue's size (seconds for --limit 100 at 100,000 queued).
-    from deliverd.queue.database import _MSG_COLS, _list_filter
+    from deliverd.queue.listing import _list_filter
+    from deliverd.queue.records import MSG_COLS as _MSG_COLS
 
     with QueueDB.open(tmp_path / "q") as db:
         db.enqueue(NewMessage("a@x.test", ["b@y.test"], b"x"))

@@ -43,6 +43,7 @@ from deliverd.submission.handoff import QueueLink, serve_link
 from deliverd.submission.listener import start_listeners
 from deliverd.submission.maildrop import DropEnvelope, prepare, write_drop
 from deliverd.submission.pickup import Pickup
+from tests.fixtures import paths
 
 pytestmark = pytest.mark.integration
 
@@ -289,7 +290,7 @@ class _NoQueue:
 
 def test_only_the_intake_calls_the_queues_enqueue() -> None:
     """A second path into the queue would be a way around every intake rule."""
-    engine = Path(__file__).resolve().parents[1] / "engine" / "deliverd"
+    engine = paths.REPO / "engine" / "deliverd"
     callers = set()
     for path in engine.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
