@@ -43,7 +43,7 @@ from typing import Any
 from _relay import CACHE, LOOPBACK, Deliverd, Postfix, Sink, free_port
 from _stats import percentile, table
 
-from deliverd.cli.sendmail_fast import launcher
+from deliverd.cli.sendmail import launcher
 from deliverd_lab.common import LabError
 from deliverd_lab.exim import EximRelay
 from deliverd_lab.opensmtpd import USERS as OPENSMTPD_USERS

@@ -1,73 +1,42 @@
-"""The settings ``sendmail`` needs, read from a rendered ``deliverd.toml`` without ``tomllib``.
+"""The keys ``sendmail`` reads of a rendered ``deliverd.toml``, found without ``tomllib``.
 
-``tomllib`` (with the ``re`` it imports) costs more than the rest of a fast ``sendmail`` run, so
-``deliverd.cli.sendmail_fast`` reads the few keys it needs (``queue.path``, ``host.name``,
-``limits.max_message_size``, ``local.*``, ``masquerade.*``) with this reader of the TOML that
+``tomllib`` (with the ``re`` it imports) costs more than the rest of a ``sendmail`` run, so
+``sendmail_settings`` first looks for its few keys (``queue.path``, ``host.name``,
+``limits.max_message_size``, ``local.*``, ``masquerade.*``) with this scanner of the TOML that
 ``deliverd.toml.j2`` renders: table headers, ``key = value`` lines and multi-line arrays, no
-multi-line strings. Whatever it is not sure of raises ``Unsure``, and ``sendmail`` takes the
-full path, which reads the file with ``tomllib`` and reports what is wrong (exit 78); a wanted
-key given twice or holding anything but a string or an array of strings is such a case. What
-it does not check: values of keys sendmail does not read are only skipped (strings, arrays,
-inline tables, bare scalars), so a file TOML refuses in those alone is not noticed here (the
-daemon refuses to load it, and ``deliverd check-config`` says why); the mail waits in the
-maildrop. ``tests/test_sendmail_fast.py`` holds it to ``tomllib`` on every example spec.
+multi-line strings. Whatever it is not sure of raises ``Unsure``, and ``sendmail_settings``
+parses the same text with ``tomllib`` instead (``toml_file.parse_toml``), which reports what is
+wrong; a wanted key given twice or holding anything but a string or an array of strings is such
+a case. What it does not check: values of keys sendmail does not read are only skipped
+(strings, arrays, inline tables, bare scalars), so a file TOML refuses in those alone is not
+noticed here (the daemon refuses to load it, and ``deliverd check-config`` says why); the mail
+waits in the maildrop. ``tests/test_sendmail_fast.py`` holds it to ``tomllib`` on every example
+spec and on generated files. Standard library start-up modules only: no imports at all.
 """
 
 from __future__ import annotations
 
-import posix
-
-from deliverd.submission import local_addresses as rules
-
-_SIZE_UNITS = {"GB": 1024**3, "MB": 1024**2, "KB": 1024, "B": 1}
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class Unsure(Exception):
-    """The file is not one this reader reads with certainty; tomllib will."""
+    """The text is not one this scanner reads with certainty; tomllib will."""
 
 
-
-class Settings:
-    def __init__(self, values: dict[tuple[str, ...], object], aliases: dict[str, object]
-                 ) -> None:
-        self.queue_path = _text(values, ("queue", "path"))
-        self.host_name = _text(values, ("host", "name"))
-        self.max_message_size = _size(_text(values, ("limits", "max_message_size")))
-        self.domains = frozenset(rules.domain_key(d)
-                                 for d in _texts(values, ("local", "domains")))
-        self.qualify_domain = _text(values, ("local", "qualify_domain"))
-        self.aliases = {user.lower(): tuple(_texts({(): targets}, ()))
-                        for user, targets in aliases.items()}
-        masquerade = values.get(("masquerade", "domain"))
-        if masquerade is not None and not isinstance(masquerade, str):
-            raise Unsure("masquerade.domain")
-        self.masquerade_domain = masquerade
-        self.except_users = frozenset(u.lower() for u in
-                                      _texts(values, ("masquerade", "except_users")))
-
-
-def _text(values: dict[tuple[str, ...], object], key: tuple[str, ...]) -> str:
-    value = values.get(key)
-    if not isinstance(value, str):
-        raise Unsure(".".join(key))
-    return value
-
-
-def _texts(values: dict[tuple[str, ...], object], key: tuple[str, ...]) -> list[str]:
-    value = values.get(key)
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise Unsure(".".join(key) or "an alias")
-    return value
-
-
-def _size(text: str) -> int:
-    """``core.units.parse_size`` without ``re``."""
-    for unit, factor in _SIZE_UNITS.items():
-        digits = text[:-len(unit)]
-        if (text.endswith(unit) and 1 <= len(digits) <= 12 and digits.isascii()
-                and digits.isdigit()):
-            return int(digits) * factor
-    raise Unsure("limits.max_message_size")
+def scan(text: str) -> dict[str, Any]:
+    """The wanted keys of a rendered config as the tree ``tomllib`` would give of them;
+    ``Unsure`` for anything else, including a file rendered before ``[local]`` and
+    ``[masquerade]`` existed (their defaults are ``normalise``'s to fill)."""
+    values, aliases = _scan(text)
+    if ("local",) not in values or ("masquerade",) not in values:
+        raise Unsure("a config without [local] or [masquerade]")
+    tree: dict[str, Any] = {"local": {"aliases": aliases}, "masquerade": {}}
+    for key, value in values.items():
+        if key in _WANTED:
+            tree.setdefault(key[0], {})[key[1]] = value
+    return tree
 
 
 _WANTED = frozenset({("queue", "path"), ("host", "name"), ("limits", "max_message_size"),
@@ -76,27 +45,6 @@ _WANTED = frozenset({("queue", "path"), ("host", "name"), ("limits", "max_messag
 _BARE_KEY = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 _ESCAPES = {"b": "\b", "t": "\t", "n": "\n", "f": "\f", "r": "\r", '"': '"', "\\": "\\"}
 _SCALAR = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-+.:")
-
-
-def read_settings(path: str) -> Settings:
-    """The settings in a rendered ``deliverd.toml``; ``Decline`` for anything else, including
-    a file that cannot be read (the full path reports it) or one rendered before ``[local]``
-    and ``[masquerade]`` existed (the full path fills their defaults)."""
-    try:
-        fd = posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC)
-        try:
-            chunks = []
-            while chunk := posix.read(fd, 65536):
-                chunks.append(chunk)
-        finally:
-            posix.close(fd)
-        text = b"".join(chunks).decode("utf-8")
-    except (OSError, UnicodeDecodeError):
-        raise Unsure("the config cannot be read") from None
-    values, aliases = _scan(text)
-    if ("local",) not in values or ("masquerade",) not in values:
-        raise Unsure("a config without [local] or [masquerade]")
-    return Settings(values, aliases)
 
 
 _TABLE, _ARRAY = "[table]", "[[array of tables]]"  # what a header's own key holds in _scan
