@@ -23,7 +23,7 @@ Exim's, dma's, nullmailer's and OpenSMTPD's figures include ``unshare`` + ``sh``
 a few ms per call.
 
 ``--config-reader``: what reading the config costs a ``sendmail`` run, the way every run reads it
-(``read_sendmail_settings``: the scanner of ``deliverd.config.toml_scan``) against the ``tomllib``
+(``read_sendmail_settings``: its scanner of the rendered TOML) against the ``tomllib``
 parse the same function falls back to, each in a fresh ``python -I -S`` as the launcher starts
 it, alternately so load drifts hit both alike: the reason the scanner is kept.
 """

@@ -32,7 +32,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deliverd.cli import sendmail
-from deliverd.config import toml_scan
+from deliverd.config import sendmail_settings as config_reader
 from deliverd.config.convert import local_from_spec, masquerade_from_spec
 from deliverd.config.sendmail_settings import (
     SendmailSettings,
@@ -43,7 +43,7 @@ from deliverd.config.toml_file import ConfigFileError
 from deliverd.queue.space import min_free_bytes
 from deliverd.sendmail import submit
 from deliverd.sendmail.command_line import Failure, parse_args
-from deliverd.sendmail.header_recipients import header_recipients, plain_addresses
+from deliverd.sendmail.submit import header_recipients, plain_addresses
 from deliverd.spec.normalise import normalise
 from deliverd.spec.render import render_config
 from deliverd.spec.specfile import load_spec_file
@@ -152,7 +152,7 @@ def test_rendered_configs_read_the_same_by_the_scanner_and_by_tomllib(spec: dict
     path = tmp_path / "deliverd.toml"
     path.write_text(text, encoding="utf-8")
     scanned = _attributes(read_sendmail_settings(str(path)))
-    assert scanned == _attributes(settings_from_tree(str(path), toml_scan.scan(text)))
+    assert scanned == _attributes(settings_from_tree(str(path), config_reader.scan(text)))
     assert scanned == _attributes(settings_from_tree(str(path), tomllib.loads(text)))
 
 
@@ -177,8 +177,8 @@ def test_configs_the_scanner_is_unsure_of_are_read_with_tomllib(tmp_path: Path) 
         else:
             path.write_text(content, encoding="utf-8")
             if name != "bad size":  # a string where a string belongs: the size is judged later
-                with pytest.raises(toml_scan.Unsure):
-                    toml_scan.scan(content)
+                with pytest.raises(config_reader.Unsure):
+                    config_reader.scan(content)
         if error is None:
             assert read_sendmail_settings(str(path)).queue_path == "/var/spool/deliverd", name
             continue
@@ -203,8 +203,8 @@ LINES = ['[queue]', 'path = "/q"', "path = '/q'", '[local]', 'domains = ["localh
 def test_what_the_config_scanner_takes_is_what_tomllib_reads(lines: list[str]) -> None:
     text = "\n".join(lines) + "\n"
     try:
-        values, aliases = toml_scan._scan(text)
-    except toml_scan.Unsure:
+        values, aliases = config_reader._scan(text)
+    except config_reader.Unsure:
         return
     try:
         tree = tomllib.loads(text)
@@ -214,9 +214,9 @@ def test_what_the_config_scanner_takes_is_what_tomllib_reads(lines: list[str]) -
         node: Any = tree
         for part in key:
             node = (node[-1] if isinstance(node, list) else node)[part]
-        if value == toml_scan._TABLE:
+        if value == config_reader._TABLE:
             assert isinstance(node, dict), key
-        elif value == toml_scan._ARRAY:
+        elif value == config_reader._ARRAY:
             assert isinstance(node, list), key
         else:
             assert node == value, key

@@ -6,16 +6,26 @@ masquerading of the envelope sender); ``complete_header`` adds From:, Date: and 
 where they are missing, and ``dropfile`` writes the file. The header is not rewritten here:
 the pickup rewrites it (masquerading From:/Sender:, qualifying To:/Cc:/Bcc:) with the running
 config, as it does for every drop file.
+
+``-t``'s addresses written plainly (``a@b``, ``Name <a@b>``, lists of those) are read here as
+the email package's parser reads them; anything else (quotes, comments, groups, non-ASCII) is
+read by that parser (``deliverd.submission.local.header_addresses``), imported only then: it
+costs a run more than the rest of it. (Here rather than in a module of their own: every module
+on a run's import path costs it a file lookup and a load.)
 """
 
 from __future__ import annotations
 
 from deliverd.queue.space import min_free_bytes
 from deliverd.sendmail.command_line import EX_DATAERR, EX_NOUSER, EX_OK, Failure
-from deliverd.sendmail.header_recipients import header_recipients
 from deliverd.submission.dropfile import DropError, envelope_line, poke, write_drop
 from deliverd.submission.local_addresses import LocalRules, UnknownLocalUser
-from deliverd.submission.message_input import MessageInput, complete_header, submitting_user
+from deliverd.submission.message_input import (
+    MessageInput,
+    complete_header,
+    split_fields,
+    submitting_user,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -87,3 +97,61 @@ def drop(settings: SendmailSettings, envelope: bytes, header: bytes,
         raise Failure(exc.exit_code, str(exc)) from None
     poke(settings.queue_path)
     return name
+
+
+# ---------------------------------------------------------------------------------------------
+# -t
+
+
+_ATEXT = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+                   "!#$%&'*+/=?^_`{|}~-.")
+_TO_FIELDS = ("to", "cc", "bcc")
+
+
+def header_recipients(header: bytes) -> list[str]:
+    """The addresses of To:, Cc: and Bcc:, in order."""
+    found = plain_addresses(header)
+    if found is None:
+        from deliverd.submission.local import header_addresses
+
+        found = header_addresses(header, _TO_FIELDS)
+    return found
+
+
+def plain_addresses(header: bytes) -> list[str] | None:
+    """The addresses of To:, Cc: and Bcc: when they are written plainly; None for anything
+    else."""
+    found: list[str] = []
+    for raw in split_fields(header):
+        name, _, rest = raw.partition(b":")
+        if name.decode("ascii").lower() not in _TO_FIELDS:
+            continue
+        value = rest.decode("utf-8", "surrogateescape").replace("\r\n", "").replace("\n", "")
+        if not value.isascii() or any(c in '"()\\;:[]' for c in value):
+            return None
+        for part in value.split(","):
+            address = _address(part.strip(" \t"))
+            if address is None:
+                return None
+            if address:
+                found.append(address)
+    return found
+
+
+def _address(part: str) -> str | None:
+    """The address of one list item ('' for an empty one), None when it is not plain."""
+    if "<" in part or ">" in part:
+        phrase, _, rest = part.partition("<")
+        address, closed, tail = rest.partition(">")
+        address = address.strip(" \t")
+        if not closed or tail or "<" in rest or ">" in phrase or "@" in phrase or not address:
+            return None
+    else:
+        address = part
+    if not address:
+        return ""
+    local, at, domain = address.partition("@")
+    if (any(c not in _ATEXT for c in local + domain) or not local
+            or (at and not domain) or "@" in domain):
+        return None
+    return address
