@@ -246,7 +246,7 @@ _READ_CONFIG = """\
 import sys, time
 sys.path += {paths!r}
 started = time.perf_counter()
-from deliverd.config.sendmail_settings import {imports}
+from deliverd.config.config_file import {imports}
 settings = {call}
 took = time.perf_counter() - started
 print(took * 1000, len(sys.modules))
@@ -255,7 +255,7 @@ CONFIG_READERS = {
     "scanner (read_sendmail_settings)": ("read_sendmail_settings",
                                          "read_sendmail_settings({path!r})"),
     "tomllib (parse_toml + settings_from_tree)": (
-        "settings_from_tree\nfrom deliverd.config.toml_file import read_toml",
+        "settings_from_tree\nfrom deliverd.config.config_file import read_toml",
         "settings_from_tree({path!r}, read_toml({path!r}))"),
 }
 

@@ -318,7 +318,7 @@ def test_mailq_lists_a_deferred_message_for_a_non_root_user(mta_host: type[MtaHo
 
 
 def test_a_config_rendered_before_the_local_keys_gets_their_defaults(tmp_path: Path) -> None:
-    from deliverd.config.sendmail_settings import read_sendmail_settings
+    from deliverd.config.config_file import read_sendmail_settings
     from deliverd.sendmail.submit import local_rules
     from deliverd.spec.normalise import normalise
     from deliverd.spec.render import render_config

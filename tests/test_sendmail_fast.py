@@ -32,14 +32,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deliverd.cli import sendmail
-from deliverd.config import sendmail_settings as config_reader
-from deliverd.config.convert import local_from_spec, masquerade_from_spec
-from deliverd.config.sendmail_settings import (
+from deliverd.config import config_file as config_reader
+from deliverd.config.config_file import (
+    ConfigFileError,
     SendmailSettings,
     read_sendmail_settings,
     settings_from_tree,
 )
-from deliverd.config.toml_file import ConfigFileError
+from deliverd.config.convert import local_from_spec, masquerade_from_spec
 from deliverd.queue.space import min_free_bytes
 from deliverd.sendmail import submit
 from deliverd.sendmail.command_line import Failure, parse_args

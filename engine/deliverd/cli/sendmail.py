@@ -3,7 +3,7 @@
 What cron, PHP's mail(), git send-email, mailx and Symfony run. The message goes into the
 maildrop (``deliverd.sendmail.submit``), so it works for any local user while the daemon is up
 or down, with no setuid and no secrets: only the world-readable ``deliverd.toml`` is read
-(``deliverd.config.sendmail_settings``). The flags and the exit codes are
+(``deliverd.config.config_file``). The flags and the exit codes are
 ``deliverd.sendmail.command_line``'s; ``-bs`` is ``deliverd.sendmail.smtp_stdio``, and ``-bp``
 (= ``mailq``) and ``-q`` are here, over the queue commands' listing and wake-up.
 
@@ -20,8 +20,7 @@ from __future__ import annotations
 import posix
 import sys
 
-from deliverd.config.sendmail_settings import read_sendmail_settings
-from deliverd.config.toml_file import ConfigFileError
+from deliverd.config.config_file import ConfigFileError, read_sendmail_settings
 from deliverd.sendmail.command_line import (
     EX_CONFIG,
     EX_NOPERM,
@@ -37,7 +36,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from deliverd.config.sendmail_settings import SendmailSettings
+    from deliverd.config.config_file import SendmailSettings
     from deliverd.submission.message_input import LineSource
 
 DEFAULT_CONFIG = "/etc/deliverd/deliverd.toml"

@@ -4,7 +4,7 @@
 only the passwords. Loading merges them back into one spec tree and validates it with the same
 validator as a spec file, so the engine never trusts a config the schema would refuse. Every
 failure is a ``ConfigError`` listing problems with JSON pointers; no message carries a secret.
-Both files are read and parsed by ``toml_file``, as ``sendmail`` reads the config.
+Both files are read and parsed by ``config_file``, as ``sendmail`` reads the config.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from deliverd.config.config_file import ConfigFileError, decode, parse_toml, read_text
 from deliverd.config.convert import config_from_spec
 from deliverd.config.model import Config
-from deliverd.config.toml_file import ConfigFileError, decode, parse_toml, read_text
 from deliverd.spec.normalise import normalise
 from deliverd.spec.problems import Problem, errors, pointer, warnings
 from deliverd.spec.render import SECRETS_NAME

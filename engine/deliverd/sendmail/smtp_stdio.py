@@ -13,7 +13,7 @@ from deliverd.submission.local_addresses import UnknownLocalUser
 from deliverd.submission.message_input import InputError, MessageInput, TooBig, complete_header
 
 if TYPE_CHECKING:
-    from deliverd.config.sendmail_settings import SendmailSettings
+    from deliverd.config.config_file import SendmailSettings
     from deliverd.submission.message_input import LineSource
 
 

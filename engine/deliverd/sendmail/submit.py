@@ -16,7 +16,6 @@ on a run's import path costs it a file lookup and a load.)
 
 from __future__ import annotations
 
-from deliverd.queue.space import min_free_bytes
 from deliverd.sendmail.command_line import EX_DATAERR, EX_NOUSER, EX_OK, Failure
 from deliverd.submission.dropfile import DropError, envelope_line, poke, write_drop
 from deliverd.submission.local_addresses import LocalRules, UnknownLocalUser
@@ -31,9 +30,16 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
 
-    from deliverd.config.sendmail_settings import SendmailSettings
+    from deliverd.config.config_file import SendmailSettings
     from deliverd.sendmail.command_line import Options
     from deliverd.submission.message_input import LineSource
+
+
+def min_free_bytes(max_message_size: int) -> int:
+    """``deliverd.queue.space.min_free_bytes``, the reserve every way in keeps, written out
+    again: importing ``deliverd.queue`` would cost every run two module loads
+    (``tests/test_sendmail_fast.py`` holds the two to the same answer)."""
+    return max_message_size * 3 // 2 + 8 * 1024 * 1024
 
 
 def local_rules(settings: SendmailSettings) -> LocalRules:

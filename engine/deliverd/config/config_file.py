@@ -1,14 +1,19 @@
-"""What ``sendmail`` reads of the config: only the world-readable file, never the secrets.
+"""The config file, ``deliverd.toml``, without its secrets: read and parsed one way for everyone.
 
-One function, ``read_sendmail_settings``, for every ``sendmail`` run: the file is read as the
-loader reads it (``toml_file``), and its few keys (``queue.path``, ``host.name``,
-``limits.max_message_size``, ``local.*``, ``masquerade.*``) are found by ``scan`` without
-``tomllib``, which with the ``re`` it imports costs more than the rest of a run
+The daemon and the CLI read it through the loader (``loader.py``, which reads the secrets file
+with ``parse_toml`` too, then merges and re-validates), and ``sendmail`` through
+``read_sendmail_settings``; all of them start with ``read_text`` and ``parse_toml`` here, with
+the same messages for a file that is missing, unreadable or not TOML. Reading imports nothing
+beyond what the interpreter loads at start-up (``posix``, ``errno``), as ``sendmail`` runs it for
+every message; ``tomllib`` is imported when a tree is parsed.
+
+``read_sendmail_settings`` is what ``sendmail`` reads: its few keys (``queue.path``,
+``host.name``, ``limits.max_message_size``, ``local.*``, ``masquerade.*``) are found by ``scan``
+without ``tomllib``, which with the ``re`` it imports costs more than the rest of a run
 (``bench/sendmail --config-reader`` measures it). When the scanner is not sure of the file, the
 same text is parsed with ``tomllib`` and a config rendered before ``[local]`` and
 ``[masquerade]`` existed gets their defaults from ``normalise``; both trees go through the same
-checks into ``SendmailSettings``. Standard library start-up modules only, unless the scanner
-is unsure.
+checks into ``SendmailSettings``.
 
 The scanner reads the TOML that ``deliverd.toml.j2`` renders: table headers, ``key = value``
 lines and multi-line arrays, no multi-line strings. Whatever it is not sure of raises
@@ -22,11 +27,70 @@ spec and on generated files.
 
 from __future__ import annotations
 
-from deliverd.config.toml_file import ConfigFileError, parse_toml, read_text
+import errno
+import posix
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
+
+
+class ConfigFileError(Exception):
+    """A file that cannot be read or parsed; the message names the file and never quotes a
+    secret."""
+
+
+def read_text(path: str) -> str:
+    """The file's text; ``ConfigFileError`` when it cannot be read or is not UTF-8."""
+    try:
+        fd = posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC | posix.O_NOCTTY)
+        try:
+            chunks = []
+            while chunk := posix.read(fd, 65536):
+                chunks.append(chunk)
+        finally:
+            posix.close(fd)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise ConfigFileError(f"{path}: no such file") from None
+        if exc.errno == errno.EISDIR:
+            raise ConfigFileError(f"{path}: is a directory, not a config file") from None
+        raise ConfigFileError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    return decode(path, b"".join(chunks))
+
+
+def decode(path: str, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigFileError(f"{path}: is not UTF-8 text (bad byte at offset {exc.start})"
+                              ) from None
+
+
+def parse_toml(path: str, text: str, *, sensitive: bool = False) -> dict[str, Any]:
+    """The TOML tree of a file's text; ``sensitive``: the file holds secrets, so an error says
+    where it is and not what tomllib quoted (which may be part of a password)."""
+    import tomllib
+
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        detail = str(exc)
+        if sensitive:
+            import re
+
+            found = re.search(r"\(at (line \d+, column \d+|end of document)\)", detail)
+            detail = f"at {found.group(1)}" if found else "somewhere in the file"
+        raise ConfigFileError(f"{path}: not valid TOML: {detail}") from None
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    """The TOML tree of a file that holds no secret."""
+    return parse_toml(path, read_text(path))
+
+# ---------------------------------------------------------------------------------------------
+# What sendmail reads
+
 
 # core.units' sizes, for the spelling normalise writes (core.units imports re).
 _SIZE_UNITS = {"GB": 1024**3, "MB": 1024**2, "KB": 1024, "B": 1}
