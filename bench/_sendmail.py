@@ -21,6 +21,11 @@ invocations/s and the time until the sink has every message. The sendmail progra
 
 Exim's, dma's, nullmailer's and OpenSMTPD's figures include ``unshare`` + ``sh`` + the mounts,
 a few ms per call.
+
+``--config-reader``: what reading the config costs a ``sendmail`` run, the way every run reads it
+(``read_sendmail_settings``: its scanner of the rendered TOML) against the ``tomllib``
+parse the same function falls back to, each in a fresh ``python -I -S`` as the launcher starts
+it, alternately so load drifts hit both alike: the reason the scanner is kept.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from typing import Any
 from _relay import CACHE, LOOPBACK, Deliverd, Postfix, Sink, free_port
 from _stats import percentile, table
 
-from deliverd.cli.sendmail_fast import launcher
+from deliverd.cli.sendmail import launcher
 from deliverd_lab.common import LabError
 from deliverd_lab.exim import EximRelay
 from deliverd_lab.opensmtpd import USERS as OPENSMTPD_USERS
@@ -235,6 +240,50 @@ def run_mta(kind: str, base: Path, n: int, python: str = sys.executable) -> list
     return rows
 
 
+# What --config-reader runs in each fresh interpreter: the import of the reader and one read,
+# timed inside the process (start-up excluded), and the modules it loaded.
+_READ_CONFIG = """\
+import sys, time
+sys.path += {paths!r}
+started = time.perf_counter()
+from deliverd.config.config_file import {imports}
+settings = {call}
+took = time.perf_counter() - started
+print(took * 1000, len(sys.modules))
+"""
+CONFIG_READERS = {
+    "scanner (read_sendmail_settings)": ("read_sendmail_settings",
+                                         "read_sendmail_settings({path!r})"),
+    "tomllib (parse_toml + settings_from_tree)": (
+        "settings_from_tree\nfrom deliverd.config.config_file import read_toml",
+        "settings_from_tree({path!r}, read_toml({path!r}))"),
+}
+
+
+def config_reader(python: str, rounds: int) -> list[dict[str, Any]]:
+    """Each reader ``rounds`` times, alternately, in a fresh ``python -I -S``."""
+    from deliverd.spec.normalise import normalise
+    from deliverd.spec.render import write_rendered
+
+    samples: dict[str, list[tuple[float, float, int]]] = {name: [] for name in CONFIG_READERS}
+    with tempfile.TemporaryDirectory(prefix="deliverd-config-reader-") as tmp:
+        write_rendered(normalise({"version": 1, "host": {"name": "bench.example"}}), Path(tmp))
+        path = str(Path(tmp) / "deliverd.toml")
+        for _ in range(rounds):
+            for name, (imports, call) in CONFIG_READERS.items():
+                code = _READ_CONFIG.format(paths=[str(ENGINE)], imports=imports,
+                                           call=call.format(path=path))
+                started = time.perf_counter()
+                done = subprocess.run([python, "-I", "-S", "-c", code], capture_output=True,
+                                      text=True, check=True)
+                wall = (time.perf_counter() - started) * 1000
+                inside, modules = done.stdout.split()
+                samples[name].append((wall, float(inside), int(modules)))
+    return [{"reader": name, "wall_p50_ms": percentile([s[0] for s in got], 50),
+             "read_p50_ms": percentile([s[1] for s in got], 50), "modules": got[-1][2]}
+            for name, got in samples.items()]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/sendmail", description=__doc__.split("\n")[0])
     p.add_argument("-n", "--invocations", type=int, default=200,
@@ -243,9 +292,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--python", default=None,
                    help="the interpreter deliverd's sendmail launcher runs (default: Debian's "
                         "python3 when it is this Python's minor version, as on a host)")
+    p.add_argument("--config-reader", action="store_true",
+                   help="measure only what reading the config costs a sendmail run, scanner "
+                        "against tomllib (-n rounds of each)")
     args = p.parse_args(argv)
     python = args.python or default_python()
     print(f"deliverd's sendmail runs {python}", flush=True)
+    if args.config_reader:
+        print(table(config_reader(python, args.invocations), (
+            ("reader", "config reader"), ("wall_p50_ms", "process p50 ms"),
+            ("read_p50_ms", "import + read p50 ms"), ("modules", "modules loaded"))))
+        return 0
     rows: list[dict[str, Any]] = []
     failed = False
     reasons: dict[str, str] = {}

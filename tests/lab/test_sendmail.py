@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from deliverd.cli.sendmail import Failure, Options, parse_args
+from deliverd.sendmail.command_line import Failure, Options, parse_args
 from deliverd.submission.message_input import complete_header
 from tests.fixtures.mta import HOST, MASQUERADE, MtaHost
 
@@ -318,7 +318,8 @@ def test_mailq_lists_a_deferred_message_for_a_non_root_user(mta_host: type[MtaHo
 
 
 def test_a_config_rendered_before_the_local_keys_gets_their_defaults(tmp_path: Path) -> None:
-    from deliverd.cli.sendmail import load_settings
+    from deliverd.config.config_file import read_sendmail_settings
+    from deliverd.sendmail.submit import local_rules
     from deliverd.spec.normalise import normalise
     from deliverd.spec.render import render_config
 
@@ -326,9 +327,9 @@ def test_a_config_rendered_before_the_local_keys_gets_their_defaults(tmp_path: P
     old = tmp_path / "deliverd.toml"
     old.write_text(text.split("\n[local]\n")[0], encoding="utf-8")
     assert "[local" not in old.read_text() and "[masquerade" not in old.read_text()
-    settings = load_settings(str(old))
-    assert settings.policy.domains == frozenset({"localhost", HOST})
-    assert settings.policy.qualify("root") == f"root@{HOST}"
+    settings = read_sendmail_settings(str(old))
+    assert local_rules(settings).domains == frozenset({"localhost", HOST})
+    assert local_rules(settings).sender("root") == f"root@{HOST}"
     assert settings.queue_path == "/var/spool/deliverd"
 
 

@@ -116,6 +116,76 @@ def test_module_imports_only_what_its_folder_may(path: Path) -> None:
     assert not wrong, f"{own} may not import {sorted(set(wrong))} (docs/architecture.md)"
 
 
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ENGINE).with_suffix("").parts
+    return ".".join(("deliverd", *parts)).removesuffix(".__init__")
+
+
+def runtime_imports(path: Path) -> set[str]:
+    """The engine modules a module imports when it runs, wherever the import statement is
+    (imports under ``if TYPE_CHECKING:`` are for the type checker only and never run)."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:  # from deliverd.cli import sendmail: the module itself
+                name = f"{node.module}.{alias.name}"
+                found.add(name if is_engine_module(name) else node.module)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text(encoding="utf-8")))
+    return {name for name in found if name.startswith("deliverd.") and is_engine_module(name)}
+
+
+def import_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of the graph (its modules in import order, the first one again at the end),
+    or None."""
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> list[str] | None:
+        if module in path:
+            return [*path[path.index(module):], module]
+        if module in done:
+            return None
+        for imported in sorted(graph.get(module, set())):
+            cycle = visit(imported, [*path, module])
+            if cycle is not None:
+                return cycle
+        done.add(module)
+        return None
+
+    for module in sorted(graph):
+        cycle = visit(module, [])
+        if cycle is not None:
+            return cycle
+    return None
+
+
+def test_import_cycle_finds_a_circle_and_only_a_circle() -> None:
+    assert import_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    assert import_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert import_cycle({"a": {"a"}}) == ["a", "a"]
+
+
+@pytest.mark.parametrize("folder", sorted({p.parent for p in engine_modules()}),
+                         ids=lambda p: str(p.relative_to(ENGINE)) or "deliverd")
+def test_modules_of_a_folder_import_each_other_without_a_circle(folder: Path) -> None:
+    """A circle between two modules of one stage means neither can be read, tested or
+    imported alone; the piece both need belongs in a module of its own."""
+    modules = {module_name(p): p for p in folder.glob("*.py")}
+    graph = {name: runtime_imports(path) & set(modules) - {name}
+             for name, path in modules.items()}
+    cycle = import_cycle(graph)
+    assert cycle is None, f"modules import each other in a circle: {' -> '.join(cycle)}"
+
+
 @pytest.mark.parametrize("path", engine_modules(), ids=lambda p: str(p.relative_to(ENGINE)))
 def test_long_module_says_why_in_its_docstring(path: Path) -> None:
     text = path.read_text(encoding="utf-8")

@@ -24,8 +24,8 @@ _COMMAND_MODULES = (
     "deliverd.cli.dkim",  # dkim record, dkim check
 )
 # Run as `sendmail` or `mailq` (the role's links), or as `deliverd sendmail`: sendmail's own
-# flags, parsed by deliverd.cli.sendmail_fast (the common invocations, on a short import path)
-# or deliverd.cli.sendmail (the rest), without argparse or the other commands' imports.
+# flags, parsed by deliverd.cli.sendmail on a short import path, without argparse or the other
+# commands' imports.
 _SENDMAIL_NAMES = ("sendmail", "mailq")
 
 
@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = os.path.basename(sys.argv[0]) if argv is None else "deliverd"
     args_list = list(sys.argv[1:] if argv is None else argv)
     if prog in _SENDMAIL_NAMES or args_list[:1] == ["sendmail"]:
-        from deliverd.cli.sendmail_fast import entry
+        from deliverd.cli.sendmail import entry
 
         if prog in _SENDMAIL_NAMES:
             return entry(prog, args_list)

@@ -4,18 +4,18 @@
 only the passwords. Loading merges them back into one spec tree and validates it with the same
 validator as a spec file, so the engine never trusts a config the schema would refuse. Every
 failure is a ``ConfigError`` listing problems with JSON pointers; no message carries a secret.
+Both files are read and parsed by ``config_file``, as ``sendmail`` reads the config.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import stat
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from deliverd.config.config_file import ConfigFileError, decode, parse_toml, read_text
 from deliverd.config.convert import config_from_spec
 from deliverd.config.model import Config
 from deliverd.spec.normalise import normalise
@@ -30,7 +30,6 @@ _ACCOUNT_SECRETS: dict[str, tuple[str, ...]] = {
     "smarthost_password": ("smarthost_auth", "password"),
     "mail_password": ("mail_password",),
 }
-_TOML_POSITION = re.compile(r"\(at (line \d+, column \d+|end of document)\)")
 
 
 class ConfigError(Exception):
@@ -69,7 +68,10 @@ def check_config_file(
     """(normalised spec, warnings); ``ConfigError`` with every error when it is not valid."""
     config_path = Path(path)
     secrets_file = Path(secrets_path) if secrets_path is not None else default_secrets_path(path)
-    tree = _read_toml(config_path, _read_text(config_path), sensitive=False)
+    try:
+        tree = parse_toml(str(config_path), read_text(str(config_path)))
+    except ConfigFileError as exc:
+        raise _fail(str(exc)) from None
     secrets = _read_secrets(secrets_file)
     problems = _secrets_in_config(tree, config_path, secrets_file)
     if secrets is not None:
@@ -92,37 +94,6 @@ def default_secrets_path(config_path: str | Path) -> Path:
 
 def _fail(message: str, hint: str = "", *, where: str = "", unreadable: bool = True) -> ConfigError:
     return ConfigError([Problem(where, message, hint)], unreadable=unreadable)
-
-
-def _read_text(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise _fail(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise _fail(f"{path}: is a directory, not a config file") from None
-    except OSError as exc:
-        raise _fail(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    return _decode(path, data)
-
-
-def _decode(path: Path, data: bytes) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise _fail(f"{path}: is not UTF-8 text (bad byte at offset {exc.start})") from None
-
-
-def _read_toml(path: Path, text: str, *, sensitive: bool) -> dict[str, Any]:
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        detail = str(exc)
-        if sensitive:
-            # tomllib quotes the offending character, which may belong to a password.
-            found = _TOML_POSITION.search(detail)
-            detail = f"at {found.group(1)}" if found else "somewhere in the file"
-        raise _fail(f"{path}: not valid TOML: {detail}") from None
 
 
 def _read_secrets(path: Path) -> dict[str, Any] | None:
@@ -149,7 +120,10 @@ def _read_secrets(path: Path) -> dict[str, Any] | None:
             data = fh.read()
         except OSError as exc:
             raise _fail(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    return _read_toml(path, _decode(path, data), sensitive=True)
+    try:
+        return parse_toml(str(path), decode(str(path), data), sensitive=True)
+    except ConfigFileError as exc:
+        raise _fail(str(exc)) from None
 
 
 def _secrets_in_config(tree: dict[str, Any], config: Path, secrets: Path) -> list[Problem]:

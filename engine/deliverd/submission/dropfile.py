@@ -1,8 +1,8 @@
 """The drop file: what ``sendmail`` writes into the maildrop, written one way by every writer.
 
-Both ``sendmail`` paths (``deliverd.cli.sendmail_fast`` for the common invocations, and
-``deliverd.cli.sendmail`` for the rest) leave mail through ``write_drop`` here, so the format
-cannot drift between them; the daemon reads it back (``maildrop.DropEnvelope.from_line``).
+``sendmail`` (``deliverd.sendmail.submit``, for its own submissions and ``-bs``'s) leaves mail
+through ``write_drop`` here, and so does every other writer, so the format cannot drift between
+them; the daemon reads it back (``maildrop.DropEnvelope.from_line``).
 
 A drop file is one JSON line (the envelope: ``v``, ``sender``, ``recipients`` and the RFC 3461
 fields that are set) followed by the message with CRLF line endings. It is written under a

@@ -58,14 +58,8 @@ class LocalPolicy:
     def resolve_recipients(self, addresses: Iterable[str]) -> list[str]:
         """Every recipient resolved, in order, each target once. Raises ``UnknownLocalUser``
         for the first local recipient without an alias."""
-        out: list[str] = []
-        seen: set[str] = set()
-        for address in addresses:
-            for target in self.resolve_recipient(address):
-                if target.lower() not in seen:
-                    seen.add(target.lower())
-                    out.append(target)
-        return out
+        return rules.resolve_recipients(addresses, self.domains, self.qualify_domain,
+                                        self.aliases)
 
     def sender(self, address: str) -> str:
         """The envelope sender as it leaves: qualified, and masqueraded for local users."""

@@ -1,16 +1,17 @@
 """Addresses of this host's users: which are local, qualified, aliased and masqueraded.
 
 The rules of ``local.*`` and ``masquerade.*`` on one address, as plain functions:
-``deliverd.submission.local.LocalPolicy`` applies them on every way in, and the ``sendmail``
-fast path (``deliverd.cli.sendmail_fast``) applies the same ones without importing the config
-model. Pure, and no imports at all: this module is on every ``sendmail`` run's import path.
+``deliverd.submission.local.LocalPolicy`` applies them on every way in, and ``sendmail``
+(``deliverd.sendmail``) applies the same ones through ``LocalRules`` without importing the
+config model. Pure, and no imports at all: this module is on every ``sendmail`` run's import
+path.
 """
 
 from __future__ import annotations
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Set
+    from collections.abc import Iterable, Mapping, Sequence, Set
 
 ANY_USER = "*"
 
@@ -77,3 +78,41 @@ def sender(address: str, domains: Set[str], qualify_domain: str,
     if masquerade_domain and user.lower() not in except_users:
         return f"{user}@{masquerade_domain}"
     return qualify(address, qualify_domain)
+
+
+def resolve_recipients(addresses: Iterable[str], domains: Set[str], qualify_domain: str,
+                       aliases: Mapping[str, tuple[str, ...]]) -> list[str]:
+    """Every recipient resolved, in order, each target once. Raises ``UnknownLocalUser`` for
+    the first local recipient without an alias."""
+    out: list[str] = []
+    seen: set[str] = set()
+    for address in addresses:
+        for target in resolve_recipient(address, domains, qualify_domain, aliases):
+            if target.lower() not in seen:
+                seen.add(target.lower())
+                out.append(target)
+    return out
+
+
+class LocalRules:
+    """The rules of ``local.*`` and ``masquerade.*`` as the config writes them (``LocalPolicy``
+    without the config model and the header rewriting, which the pickup does)."""
+
+    def __init__(self, domains: Iterable[str], qualify_domain: str,
+                 aliases: Mapping[str, Sequence[str]], masquerade_domain: str | None,
+                 except_users: Iterable[str]) -> None:
+        self.domains = frozenset(domain_key(d) for d in domains)
+        self.qualify_domain = qualify_domain
+        self.aliases = {user.lower(): tuple(targets) for user, targets in aliases.items()}
+        self.masquerade_domain = masquerade_domain
+        self.except_users = frozenset(u.lower() for u in except_users)
+
+    def resolve_recipient(self, address: str) -> tuple[str, ...]:
+        return resolve_recipient(address, self.domains, self.qualify_domain, self.aliases)
+
+    def resolve_recipients(self, addresses: Iterable[str]) -> list[str]:
+        return resolve_recipients(addresses, self.domains, self.qualify_domain, self.aliases)
+
+    def sender(self, address: str) -> str:
+        return sender(address, self.domains, self.qualify_domain, self.masquerade_domain,
+                      self.except_users)

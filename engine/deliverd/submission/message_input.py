@@ -4,11 +4,14 @@ Lines end in CRLF whatever they ended in; without ``-i`` a lone "." ends the mes
 always does and ".." is unstuffed; the size limit is checked as lines arrive. The header section
 is read first (``-t`` needs it, and missing fields are added), the body is streamed in chunks.
 
-Both ``sendmail`` paths read the message through ``MessageInput``, so the fast one imports this
-module: nothing beyond what the interpreter loads at start-up (no ``re``, no ``typing``).
+``sendmail`` reads the message through ``MessageInput`` and completes its header with
+``complete_header``, on every run: this module imports nothing beyond what the interpreter loads
+at start-up (no ``re``, no ``typing``, not the email package but for a non-ASCII full name).
 """
 
 from __future__ import annotations
+
+import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -138,22 +141,60 @@ def field_names(header: bytes) -> set[str]:
 
 def complete_header(header: bytes, *, sender: str, fullname: str | None, domain: str,
                     drop_bcc: bool) -> bytes:
-    """Bcc: removed (``-t``), and From:, Date: and Message-ID: added when missing."""
-    from email.utils import formataddr, formatdate, make_msgid
-
+    """Bcc: removed (``-t``), and From:, Date: and Message-ID: added when missing, as the
+    ``email.utils`` functions would write them (``format_address``, ``format_date``,
+    ``make_msgid``)."""
     fields = split_fields(header)
     if drop_bcc:
         fields = [f for f in fields if f.split(b":", 1)[0].strip().lower() != b"bcc"]
     names = field_names(b"".join(fields))
     added = []
     if "from" not in names:
-        added.append(f"From: {formataddr((fullname or '', sender or 'MAILER-DAEMON'))}")
+        added.append(f"From: {format_address(fullname or '', sender or 'MAILER-DAEMON')}")
     if "date" not in names:
-        added.append(f"Date: {formatdate(localtime=True)}")
+        added.append(f"Date: {format_date(time.time())}")
     if "message-id" not in names:
-        added.append(f"Message-ID: {make_msgid(domain=domain)}")
-    extra = "".join(f"{line}\r\n" for line in added).encode("utf-8")
-    return b"".join(fields) + extra
+        added.append(f"Message-ID: {make_msgid(domain)}")
+    return b"".join(fields) + "".join(f"{line}\r\n" for line in added).encode("utf-8")
+
+
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_SPECIALS = frozenset('[]\\()<>@,:;".')
+
+
+def format_date(when: float) -> str:
+    """``email.utils.formatdate(when, localtime=True)``."""
+    tm = time.localtime(when)
+    offset = tm.tm_gmtoff or 0
+    sign = "-" if offset < 0 else "+"
+    hours, rest = divmod(abs(offset), 3600)
+    minutes, seconds = divmod(rest, 60)
+    zone = f"{sign}{hours:02d}{minutes:02d}" + (f"{seconds:02d}" if seconds else "")
+    return (f"{_DAYS[tm.tm_wday]}, {tm.tm_mday:02d} {_MONTHS[tm.tm_mon - 1]} {tm.tm_year:04d} "
+            f"{tm.tm_hour:02d}:{tm.tm_min:02d}:{tm.tm_sec:02d} {zone}")
+
+
+def format_address(name: str, address: str) -> str:
+    """``email.utils.formataddr((name, address))``, and a non-ASCII address (SMTPUTF8) as it
+    is, where ``formataddr`` refuses one."""
+    if not name:
+        return address
+    if not name.isascii():  # RFC 2047, as formataddr encodes it: the email package's work
+        from email.charset import Charset
+
+        return f"{Charset('utf-8').header_encode(name)} <{address}>"
+    quote = '"' if any(c in _SPECIALS for c in name) else ""
+    name = name.replace("\\", "\\\\").replace('"', '\\"')
+    return f"{quote}{name}{quote} <{address}>"
+
+
+def make_msgid(domain: str) -> str:
+    """``email.utils.make_msgid(domain=domain)``: hundredths of a second, pid, 64 random bits."""
+    import posix
+
+    return (f"<{int(time.time() * 100)}.{posix.getpid()}."
+            f"{int.from_bytes(posix.urandom(8), 'big')}@{domain}>")
 
 
 def submitting_user() -> tuple[str, str]:

@@ -13,7 +13,6 @@ from flufl.bounce import all_failures
 from hypothesis import given
 from hypothesis import strategies as st
 
-from deliverd.cli.sendmail import Failure, parse_args
 from deliverd.core.dsn_params import (
     DsnEvent,
     DsnSyntaxError,
@@ -32,6 +31,7 @@ from deliverd.core.dsn_params import (
 )
 from deliverd.core.outcomes import Hop, Kind, Outcome, Route
 from deliverd.reports.dsn import DsnKind, build_dsn, returned_message
+from deliverd.sendmail.command_line import Failure, parse_args
 from deliverd.smtp.policy import dsn_mail_parameters, dsn_rcpt_parameters
 
 # -- xtext ---------------------------------------------------------------------------------------

@@ -1,73 +1,187 @@
-"""The settings ``sendmail`` needs, read from a rendered ``deliverd.toml`` without ``tomllib``.
+"""The config file, ``deliverd.toml``, without its secrets: read and parsed one way for everyone.
 
-``tomllib`` (with the ``re`` it imports) costs more than the rest of a fast ``sendmail`` run, so
-``deliverd.cli.sendmail_fast`` reads the few keys it needs (``queue.path``, ``host.name``,
-``limits.max_message_size``, ``local.*``, ``masquerade.*``) with this reader of the TOML that
-``deliverd.toml.j2`` renders: table headers, ``key = value`` lines and multi-line arrays, no
-multi-line strings. Whatever it is not sure of raises ``Unsure``, and ``sendmail`` takes the
-full path, which reads the file with ``tomllib`` and reports what is wrong (exit 78); a wanted
-key given twice or holding anything but a string or an array of strings is such a case. What
-it does not check: values of keys sendmail does not read are only skipped (strings, arrays,
-inline tables, bare scalars), so a file TOML refuses in those alone is not noticed here (the
-daemon refuses to load it, and ``deliverd check-config`` says why); the mail waits in the
-maildrop. ``tests/unit/cli/test_sendmail_fast.py`` holds it to ``tomllib`` on every example spec.
+The daemon and the CLI read it through the loader (``loader.py``, which reads the secrets file
+with ``parse_toml`` too, then merges and re-validates), and ``sendmail`` through
+``read_sendmail_settings``; all of them start with ``read_text`` and ``parse_toml`` here, with
+the same messages for a file that is missing, unreadable or not TOML. Reading imports nothing
+beyond what the interpreter loads at start-up (``posix``, ``errno``), as ``sendmail`` runs it for
+every message; ``tomllib`` is imported when a tree is parsed.
+
+``read_sendmail_settings`` is what ``sendmail`` reads: its few keys (``queue.path``,
+``host.name``, ``limits.max_message_size``, ``local.*``, ``masquerade.*``) are found by ``scan``
+without ``tomllib``, which with the ``re`` it imports costs more than the rest of a run
+(``bench/sendmail --config-reader`` measures it). When the scanner is not sure of the file, the
+same text is parsed with ``tomllib`` and a config rendered before ``[local]`` and
+``[masquerade]`` existed gets their defaults from ``normalise``; both trees go through the same
+checks into ``SendmailSettings``.
+
+The scanner reads the TOML that ``deliverd.toml.j2`` renders: table headers, ``key = value``
+lines and multi-line arrays, no multi-line strings. Whatever it is not sure of raises
+``Unsure``; a wanted key given twice or holding anything but a string or an array of strings is
+such a case. What it does not check: values of keys sendmail does not read are only skipped
+(strings, arrays, inline tables, bare scalars), so a file TOML refuses in those alone is not
+noticed here (the daemon refuses to load it, and ``deliverd check-config`` says why); the mail
+waits in the maildrop. ``tests/unit/cli/test_sendmail_fast.py`` holds it to ``tomllib`` on every
+example spec and on generated files.
 """
 
 from __future__ import annotations
 
+import errno
 import posix
 
-from deliverd.submission import local_addresses as rules
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
+
+class ConfigFileError(Exception):
+    """A file that cannot be read or parsed; the message names the file and never quotes a
+    secret."""
+
+
+def read_text(path: str) -> str:
+    """The file's text; ``ConfigFileError`` when it cannot be read or is not UTF-8."""
+    try:
+        fd = posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC | posix.O_NOCTTY)
+        try:
+            chunks = []
+            while chunk := posix.read(fd, 65536):
+                chunks.append(chunk)
+        finally:
+            posix.close(fd)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise ConfigFileError(f"{path}: no such file") from None
+        if exc.errno == errno.EISDIR:
+            raise ConfigFileError(f"{path}: is a directory, not a config file") from None
+        raise ConfigFileError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    return decode(path, b"".join(chunks))
+
+
+def decode(path: str, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigFileError(f"{path}: is not UTF-8 text (bad byte at offset {exc.start})"
+                              ) from None
+
+
+def parse_toml(path: str, text: str, *, sensitive: bool = False) -> dict[str, Any]:
+    """The TOML tree of a file's text; ``sensitive``: the file holds secrets, so an error says
+    where it is and not what tomllib quoted (which may be part of a password)."""
+    import tomllib
+
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        detail = str(exc)
+        if sensitive:
+            import re
+
+            found = re.search(r"\(at (line \d+, column \d+|end of document)\)", detail)
+            detail = f"at {found.group(1)}" if found else "somewhere in the file"
+        raise ConfigFileError(f"{path}: not valid TOML: {detail}") from None
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    """The TOML tree of a file that holds no secret."""
+    return parse_toml(path, read_text(path))
+
+# ---------------------------------------------------------------------------------------------
+# What sendmail reads
+
+
+# core.units' sizes, for the spelling normalise writes (core.units imports re).
 _SIZE_UNITS = {"GB": 1024**3, "MB": 1024**2, "KB": 1024, "B": 1}
 
 
-class Unsure(Exception):
-    """The file is not one this reader reads with certainty; tomllib will."""
+class SendmailSettings:
+    """``queue.path``, ``host.name``, ``limits.max_message_size`` (bytes), and ``local.*`` and
+    ``masquerade.*`` as the config writes them."""
+
+    def __init__(self, tree: dict[str, Any]) -> None:
+        local, masquerade = tree["local"], tree["masquerade"]
+        self.queue_path: str = _text(tree["queue"]["path"])
+        self.host_name: str = _text(tree["host"]["name"])
+        self.max_message_size = _size(_text(tree["limits"]["max_message_size"]))
+        self.domains = tuple(_texts(local["domains"]))
+        self.qualify_domain: str = _text(local["qualify_domain"])
+        aliases = local.get("aliases", {})
+        self.aliases = {_text(user): tuple(_texts(targets)) for user, targets in aliases.items()}
+        domain = masquerade.get("domain")
+        self.masquerade_domain: str | None = None if domain is None else _text(domain)
+        self.except_users = tuple(_texts(masquerade["except_users"]))
 
 
+def read_sendmail_settings(path: str) -> SendmailSettings:
+    """The settings of a rendered config; ``ConfigFileError`` when it cannot be read or is not
+    a rendered deliverd config."""
+    text = read_text(path)
+    try:
+        tree = scan(text)
+    except Unsure:
+        tree = parse_toml(path, text)
+        if "local" not in tree or "masquerade" not in tree:
+            # Rendered before these keys existed: fill their defaults the one way there is.
+            from deliverd.spec.normalise import normalise
 
-class Settings:
-    def __init__(self, values: dict[tuple[str, ...], object], aliases: dict[str, object]
-                 ) -> None:
-        self.queue_path = _text(values, ("queue", "path"))
-        self.host_name = _text(values, ("host", "name"))
-        self.max_message_size = _size(_text(values, ("limits", "max_message_size")))
-        self.domains = frozenset(rules.domain_key(d)
-                                 for d in _texts(values, ("local", "domains")))
-        self.qualify_domain = _text(values, ("local", "qualify_domain"))
-        self.aliases = {user.lower(): tuple(_texts({(): targets}, ()))
-                        for user, targets in aliases.items()}
-        masquerade = values.get(("masquerade", "domain"))
-        if masquerade is not None and not isinstance(masquerade, str):
-            raise Unsure("masquerade.domain")
-        self.masquerade_domain = masquerade
-        self.except_users = frozenset(u.lower() for u in
-                                      _texts(values, ("masquerade", "except_users")))
+            tree = normalise(tree)
+    return settings_from_tree(path, tree)
 
 
-def _text(values: dict[tuple[str, ...], object], key: tuple[str, ...]) -> str:
-    value = values.get(key)
+def settings_from_tree(path: str, tree: dict[str, Any]) -> SendmailSettings:
+    try:
+        return SendmailSettings(tree)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise ConfigFileError(f"{path}: not a rendered deliverd config "
+                              f"(check it with: deliverd check-config {path})") from None
+
+
+def _text(value: object) -> str:
     if not isinstance(value, str):
-        raise Unsure(".".join(key))
+        raise TypeError(value)
     return value
 
 
-def _texts(values: dict[tuple[str, ...], object], key: tuple[str, ...]) -> list[str]:
-    value = values.get(key)
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise Unsure(".".join(key) or "an alias")
-    return value
+def _texts(value: object) -> list[str]:
+    if not isinstance(value, list):
+        raise TypeError(value)
+    return [_text(item) for item in value]
 
 
 def _size(text: str) -> int:
-    """``core.units.parse_size`` without ``re``."""
+    """``core.units.parse_size``, without ``re`` for the spelling ``normalise`` writes."""
     for unit, factor in _SIZE_UNITS.items():
         digits = text[:-len(unit)]
         if (text.endswith(unit) and 1 <= len(digits) <= 12 and digits.isascii()
                 and digits.isdigit()):
             return int(digits) * factor
-    raise Unsure("limits.max_message_size")
+    from deliverd.core.units import parse_size
+
+    return parse_size(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# The scanner
+
+
+class Unsure(Exception):
+    """The text is not one this scanner reads with certainty; tomllib will."""
+
+
+def scan(text: str) -> dict[str, Any]:
+    """The wanted keys of a rendered config as the tree ``tomllib`` would give of them;
+    ``Unsure`` for anything else, including a file rendered before ``[local]`` and
+    ``[masquerade]`` existed (their defaults are ``normalise``'s to fill)."""
+    values, aliases = _scan(text)
+    if ("local",) not in values or ("masquerade",) not in values:
+        raise Unsure("a config without [local] or [masquerade]")
+    tree: dict[str, Any] = {"local": {"aliases": aliases}, "masquerade": {}}
+    for key, value in values.items():
+        if key in _WANTED:
+            tree.setdefault(key[0], {})[key[1]] = value
+    return tree
 
 
 _WANTED = frozenset({("queue", "path"), ("host", "name"), ("limits", "max_message_size"),
@@ -76,27 +190,6 @@ _WANTED = frozenset({("queue", "path"), ("host", "name"), ("limits", "max_messag
 _BARE_KEY = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 _ESCAPES = {"b": "\b", "t": "\t", "n": "\n", "f": "\f", "r": "\r", '"': '"', "\\": "\\"}
 _SCALAR = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-+.:")
-
-
-def read_settings(path: str) -> Settings:
-    """The settings in a rendered ``deliverd.toml``; ``Decline`` for anything else, including
-    a file that cannot be read (the full path reports it) or one rendered before ``[local]``
-    and ``[masquerade]`` existed (the full path fills their defaults)."""
-    try:
-        fd = posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC)
-        try:
-            chunks = []
-            while chunk := posix.read(fd, 65536):
-                chunks.append(chunk)
-        finally:
-            posix.close(fd)
-        text = b"".join(chunks).decode("utf-8")
-    except (OSError, UnicodeDecodeError):
-        raise Unsure("the config cannot be read") from None
-    values, aliases = _scan(text)
-    if ("local",) not in values or ("masquerade",) not in values:
-        raise Unsure("a config without [local] or [masquerade]")
-    return Settings(values, aliases)
 
 
 _TABLE, _ARRAY = "[table]", "[[array of tables]]"  # what a header's own key holds in _scan
