@@ -10,7 +10,8 @@ or down, with no setuid and no secrets: only the world-readable ``deliverd.toml`
 Every message from those callers starts a new interpreter, so what a submission imports is paid
 per message: this module and the ones it imports at the top load nothing beyond what the
 interpreter loads at start-up (``python -X importtime``;
-``tests/unit/cli/test_sendmail_fast.py`` checks), and ``-bs``, ``-bp`` and ``-q`` import what they need when they run. Run as
+``tests/unit/cli/test_sendmail_fast.py`` checks), and ``-bs``, ``-bp`` and ``-q`` import what
+they need when they run. Run as
 ``python -I -S`` on a launcher that puts the package on ``sys.path`` and calls ``entry`` (the
 role's wrapper; ``launcher`` writes one), or through ``deliverd sendmail``.
 """
