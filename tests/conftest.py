@@ -10,6 +10,7 @@ run does not end waiting for one of them.
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from pathlib import Path
 
 import pytest
@@ -69,7 +70,12 @@ def _weight(group: str) -> int:
     return sum(SLOW_FILES.get(member, 1) for member in members)
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+# A wrapper: xdist reads the marks in its own hook of the same name, and a wrapper's part
+# before ``yield`` runs before every plain implementation (tryfirst is not enough there).
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems(
+    config: pytest.Config, items: list[pytest.Item]
+) -> Generator[None, None, None]:
     groups: dict[str, list[pytest.Item]] = {}
     for item in items:
         group = _group_of(_relative(item))
@@ -78,3 +84,4 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # A stable sort: within a group, and among equal weights, the collection order stays.
     ordered = sorted(groups, key=_weight, reverse=True)
     items[:] = [item for group in ordered for item in groups[group]]
+    return (yield)
