@@ -64,7 +64,8 @@ def mirror_from_sources(texts: Iterable[str], suite: str = SUITE) -> str | None:
                 key, sep, value = line.partition(":")
                 if sep and not line.startswith(("#", " ")):
                     fields[key.strip().lower()] = value.strip()
-            if suite in fields.get("suites", "").split() and "deb" in fields.get("types", "deb"):
+            types = fields.get("types", "deb").split()
+            if suite in fields.get("suites", "").split() and "deb" in types:
                 uris = fields.get("uris", "").split()
                 if uris:
                     return uris[0]
