@@ -35,6 +35,7 @@ import hashlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -258,6 +259,18 @@ def _answers(endpoint: Endpoint, qname: str, rdtype: str) -> bool:
     return reply.rcode() == dns.rcode.NOERROR
 
 
+def port_free(endpoint: Endpoint) -> bool:
+    """Nothing holds ``endpoint`` for UDP or TCP: otherwise the probes below would get another
+    server's answers (another lab on the same addresses) and take them for ours."""
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_INET, kind) as probe:
+            try:
+                probe.bind((endpoint.address, endpoint.port))
+            except OSError:
+                return False
+    return True
+
+
 def _server_pid(config: LabConfig, server: str) -> int | None:
     """The recorded PID, if that process is still ours (its command line names our config)."""
     pid = read_pid(config.pid_file(server))
@@ -278,7 +291,7 @@ def _launch(config: LabConfig, server: str, probe: tuple[Endpoint, str, str]) ->
     config.pid_file(server).write_text(f"{proc.pid}\n")
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and proc.poll() is None:
-        if _answers(*probe):
+        if _answers(*probe) and proc.poll() is None:
             return
         time.sleep(0.1)
     logs = "".join(p.read_text(errors="replace") for p in
@@ -300,6 +313,9 @@ def start(config: LabConfig) -> RunningLab:
     missing = missing_tools()
     if missing:
         raise LabError(f"the DNSSEC lab needs the Debian packages {' '.join(missing)}")
+    for endpoint in (config.auth, config.resolver):
+        if not port_free(endpoint):
+            raise LabError(f"{endpoint} is in use (another DNSSEC lab?)")
     for sub in ("keys", "zones", "tls", "run"):
         shutil.rmtree(d / sub, ignore_errors=True)
         (d / sub).mkdir()
