@@ -10,7 +10,7 @@ APT_PACKAGES := dnsmasq-base postfix dovecot-core dovecot-pop3d openssh-server s
 	cron bsd-mailx php-cli git git-email opendkim-tools \
 	nsd unbound bind9-utils bind9-dnsutils
 # The systemd path (tests/ansible/test_systemd_role.py, tests/lab/test_manpages.py): systemd-nspawn boots a
-# cached Debian root (built once under .cache/ by ../shared/lab/sdbox.sh); systemd-analyze and
+# cached Debian root (built once under .cache/ by deliverd_lab.sdbox); systemd-analyze and
 # man check the unit and its manual pages. Installing these starts no service.
 APT_PACKAGES += systemd systemd-container debootstrap man-db
 PYTEST_ARGS ?=

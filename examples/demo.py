@@ -239,8 +239,32 @@ def ansible(workdir: Path, inventory: Path, *extra: str) -> None:
     recap = result.stdout[result.stdout.rfind("PLAY RECAP"):].strip()
     print("  " + recap.replace("\n", "\n  "))
     if result.returncode != 0:
-        (workdir / "ansible.log").write_text(result.stdout + result.stderr)
-        raise SystemExit(f"demo: ansible-playbook failed; see {workdir / 'ansible.log'}")
+        raise SystemExit(ansible_failure(result.stdout + result.stderr))
+
+
+def ansible_failure(output: str) -> str:
+    """The message for a failed ansible-playbook run: the failed tasks, and where the whole
+    output is kept. Not in the demo's work directory, which is deleted on the way out."""
+    fd, kept = tempfile.mkstemp(prefix="deliverd-demo-ansible-", suffix=".log")
+    with os.fdopen(fd, "w") as log:
+        log.write(output)
+    return ("demo: ansible-playbook failed:\n" + "\n".join(failed_tasks(output))
+            + f"\ndemo: the whole ansible-playbook output is in {kept}")
+
+
+def failed_tasks(output: str, width: int = 2000) -> list[str]:
+    """Each failed task's header with its failure lines (``fatal:``/``failed:``), shortened to
+    ``width``; the output's last lines when none is found (a syntax error, say)."""
+    found: list[str] = []
+    task = ""
+    for line in output.splitlines():
+        if line.startswith("TASK ["):
+            task = line.rstrip(" *")
+        elif line.startswith(("fatal: ", "failed: ")):
+            if task and task not in found:
+                found.append(task)
+            found.append("  " + line[:width])
+    return found or output.splitlines()[-40:]
 
 
 def deploy_fleet(workdir: Path, dns: DnsServer, mx_port: int, sinks: dict[str, Sink]) -> None:

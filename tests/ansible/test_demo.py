@@ -4,9 +4,14 @@ a message delivered through each host, by its own route."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -33,3 +38,43 @@ def test_demo_shows_delivered_deferred_and_bounced_mail_and_deploys_the_fleet() 
         assert "to=<relay-b@example.net>" in out and "route=smarthost" in out
         assert "the smart host sink received: [('relay-b@example.net',)]" in out
         assert out.count("failed=0") == 4  # deploy and removal, two hosts each
+
+
+def _demo_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("deliverd_demo", REPO / "examples" / "demo.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.integration
+def test_a_failed_deploy_shows_the_failed_task_and_keeps_the_log_after_the_demo_cleaned_up(
+        ) -> None:
+    demo = _demo_module()
+    inventory = {"deliverd": {"hosts": {"relay-x": {
+        "ansible_connection": "local", "ansible_python_interpreter": sys.executable,
+        "deliverd_spec": {"version": 1, "routing": {"mode": "no-such-mode"}}}}}}
+    with tempfile.TemporaryDirectory(prefix="deliverd-demo-test-") as tmp, \
+            pytest.raises(SystemExit) as failed:
+        workdir = Path(tmp)
+        (workdir / "fleet.json").write_text(json.dumps(inventory))
+        demo.ansible(workdir, workdir / "fleet.json")
+    message = str(failed.value.code)
+    assert "fatal: [relay-x]" in message, message
+    kept = Path(message.rsplit(" is in ", 1)[1].strip())
+    try:
+        assert not Path(tmp).exists()  # the demo's work directory is gone ...
+        assert "PLAY RECAP" in kept.read_text()  # ... the log it names is not
+    finally:
+        kept.unlink(missing_ok=True)
+
+
+def test_failed_tasks_lists_each_failed_task_with_its_failures() -> None:
+    output = ("TASK [deliverd : Validate the spec] ****\nok: [a]\nfatal: [b]: FAILED! => {}\n"
+              "TASK [deliverd : Install] ****\nfailed: [a] (item=x) => {}\n"
+              "failed: [a] (item=y) => {}\nPLAY RECAP ****\n")
+    assert _demo_module().failed_tasks(output) == [
+        "TASK [deliverd : Validate the spec]", "  fatal: [b]: FAILED! => {}",
+        "TASK [deliverd : Install]", "  failed: [a] (item=x) => {}",
+        "  failed: [a] (item=y) => {}"]

@@ -11,8 +11,8 @@ import subprocess
 
 import pytest
 
+from deliverd_lab import sdbox
 from tests.fixtures import paths
-from tests.fixtures.sdbox import SDBOX
 
 REPO = paths.REPO
 VENV_BIN = REPO / ".venv" / "bin"
@@ -25,8 +25,8 @@ def _skip_reason() -> str | None:
         return "booting systemd containers (systemd-nspawn) needs root"
     if shutil.which("systemd-nspawn") is None:
         return "systemd-nspawn is not installed (Debian package systemd-container)"
-    if not SDBOX.exists():
-        return f"the lab script {SDBOX.name} is not beside the checkout"
+    if shutil.which("debootstrap") is None:
+        return "debootstrap is not installed (needed once, to build the container root)"
     if not (VENV_BIN / "molecule").exists():
         return "molecule is not installed in the repo's .venv"
     return None
@@ -46,8 +46,7 @@ def test_molecule_systemd_scenario_converges_offline_hosts_idempotently_and_mail
     finally:
         # molecule's destroy ran unless molecule itself died; stopping twice is harmless.
         for host in ("dlv-sd1", "dlv-sd2"):
-            subprocess.run([str(SDBOX), "stop", f"{host}-{suffix}"], capture_output=True,
-                           timeout=120, check=False)
+            sdbox.stop(f"{host}-{suffix}")
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-12000:]
     for step in ("create", "converge", "idempotence", "verify", "destroy"):

@@ -1,5 +1,5 @@
 """The role's systemd path under a real systemd: a Debian 12 container booted with systemd-nspawn
-(``../shared/lab/sdbox.sh``), Ansible running inside it, no route to any package index.
+(``deliverd_lab.sdbox``), Ansible running inside it, no route to any package index.
 
 The tests run in file order on one container, as a host's life goes: a check run on the fresh
 host, the first converge, a second one, a check run and a real run of a spec change, a unit

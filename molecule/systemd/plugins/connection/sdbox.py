@@ -1,5 +1,5 @@
 # Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
-"""Ansible connection into a running sdbox container (``../shared/lab/sdbox.sh exec``: nsenter
+"""Ansible connection into a running sdbox container (``deliverd_lab.sdbox.exec_argv``: nsenter
 into every namespace of the container's PID 1), run from the host as root."""
 
 from __future__ import annotations
@@ -10,27 +10,26 @@ import subprocess
 from ansible.errors import AnsibleConnectionFailure, AnsibleError
 from ansible.plugins.connection import ConnectionBase
 
+try:
+    from deliverd_lab.common import LabError
+    from deliverd_lab.sdbox import exec_argv
+except ImportError as exc:  # the checkout's engine/ is not on this Python's path
+    raise AnsibleError("the sdbox connection needs the project's deliverd_lab package") from exc
+
 DOCUMENTATION = """
 name: sdbox
 short_description: Run tasks inside an sdbox systemd container
 description:
-  - Enters a container started by sdbox.sh through C(sdbox.sh exec NAME), which nsenters into
-    all the namespaces of the container's PID 1. Needs root on the host; no network, no sshd
-    and no Python on the host side beyond Ansible's own.
+  - Enters a container started by C(python -m deliverd_lab.sdbox start ROOT NAME) by
+    nsentering into all the namespaces of the container's PID 1. Needs root on the host and
+    the project's deliverd_lab package importable by Ansible; no network and no sshd.
 options:
   remote_addr:
-    description: The container's name (as given to C(sdbox.sh start)).
+    description: The container's name (as given to C(deliverd_lab.sdbox start)).
     default: inventory_hostname
     vars:
       - name: inventory_hostname
       - name: ansible_host
-  sdbox_script:
-    description: Path of sdbox.sh.
-    required: true
-    env:
-      - name: SDBOX_SCRIPT
-    vars:
-      - name: sdbox_script
 """
 
 # A clean environment inside: nsenter would pass on the host's (the controller's venv, etc.).
@@ -48,7 +47,10 @@ class Connection(ConnectionBase):
 
     def _argv(self, command: str) -> list[str]:
         name = self.get_option("remote_addr")
-        return [self.get_option("sdbox_script"), "exec", name, *ENV, "/bin/sh", "-c", command]
+        try:
+            return exec_argv(name, [*ENV, "/bin/sh", "-c", command])
+        except LabError as exc:
+            raise AnsibleConnectionFailure(str(exc)) from exc
 
     def exec_command(self, cmd: str, in_data: bytes | None = None,
                      sudoable: bool = True) -> tuple[int, bytes, bytes]:
@@ -57,7 +59,7 @@ class Connection(ConnectionBase):
             proc = subprocess.run(self._argv(cmd), input=in_data or b"", capture_output=True,
                                   check=False)
         except OSError as exc:
-            raise AnsibleConnectionFailure(f"cannot run sdbox.sh: {exc}") from exc
+            raise AnsibleConnectionFailure(f"cannot run nsenter: {exc}") from exc
         return proc.returncode, proc.stdout, proc.stderr
 
     def put_file(self, in_path: str, out_path: str) -> None:
