@@ -88,7 +88,7 @@ def _lab_skip_reason() -> str | None:
 @pytest.mark.slow
 @pytest.mark.lab
 @pytest.mark.integration
-@pytest.mark.timeout(1500)
+@pytest.mark.timeout(2200)
 def test_molecule_lab_deploys_verifies_routes_changes_smarthost_and_rotates_dkim() -> None:
     reason = _lab_skip_reason()
     if reason is not None:
@@ -99,7 +99,7 @@ def test_molecule_lab_deploys_verifies_routes_changes_smarthost_and_rotates_dkim
     env["PY_COLORS"] = "0"
     done = subprocess.run(
         [str(VENV_BIN / "molecule"), "test", "-s", "lab"], cwd=REPO, env=env,
-        capture_output=True, text=True, timeout=1400, check=False, preexec_fn=_ahead,
+        capture_output=True, text=True, timeout=2100, check=False, preexec_fn=_ahead,
     )
     output = done.stdout + done.stderr
     assert done.returncode == 0, _failures(output) + output[-8000:]
